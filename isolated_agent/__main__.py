@@ -1,0 +1,3 @@
+from isolated_agent.cli.main import main
+
+main()

@@ -1,0 +1,56 @@
+"""`agentctl run`."""
+
+from __future__ import annotations
+
+import click
+
+from isolated_agent.cli.output import notice
+from isolated_agent.engines import ENGINE_NAMES
+from isolated_agent.env.store import Store
+from isolated_agent.jobs.run import RunRequest, run
+
+
+@click.command(
+    "run",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.option("--env", "env_name", metavar="NAME",
+              help="The env to run in; created when it does not exist. "
+                   "Default: the env of these roots, or a new one.")
+@click.option("--root", "roots", multiple=True, metavar="DIR",
+              help="A managed root (repeatable). Default: the current directory.")
+@click.option("--engine", type=click.Choice(ENGINE_NAMES), default="auto", show_default=True,
+              help="How the env's view is made.")
+@click.option("--allow", multiple=True, metavar="PATH",
+              help="Let the job write to PATH on the host (repeatable).")
+@click.option("--no-default-allows", is_flag=True,
+              help="Do not let the job write to the agent state and cache dirs it may by default.")
+@click.option("--keep-running", is_flag=True,
+              help="When CMD exits, wait for the processes it left running instead of killing them.")
+@click.option("-q", "--quiet", is_flag=True, help="Say nothing on stderr unless something fails.")
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+def run_cmd(
+    env_name: str | None,
+    roots: tuple[str, ...],
+    engine: str,
+    allow: tuple[str, ...],
+    no_default_allows: bool,
+    keep_running: bool,
+    quiet: bool,
+    argv: tuple[str, ...],
+) -> int:
+    """Run CMD in an env: it sees the project at its real path; its writes stay in the env.
+
+    Exit status: CMD's own (128+N if it died of signal N); 125 if isolation failed and CMD was
+    not run; 126/127 if CMD could not be executed or was not found.
+    """
+    request = RunRequest(
+        argv=list(argv),
+        env_name=env_name,
+        roots=roots,
+        engine=engine,
+        allow=allow,
+        default_allows=not no_default_allows,
+        keep_running=keep_running,
+    )
+    return run(Store(), request, notify=(lambda message: None) if quiet else notice)

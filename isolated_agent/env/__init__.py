@@ -1,0 +1,1 @@
+"""Envs: the store, its catalog, and (later) changesets, diff, commit and fork."""

@@ -1,0 +1,328 @@
+"""Start a command inside an env, suspended until it is contained, then wait for it.
+
+The processes, mirroring the seed's launcher (create suspended → job → register → resume):
+
+    launcher (agentctl, host)          holds the env lock, the cgroup, forwards signals
+     └─ A  "unshare"                   new user (when not root), mount, pid and IPC namespaces
+         └─ B  pid 1 of the job        builds the view (sandbox.py), then reaps as the job's init
+             └─ C  the command          drops every capability, sets no_new_privs, waits to be
+                                        released, then execs CMD
+
+Containment: A and B die with their parent (PR_SET_PDEATHSIG), and when B, the pid namespace's
+init, exits the kernel kills every process left in the namespace — daemons included. So killing
+the launcher, even with SIGKILL, ends the whole job and its mounts, which only ever existed in
+the job's own mount namespace. When a writable cgroup v2 subtree exists the job is also put in
+its own group (killed and removed at the end); otherwise the launcher is a child subreaper.
+
+Messages from A, B and C travel to the launcher on one pipe, one JSON object per line; C's copy
+closes on a successful exec, so end-of-file after "ready" means the command is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import termios
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from isolated_agent import libc
+from isolated_agent.engines import Engine
+from isolated_agent.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    IsolationError,
+)
+from isolated_agent.jobs.cgroup import JobCgroup
+from isolated_agent.jobs.sandbox import SandboxSpec, build_view
+
+EXIT_SETUP_FAILED = 125
+_FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+
+
+@dataclass
+class JobSpec:
+    argv: list[str]
+    sandbox: SandboxSpec
+    engine: Engine
+    rootless: bool
+    keep_running: bool = False
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    cgroup_label: str = "job"
+
+
+@dataclass
+class Job:
+    """What the launcher knows of a running job; handed to `on_ready` before release."""
+
+    pid: int  # A, the job's outermost process, on the host
+    cgroup: JobCgroup | None
+
+
+def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -> int:
+    """Run the job to completion and return its exit status (128+N for a signal N).
+
+    Raises IsolationError (the command never ran), CommandNotFound or CommandNotExecutable.
+    """
+    messages_r, messages_w = os.pipe()
+    release_r, release_w = os.pipe()
+    cgroup = JobCgroup.create(spec.cgroup_label)
+    if cgroup is None:
+        libc.set_child_subreaper()
+    launcher_pid = os.getpid()
+    saved = {s: signal.signal(s, signal.SIG_IGN) for s in _TERMINAL_SIGNALS}
+    pid = os.fork()
+    if pid == 0:
+        os.close(messages_r)
+        os.close(release_w)
+        _child_main(_process_a, spec, launcher_pid, messages_w, release_r)
+    os.close(messages_w)
+    os.close(release_r)
+    job = Job(pid, cgroup)
+    forward = _forward_to(pid)
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED_SIGNALS}
+    terminal = _Terminal.save()
+    try:
+        if cgroup is not None:
+            cgroup.add(pid)
+        os.write(release_w, b"1")  # A: you are in the job, go on
+
+        def release_command() -> None:
+            on_ready(job)
+            os.write(release_w, b"2")  # C: everything is in place, exec
+
+        failure = _read_messages(messages_r, release_command)
+        status = _wait_status(pid)
+        if failure is not None:
+            raise failure
+        return status
+    finally:
+        os.close(messages_r)
+        os.close(release_w)
+        if cgroup is not None:
+            cgroup.kill_and_remove()
+        _reap_all()
+        for s, handler in {**previous, **saved}.items():
+            signal.signal(s, handler)
+        terminal.restore()
+
+
+def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
+    failure: Exception | None = None
+    with os.fdopen(os.dup(fd), "rb") as stream:
+        for line in stream:
+            message = json.loads(line)
+            kind = message["kind"]
+            if kind == "ready":
+                release()
+            elif kind == "setup_failed":
+                failure = IsolationError(message["step"], message["detail"], message.get("hint", ""))
+            elif kind == "exec_failed":
+                failure = _exec_error(message["argv0"], message["errno"])
+    return failure
+
+
+def _exec_error(argv0: str, err: int) -> Exception:
+    import errno
+
+    if err == errno.ENOENT:
+        return CommandNotFound(f"{argv0}: command not found inside the env")
+    return CommandNotExecutable(f"{argv0}: cannot run it: {os.strerror(err)}")
+
+
+def _forward_to(pid: int) -> Callable[[int, object], None]:
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    return forward
+
+
+def _wait_status(pid: int) -> int:
+    _, status = os.waitpid(pid, 0)
+    return _exit_code(status)
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _reap_all() -> None:
+    """As subreaper, collect anything that was reparented to us."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+# -- inside the job -------------------------------------------------------------------------
+
+
+def _child_main(body: Callable[..., int], *args: object) -> None:
+    """Run `body` in a forked child and never return: the child must not unwind into the
+    launcher's stack (its finally clauses, atexit handlers, buffered stdio)."""
+    code = EXIT_SETUP_FAILED
+    try:
+        code = body(*args)
+    except BaseException as e:  # noqa: BLE001 - a bug: say so, never fall through to the caller
+        with contextlib.suppress(BaseException):
+            os.write(2, f"agentctl: internal error while starting the job: {e!r}\n".encode())
+    finally:
+        os._exit(code)
+
+
+def _send(fd: int, **message: object) -> None:
+    os.write(fd, (json.dumps(message) + "\n").encode())
+
+
+def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) -> int:
+    libc.set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != launcher_pid:
+        return EXIT_SETUP_FAILED  # the launcher died before we could arm the death signal
+    if os.read(release, 1) != b"1":
+        return EXIT_SETUP_FAILED
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
+        if spec.rootless:
+            flags |= libc.CLONE_NEWUSER
+        try:
+            libc.unshare(flags)
+        except OSError as e:
+            hint = "run as root, or enable user namespaces (sysctl kernel.unprivileged_userns_clone=1)"
+            raise IsolationError("creating namespaces", os.strerror(e.errno or 0), hint) from e
+        if spec.rootless:
+            _map_ids(uid, gid)
+    except IsolationError as e:
+        _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+        return EXIT_SETUP_FAILED
+    _install_forwarding()
+    pid = os.fork()
+    if pid == 0:
+        _child_main(_process_b, spec, messages, release)
+    os.close(messages)
+    os.close(release)
+    _CHILD[0] = pid
+    return _wait_status(pid)
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    """Map our own uid and gid into the new user namespace, to themselves: the job runs as the
+    user it was started by, with no capabilities once it execs."""
+    try:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"{uid} {uid} 1\n")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"{gid} {gid} 1\n")
+    except OSError as e:
+        raise IsolationError("user namespace id mapping", os.strerror(e.errno or 0)) from e
+
+
+def _process_b(spec: JobSpec, messages: int, release: int) -> int:
+    """pid 1 of the job's pid namespace: build the view, start C, then be the init."""
+    libc.set_parent_death_signal(signal.SIGKILL)
+    try:
+        build_view(spec.sandbox, spec.engine)
+    except IsolationError as e:
+        _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+        return EXIT_SETUP_FAILED
+    pid = os.fork()
+    if pid == 0:
+        _child_main(_process_c, spec, messages, release)
+    os.close(messages)
+    os.close(release)
+    _CHILD[0] = pid
+    while True:  # as init, reap every orphan as it dies, until the command itself exits
+        reaped, raw_status = os.wait()
+        if reaped == pid:
+            break
+    if spec.keep_running:  # wait for the daemons the command left behind
+        with contextlib.suppress(ChildProcessError):
+            while True:
+                os.wait()
+    return _exit_code(raw_status)  # returning ends the pid namespace: the kernel kills the rest
+
+
+def _process_c(spec: JobSpec, messages: int, release: int) -> int:
+    for signum in range(1, signal.NSIG):  # the command starts with default dispositions
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    try:
+        libc.drop_all_capabilities()
+        libc.set_no_new_privs()
+    except OSError as e:
+        _send(messages, kind="setup_failed", step="dropping privileges", detail=str(e))
+        return EXIT_SETUP_FAILED
+    _close_inherited_fds(keep=(messages, release))
+    _send(messages, kind="ready")
+    if os.read(release, 1) != b"2":  # the launcher died or gave up: never run the command
+        return EXIT_SETUP_FAILED
+    try:
+        os.execvpe(spec.argv[0], spec.argv, spec.env)
+    except OSError as e:
+        _send(messages, kind="exec_failed", argv0=spec.argv[0], errno=e.errno)
+        return 127 if e.errno == 2 else 126
+    return EXIT_SETUP_FAILED  # not reached
+
+
+def _close_inherited_fds(keep: tuple[int, ...]) -> None:
+    """The command gets stdin, stdout and stderr, nothing else of ours or our caller's."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
+# The pid a forwarding handler in A or B passes signals on to (set once it exists).
+_CHILD = [0]
+
+
+def _install_forwarding() -> None:
+    def forward(signum: int, frame: object) -> None:
+        if _CHILD[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(_CHILD[0], signum)
+
+    for s in _FORWARDED_SIGNALS:
+        signal.signal(s, forward)
+    for s in _TERMINAL_SIGNALS:  # the terminal sends these to the command directly
+        signal.signal(s, signal.SIG_IGN)
+
+
+class _Terminal:
+    """An interactive command (a shell with job control) may take the terminal's foreground
+    process group; give it back to us when the job ends, as a shell does."""
+
+    def __init__(self, fd: int | None, attrs: list[object] | None) -> None:
+        self.fd, self.attrs = fd, attrs
+
+    @classmethod
+    def save(cls) -> _Terminal:
+        try:
+            fd = sys.stdin.fileno()
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return cls(fd, termios.tcgetattr(fd))
+        except (OSError, ValueError, termios.error):
+            pass
+        return cls(None, None)
+
+    def restore(self) -> None:
+        if self.fd is None or self.attrs is None:
+            return
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+        try:
+            os.tcsetpgrp(self.fd, os.getpgrp())
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.attrs)
+        except (OSError, termios.error):
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, previous)

@@ -1,0 +1,131 @@
+"""`agentctl run`, as a library call: pick or create the env, check every input, lock the env,
+and run the job in it. Never prints: what the user should hear goes through `notify`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from isolated_agent.engines import select_engine
+from isolated_agent.env.store import Env, Store, is_within
+from isolated_agent.errors import EnvNotFound, UsageError
+from isolated_agent.jobs.cgroup import sweep_stale_groups
+from isolated_agent.jobs.launcher import JobSpec, run_job
+from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
+
+# Where coding agents and package managers keep state and caches: writable by default (only
+# those that exist), so that an agent can log in, cache and remember. --no-default-allows drops
+# them all.
+DEFAULT_ALLOWS = (
+    "~/.cache",
+    "~/.npm",
+    "~/.cargo/registry",
+    "~/.claude",
+    "~/.claude.json",
+    "~/.codex",
+    "~/.gemini",
+)
+
+
+@dataclass
+class RunRequest:
+    argv: list[str]
+    env_name: str | None = None
+    roots: tuple[str, ...] = ()
+    engine: str = "auto"
+    allow: tuple[str, ...] = ()
+    default_allows: bool = True
+    keep_running: bool = False
+
+
+Notify = Callable[[str], None]
+
+
+def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: Notify) -> Env:
+    """The env a run (or a review command) means.
+
+    --env NAME: that env, created over the given roots (default: the current directory) when it
+    does not exist yet. No name: the one env that manages exactly these roots, or a new one.
+    """
+    if name is not None:
+        try:
+            env = store.get(name)
+        except EnvNotFound:
+            pass
+        else:
+            if roots and store.resolve_roots(list(roots)) != [r.path for r in env.roots]:
+                managed = ", ".join(r.path for r in env.roots)
+                raise UsageError(f"env {env.name} manages {managed}; drop --root or pick another env")
+            return env
+        env = store.create(name, store.resolve_roots(list(roots)))
+        notify(f"created env {env.name} for {', '.join(r.path for r in env.roots)}")
+        return env
+    resolved = store.resolve_roots(list(roots))
+    candidates = store.envs_for_roots(resolved)
+    if len(candidates) > 1:
+        names = ", ".join(e.name for e in candidates)
+        raise UsageError(f"several envs manage {', '.join(resolved)} ({names}); pick one with --env")
+    if candidates:
+        return candidates[0]
+    env = store.create(None, resolved)
+    notify(f"created env {env.name} for {', '.join(resolved)}")
+    return env
+
+
+def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ...]:
+    candidates = [(p, True) for p in request.allow]
+    if request.default_allows:
+        candidates += [(p, False) for p in DEFAULT_ALLOWS]
+    allows: list[str] = []
+    for given, explicit in candidates:
+        path = os.path.realpath(os.path.expanduser(given))
+        if not os.path.exists(path):
+            if explicit:
+                raise UsageError(f"--allow {given}: no such file or directory")
+            continue
+        if is_within(path, store.home):
+            raise UsageError(f"--allow {given} is inside the store {store.home}; that is never allowed")
+        for root in env.roots:
+            if is_within(path, root.path):
+                raise UsageError(
+                    f"--allow {given} is inside the managed root {root.path}, "
+                    "where writes already go to the env"
+                )
+        if path not in allows:
+            allows.append(path)
+    return tuple(allows)
+
+
+def run(store: Store, request: RunRequest, notify: Notify) -> int:
+    if not request.argv:
+        raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
+    sweep_stale_groups()
+    rootless = os.geteuid() != 0
+    engine = select_engine(request.engine, rootless)
+    env = resolve_env(store, request.env_name, request.roots, notify)
+    store.resolve_roots([r.path for r in env.roots])  # every root must still exist
+    allows = resolve_allows(store, env, request)
+    staging = os.path.join(store.run_dir, "views", env.id)
+    os.makedirs(staging, mode=0o700, exist_ok=True)
+    cwd = os.getcwd()
+    if any(is_within(cwd, hidden) for hidden in PRIVATE_DIRS) and not any(
+        is_within(cwd, p) for p in [*(r.path for r in env.roots), *allows]
+    ):
+        cwd = env.roots[0].path  # the job's /tmp is its own: the caller's directory is not there
+    job_env = dict(os.environ, AGENTCTL_ENV=env.name)
+    spec = JobSpec(
+        argv=list(request.argv),
+        sandbox=SandboxSpec(
+            roots=env.roots, allow=allows, store=store.home, cwd=cwd, staging=staging
+        ),
+        engine=engine,
+        rootless=rootless,
+        keep_running=request.keep_running,
+        env=job_env,
+        cgroup_label=env.id,
+    )
+    with store.lock(env, purpose="run in it"):
+        notify(f"env {env.name}, {engine.name} engine")
+        return run_job(spec)

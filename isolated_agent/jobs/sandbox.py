@@ -1,0 +1,143 @@
+"""Build the job's view of the filesystem inside its private mount namespace.
+
+Runs in the job's init process (pid 1 of the job's pid namespace), before the command exists.
+The view is assembled beside the host's tree and then made the root with pivot_root, so the
+host's paths stay reachable while it is being built (a managed root under /tmp is still found
+after the private /tmp covers it):
+
+    1. every mount propagation becomes private: nothing mounted here reaches the host;
+    2. the host tree is bind-mounted recursively at `staging` and every mount in it is made
+       read-only (keeping its nosuid/nodev/noexec/atime flags, which a user namespace locks);
+    3. private tmpfs on /tmp and /dev/shm; `allow` paths bound writable from the host;
+    4. the engine mounts each root's merged view at the root's own path;
+    5. the store is covered by an empty read-only tmpfs: the job has no business there;
+    6. a fresh /proc for the job's pid namespace, with the kernel knobs in it read-only;
+    7. pivot_root into `staging`, detach the host tree, chdir to the caller's directory.
+
+Any failure raises IsolationError naming the step; the launcher then refuses to run the command.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from isolated_agent import libc
+from isolated_agent.engines import Engine
+from isolated_agent.env.store import Root
+from isolated_agent.errors import IsolationError
+from isolated_agent.jobs.mountinfo import mounts_under
+
+# Per-mount flags a remount must repeat (a user namespace refuses to clear locked ones).
+_KEPT_FLAGS = {
+    "nosuid": libc.MS_NOSUID,
+    "nodev": libc.MS_NODEV,
+    "noexec": libc.MS_NOEXEC,
+    "noatime": libc.MS_NOATIME,
+    "nodiratime": libc.MS_NODIRATIME,
+    "relatime": libc.MS_RELATIME,
+}
+
+# Directories that are private to the job: a fresh tmpfs each run.
+PRIVATE_DIRS = ("/tmp", "/dev/shm")
+
+# Files in /proc through which uid 0 could change the host kernel even without capabilities.
+_PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    roots: tuple[Root, ...]
+    allow: tuple[str, ...]  # absolute host paths the job may write to
+    store: str  # the env store: hidden from the job
+    cwd: str
+    staging: str  # an empty directory on the host to build the view at
+
+
+def build_view(spec: SandboxSpec, engine: Engine) -> None:
+    new = spec.staging
+
+    def inside(path: str) -> str:
+        return new + path
+
+    with _step("mount namespace"):
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    with _step("read-only host view"):
+        libc.mount("/", new, None, libc.MS_BIND | libc.MS_REC)
+        for entry in mounts_under(new):
+            flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+            for option in entry.options:
+                flags |= _KEPT_FLAGS.get(option, 0)
+            _remount_read_only(entry.mount_point, flags)
+    with _step("private /tmp"):
+        for private in PRIVATE_DIRS:
+            if os.path.isdir(inside(private)):
+                _mount_tmpfs(inside(private), "mode=1777")
+    for path in spec.allow:
+        with _step(f"--allow {path}"):
+            target = inside(path)
+            _ensure_mount_point(target, os.path.isdir(path))
+            libc.mount(path, target, None, libc.MS_BIND | libc.MS_REC)
+    for root in spec.roots:
+        target = inside(root.path)
+        with _step(f"mount point for {root.path}"):
+            _ensure_mount_point(target, True)
+        engine.mount_root(root, target, root.path)  # raises IsolationError itself
+    with _step("hiding the store"):
+        if os.path.isdir(inside(spec.store)):
+            _mount_tmpfs(inside(spec.store), "mode=0755,size=4k", read_only=True)
+    with _step("/proc"):
+        flags = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
+        libc.mount("proc", inside("/proc"), "proc", flags)
+        for name in _PROC_READ_ONLY:
+            path = inside(f"/proc/{name}")
+            if os.path.exists(path):
+                libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+                libc.mount(None, path, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | flags)
+    with _step("pivot_root"):
+        os.chdir(new)
+        libc.pivot_root(".", ".")
+        libc.umount(".", libc.MNT_DETACH)  # the host tree, now stacked under the new root
+        os.chdir("/")
+    with _step(f"working directory {spec.cwd}"):
+        os.chdir(spec.cwd)
+
+
+class _step:
+    """Context manager: turn any OSError inside into IsolationError(step)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> bool:
+        if isinstance(error, OSError):
+            detail = os.strerror(error.errno) if error.errno else str(error)
+            if error.filename:
+                detail = f"{error.filename}: {detail}"
+            raise IsolationError(self.name, detail) from error
+        return False
+
+
+def _remount_read_only(mount_point: str, flags: int) -> None:
+    try:
+        libc.mount(None, mount_point, None, flags)
+    except FileNotFoundError:
+        pass  # a mount point whose directory vanished: nothing reachable to protect
+
+
+def _mount_tmpfs(target: str, options: str, read_only: bool = False) -> None:
+    flags = libc.MS_NOSUID | libc.MS_NODEV | (libc.MS_RDONLY if read_only else 0)
+    libc.mount("tmpfs", target, "tmpfs", flags, options)
+
+
+def _ensure_mount_point(target: str, is_dir: bool) -> None:
+    """A bind target must exist. It always does in the read-only host copy; below the private
+    /tmp (a fresh tmpfs) it is created."""
+    if os.path.lexists(target):
+        return
+    os.makedirs(target if is_dir else os.path.dirname(target), exist_ok=True)
+    if not is_dir:
+        open(target, "a").close()
