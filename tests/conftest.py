@@ -75,7 +75,7 @@ def agentctl(store_home: Path) -> Agentctl:
         env: dict[str, str] | None = None,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
-        full_env = dict(os.environ, ISOLATED_AGENT_HOME=str(store_home), **(env or {}))
+        full_env = {**os.environ, "ISOLATED_AGENT_HOME": str(store_home), **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "isolated_agent", *args],
             cwd=cwd,
