@@ -1,0 +1,176 @@
+"""The rootless path: agentctl run as an unprivileged user, through a user namespace.
+
+The user is created here. It runs Debian's /usr/bin/python3 (the test runner's interpreter may
+live where that user cannot read) with a world-readable copy of the package and its pure-Python
+dependencies on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import pytest
+
+import isolated_agent
+from tests.conftest import snapshot
+from tests.core.test_run import MANIFEST, WORKLOAD
+
+pytestmark = pytest.mark.rootless
+
+USER = "ia-rootless"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+@pytest.fixture(scope="session")
+def package_copy() -> Iterator[Path]:
+    """isolated_agent and click, copied where any user can import them."""
+    target = Path(tempfile.mkdtemp(prefix="ia-rootless-py-", dir="/var/tmp"))
+    for module in (isolated_agent, click):
+        source = Path(module.__file__).parent
+        shutil.copytree(source, target / source.name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+    target.chmod(0o755)
+    yield target
+    shutil.rmtree(target, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir(unprivileged_user: pwd.struct_passwd) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ia-rootless-", dir="/var/tmp"))
+    os.chown(path, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+RunAs = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_as_user(
+    unprivileged_user: pwd.struct_passwd, package_copy: Path, user_dir: Path
+) -> RunAs:
+    assert os.path.exists(SYSTEM_PYTHON), "the rootless tests need Debian's python3"
+
+    def run(
+        *args: str, cwd: Path, wrap: Callable[..., subprocess.CompletedProcess[str]] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = [
+            f"HOME={unprivileged_user.pw_dir}",
+            f"ISOLATED_AGENT_HOME={user_dir / 'store'}",
+            f"PYTHONPATH={package_copy}",
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+        ]
+        argv = ["runuser", "-u", USER, "--", "env", "-i", *env, SYSTEM_PYTHON, "-m",
+                "isolated_agent", *args]
+        if wrap is not None:
+            return wrap(argv, cwd)
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+    return run
+
+
+@pytest.fixture
+def user_project(project: Path, user_dir: Path, unprivileged_user: pwd.struct_passwd) -> Path:
+    """The shared project tree, owned by the unprivileged user (uid and gid: rootless runs map
+    only those two ids, see README)."""
+    target = user_dir / "project"
+    shutil.copytree(project, target, symlinks=True)
+    for dirpath, dirnames, filenames in os.walk(target):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    return target
+
+
+def test_rootless_run_keeps_host_untouched(
+    run_as_user: RunAs, user_project: Path, user_dir: Path
+) -> None:
+    reference = user_dir / "reference"
+    shutil.copytree(user_project, reference, symlinks=True)
+    subprocess.run(["sh", "-c", WORKLOAD], cwd=reference, check=True)
+    before = snapshot(user_project)
+
+    done = run_as_user("run", "--env", "u", "--", "sh", "-c", WORKLOAD, cwd=user_project)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(user_project) == before
+
+    seen = run_as_user("run", "-q", "--env", "u", "--", SYSTEM_PYTHON, "-c", MANIFEST,
+                       cwd=user_project)
+    assert seen.returncode == 0, seen.stderr
+    expected = subprocess.run([SYSTEM_PYTHON, "-c", MANIFEST], cwd=reference,
+                              capture_output=True, text=True, check=True)
+    assert seen.stdout == expected.stdout
+
+
+def test_rootless_job_is_the_user_without_capabilities(
+    run_as_user: RunAs, user_project: Path, unprivileged_user: pwd.struct_passwd
+) -> None:
+    script = (
+        "id -u; grep CapEff /proc/self/status; "
+        "echo x > /etc/ia-rootless 2>/dev/null || echo etc-refused; "
+        "echo x > $HOME/.profile 2>/dev/null || echo home-refused; "
+        "umount -l . 2>/dev/null || echo umount-refused; exit 5"
+    )
+    done = run_as_user("run", "-q", "--", "sh", "-c", script, cwd=user_project)
+    assert done.returncode == 5, done.stderr
+    assert done.stdout.split("\n") == [
+        str(unprivileged_user.pw_uid),
+        "CapEff:\t0000000000000000",
+        "etc-refused",
+        "home-refused",
+        "umount-refused",
+        "",
+    ]
+
+
+def without_user_namespaces(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run argv where no further user namespace can be created, as on hosts that disable them.
+
+    user.max_user_namespaces is counted per user namespace: we make one with the identity
+    mapping (so every user stays who it is), set its limit to 0 inside it, and run argv there.
+    """
+    limit_and_exec = (
+        "import os, sys\n"
+        "from isolated_agent import libc\n"
+        "r, w = os.pipe(); go_r, go_w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    libc.unshare(libc.CLONE_NEWUSER); os.write(w, b'1'); os.read(go_r, 1)\n"
+        "    open('/proc/sys/user/max_user_namespaces', 'w').write('0')\n"
+        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+        "os.read(r, 1)\n"
+        "for name in ('uid_map', 'gid_map'):\n"
+        "    open(f'/proc/{pid}/{name}', 'w').write('0 0 4294967295')\n"
+        "os.write(go_w, b'1')\n"
+        "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", limit_and_exec, *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_rootless_without_user_namespaces_refuses_to_run(
+    run_as_user: RunAs, user_project: Path
+) -> None:
+    done = run_as_user("run", "--", "touch", "ran", cwd=user_project,
+                       wrap=without_user_namespaces)
+    assert done.returncode == 125, done.stderr
+    assert "isolation failed at creating namespaces" in done.stderr
+    assert "enable user namespaces" in done.stderr
+    assert not (user_project / "ran").exists()
