@@ -48,7 +48,7 @@ def create_cmd(name: str | None, roots: tuple[str, ...], as_json: bool) -> None:
 def list_cmd(as_json: bool) -> None:
     """List the envs."""
     store = Store()
-    summaries = [env_summary(store, env) for env in store.list()]
+    summaries = [env_summary(store, env) for env in store.list_envs()]
     if as_json:
         emit_json(summaries)
         return

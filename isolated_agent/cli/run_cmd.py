@@ -26,7 +26,8 @@ from isolated_agent.jobs.run import RunRequest, run
 @click.option("--no-default-allows", is_flag=True,
               help="Do not let the job write to the agent state and cache dirs it may by default.")
 @click.option("--keep-running", is_flag=True,
-              help="When CMD exits, wait for the processes it left running instead of killing them.")
+              help="When CMD exits, wait for the processes it left running; "
+                   "default: kill them.")
 @click.option("-q", "--quiet", is_flag=True, help="Say nothing on stderr unless something fails.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run_cmd(

@@ -147,11 +147,11 @@ class Store:
             raise EnvNotFound(name_or_id)
         return self._env(record)
 
-    def list(self) -> list[Env]:
+    def list_envs(self) -> list[Env]:
         return [self._env(r) for r in self.catalog.list_envs()]
 
     def envs_for_roots(self, roots: list[str]) -> list[Env]:
-        return [e for e in self.list() if [r.path for r in e.roots] == roots]
+        return [e for e in self.list_envs() if [r.path for r in e.roots] == roots]
 
     def remove(self, env: Env) -> None:
         with self.lock(env, purpose="remove it"):

@@ -4,7 +4,7 @@ The processes, mirroring the seed's launcher (create suspended → job → regis
 
     launcher (agentctl, host)          holds the env lock, the cgroup, forwards signals
      └─ A  "unshare"                   new user (when not root), mount, pid and IPC namespaces
-         └─ B  pid 1 of the job        builds the view (sandbox.py), then reaps as the job's init
+         └─ B  pid 1 of the job        builds the view (sandbox.py), then is the job's init
              └─ C  the command          drops every capability, sets no_new_privs, waits to be
                                         released, then execs CMD
 
@@ -28,6 +28,7 @@ import sys
 import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from isolated_agent import libc
 from isolated_agent.engines import Engine
@@ -120,7 +121,8 @@ def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
             if kind == "ready":
                 release()
             elif kind == "setup_failed":
-                failure = IsolationError(message["step"], message["detail"], message.get("hint", ""))
+                hint = message.get("hint", "")
+                failure = IsolationError(message["step"], message["detail"], hint)
             elif kind == "exec_failed":
                 failure = _exec_error(message["argv0"], message["errno"])
     return failure
@@ -194,7 +196,7 @@ def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) ->
         try:
             libc.unshare(flags)
         except OSError as e:
-            hint = "run as root, or enable user namespaces (sysctl kernel.unprivileged_userns_clone=1)"
+            hint = "run as root, or enable user namespaces (sysctl user.max_user_namespaces)"
             raise IsolationError("creating namespaces", os.strerror(e.errno or 0), hint) from e
         if spec.rootless:
             _map_ids(uid, gid)
@@ -302,7 +304,7 @@ class _Terminal:
     """An interactive command (a shell with job control) may take the terminal's foreground
     process group; give it back to us when the job ends, as a shell does."""
 
-    def __init__(self, fd: int | None, attrs: list[object] | None) -> None:
+    def __init__(self, fd: int | None, attrs: list[Any] | None) -> None:
         self.fd, self.attrs = fd, attrs
 
     @classmethod

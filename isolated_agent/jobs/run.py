@@ -57,7 +57,9 @@ def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: 
         else:
             if roots and store.resolve_roots(list(roots)) != [r.path for r in env.roots]:
                 managed = ", ".join(r.path for r in env.roots)
-                raise UsageError(f"env {env.name} manages {managed}; drop --root or pick another env")
+                raise UsageError(
+                    f"env {env.name} manages {managed}; drop --root or pick another env"
+                )
             return env
         env = store.create(name, store.resolve_roots(list(roots)))
         notify(f"created env {env.name} for {', '.join(r.path for r in env.roots)}")
@@ -66,7 +68,8 @@ def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: 
     candidates = store.envs_for_roots(resolved)
     if len(candidates) > 1:
         names = ", ".join(e.name for e in candidates)
-        raise UsageError(f"several envs manage {', '.join(resolved)} ({names}); pick one with --env")
+        managed = ", ".join(resolved)
+        raise UsageError(f"several envs manage {managed} ({names}); pick one with --env")
     if candidates:
         return candidates[0]
     env = store.create(None, resolved)
@@ -86,7 +89,7 @@ def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ..
                 raise UsageError(f"--allow {given}: no such file or directory")
             continue
         if is_within(path, store.home):
-            raise UsageError(f"--allow {given} is inside the store {store.home}; that is never allowed")
+            raise UsageError(f"--allow {given} is inside the store {store.home}; never allowed")
         for root in env.roots:
             if is_within(path, root.path):
                 raise UsageError(

@@ -19,7 +19,10 @@ Any failure raises IsolationError naming the step; the launcher then refuses to 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from isolated_agent import libc
@@ -93,7 +96,8 @@ def build_view(spec: SandboxSpec, engine: Engine) -> None:
             path = inside(f"/proc/{name}")
             if os.path.exists(path):
                 libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
-                libc.mount(None, path, None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | flags)
+                read_only = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | flags
+                libc.mount(None, path, None, read_only)
     with _step("pivot_root"):
         os.chdir(new)
         libc.pivot_root(".", ".")
@@ -103,29 +107,21 @@ def build_view(spec: SandboxSpec, engine: Engine) -> None:
         os.chdir(spec.cwd)
 
 
-class _step:
-    """Context manager: turn any OSError inside into IsolationError(step)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, error: BaseException | None, tb: object) -> bool:
-        if isinstance(error, OSError):
-            detail = os.strerror(error.errno) if error.errno else str(error)
-            if error.filename:
-                detail = f"{error.filename}: {detail}"
-            raise IsolationError(self.name, detail) from error
-        return False
+@contextmanager
+def _step(name: str) -> Iterator[None]:
+    """Turn any OSError inside into IsolationError(name): the user learns which step failed."""
+    try:
+        yield
+    except OSError as error:
+        detail = os.strerror(error.errno) if error.errno else str(error)
+        if error.filename:
+            detail = f"{error.filename}: {detail}"
+        raise IsolationError(name, detail) from error
 
 
 def _remount_read_only(mount_point: str, flags: int) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):  # its directory vanished: nothing to protect
         libc.mount(None, mount_point, None, flags)
-    except FileNotFoundError:
-        pass  # a mount point whose directory vanished: nothing reachable to protect
 
 
 def _mount_tmpfs(target: str, options: str, read_only: bool = False) -> None:

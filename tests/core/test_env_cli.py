@@ -87,7 +87,7 @@ def test_bad_inputs_give_one_line_errors(
                     "exists already")
 
 
-def test_unwritable_store_is_a_clear_error(agentctl: Agentctl, project: Path, tmp_path: Path) -> None:
+def test_unwritable_store_is_a_clear_error(agentctl: Agentctl, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = agentctl("env", "list", env={"ISOLATED_AGENT_HOME": str(blocker / "store")})

@@ -352,3 +352,22 @@ def test_store_is_hidden_from_the_job(agentctl: Agentctl, project: Path, disk_di
                     env={"ISOLATED_AGENT_HOME": str(store)})
     assert done.stdout == "end\n", done.stderr
     assert (store / "catalog.sqlite").stat().st_size > 0
+
+
+def test_job_gets_its_own_cgroup_v2_group_which_is_removed_after(
+    agentctl: Agentctl, project: Path
+) -> None:
+    from isolated_agent.jobs.cgroup import own_v2_path, v2_mount_point
+
+    mount = v2_mount_point()
+    assert mount is not None, "these machines have a cgroup v2 hierarchy"
+    runner_group = own_v2_path()
+    done = agentctl("run", "-q", "--", "cat", "/proc/self/cgroup", cwd=project)
+    assert done.returncode == 0, done.stderr
+    job_group = next(line.split(":", 2)[2] for line in done.stdout.splitlines()
+                     if line.startswith("0::"))
+    assert os.path.basename(job_group).startswith("isolated-agent-")
+    assert own_v2_path() == runner_group  # the caller was never moved
+    assert not os.path.exists(os.path.join(mount, job_group.lstrip("/")))
+    v1_groups = [line for line in done.stdout.splitlines() if not line.startswith("0::")]
+    assert not any("isolated-agent" in line for line in v1_groups)
