@@ -371,3 +371,13 @@ def test_job_gets_its_own_cgroup_v2_group_which_is_removed_after(
     assert not os.path.exists(os.path.join(mount, job_group.lstrip("/")))
     v1_groups = [line for line in done.stdout.splitlines() if not line.startswith("0::")]
     assert not any("isolated-agent" in line for line in v1_groups)
+
+
+def test_unwritable_store_refuses_to_run(agentctl: Agentctl, project: Path, disk_dir: Path) -> None:
+    blocker = disk_dir / "not-a-dir"
+    blocker.write_text("")
+    done = agentctl("run", "--allow", str(disk_dir), "--", "touch", str(disk_dir / "ran"),
+                    cwd=project, env={"ISOLATED_AGENT_HOME": str(blocker / "store")})
+    assert done.returncode == 1
+    assert done.stderr.startswith("agentctl: cannot use the store")
+    assert not (disk_dir / "ran").exists()
