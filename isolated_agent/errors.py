@@ -8,6 +8,12 @@ place (`isolated_agent.cli.main`). Anything else that escapes is a bug and is re
     ├── EnvNotFound               exit 1
     ├── EnvBusy                   exit 1   another run holds the env
     ├── StoreError                exit 1   the store is missing, unwritable or damaged
+    ├── RootMissing               exit 1   a managed root is gone from the host
+    ├── CommitConflict            exit 1   the host changed paths the env changed; nothing applied
+    ├── CommitIncomplete          exit 1   some changes could not be applied; they stay in the env
+    ├── BackupError               exit 1   the backup store cannot take or give back a backup
+    │   └── BlobCorrupt           exit 1   a backed-up blob no longer matches its sha256
+    ├── BackupNotFound            exit 1   no backup with that id, or of that path
     └── IsolationError            exit 125 a step that isolates the job failed; CMD was not run
     CommandNotFound               exit 127 (like a shell)
     CommandNotExecutable          exit 126 (like a shell)
@@ -60,3 +66,39 @@ class CommandNotFound(AgentctlError):
 
 class CommandNotExecutable(AgentctlError):
     exit_code = 126
+
+
+class RootMissing(AgentctlError):
+    def __init__(self, env_name: str, root: str) -> None:
+        super().__init__(
+            f"the managed root {root} of env {env_name} no longer exists on the host; "
+            f"recreate the directory, or drop the env with `agentctl env rm {env_name}`"
+        )
+
+
+class CommitConflict(AgentctlError):
+    """The host changed, after the env saw them, paths that the env changed too."""
+
+    def __init__(self, message: str, conflicts: list[str]) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
+class CommitIncomplete(AgentctlError):
+    """Some changes could not be applied to the host; each is listed in `problems`."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class BackupError(AgentctlError):
+    pass
+
+
+class BlobCorrupt(BackupError):
+    pass
+
+
+class BackupNotFound(AgentctlError):
+    pass

@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import sys
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -166,6 +167,45 @@ def set_parent_death_signal(signum: int) -> None:
 
 def set_child_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def syncfs(fd: int) -> None:
+    """Flush every dirty page and inode of the filesystem holding `fd` (one barrier for many
+    files, instead of an fsync each)."""
+    _check(_libc.syncfs(ctypes.c_int(fd)), "syncfs")
+
+
+# <linux/stat.h>: struct statx is 256 bytes on every architecture; stx_mask is its first u32 and
+# stx_btime (a struct statx_timestamp: s64 seconds, u32 nanoseconds, s32 padding) sits at 80.
+_STATX_BTIME = 0x800
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_FDCWD = -100
+_STATX_SIZE = 256
+_STATX_BTIME_OFFSET = 80
+
+
+def birth_time_ns(path: bytes, dir_fd: int | None = None) -> int | None:
+    """The birth (creation) time of `path` in nanoseconds, not following a final symlink, or
+    None when the filesystem does not record one."""
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    result = _libc.statx(
+        ctypes.c_int(_AT_FDCWD if dir_fd is None else dir_fd),
+        path,
+        ctypes.c_int(_AT_SYMLINK_NOFOLLOW),
+        ctypes.c_uint(_STATX_BTIME),
+        buf,
+    )
+    _check(result, "statx", os.fsdecode(path))
+    order = sys.byteorder
+    mask = int.from_bytes(buf.raw[0:4], order)
+    if not mask & _STATX_BTIME:
+        return None
+    raw = buf.raw[_STATX_BTIME_OFFSET : _STATX_BTIME_OFFSET + 12]
+    seconds = int.from_bytes(raw[0:8], order, signed=True)
+    nanoseconds = int.from_bytes(raw[8:12], order)
+    if seconds == 0 and nanoseconds == 0:  # some filesystems report the bit with no value
+        return None
+    return seconds * 1_000_000_000 + nanoseconds
 
 
 def _bytes_or_none(value: str | None) -> bytes | None:
