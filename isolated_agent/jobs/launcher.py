@@ -21,6 +21,7 @@ closes on a successful exec, so end-of-file after "ready" means the command is r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -87,9 +88,13 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
     forward = _forward_to(pid)
     previous = {s: signal.signal(s, forward) for s in _FORWARDED_SIGNALS}
     terminal = _Terminal.save()
+    status: int | None = None
     try:
         if cgroup is not None:
-            cgroup.add(pid)
+            try:
+                cgroup.add(pid)
+            except OSError as e:
+                raise IsolationError("cgroup job", f"{cgroup.path}: {e.strerror}") from e
         os.write(release_w, b"1")  # A: you are in the job, go on
 
         def release_command() -> None:
@@ -104,6 +109,11 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
     finally:
         os.close(messages_r)
         os.close(release_w)
+        if status is None:  # we are leaving early: A must not outlive us (nor stay a zombie)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
         if cgroup is not None:
             cgroup.kill_and_remove()
         _reap_all()
@@ -129,8 +139,6 @@ def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
 
 
 def _exec_error(argv0: str, err: int) -> Exception:
-    import errno
-
     if err == errno.ENOENT:
         return CommandNotFound(f"{argv0}: command not found inside the env")
     return CommandNotExecutable(f"{argv0}: cannot run it: {os.strerror(err)}")
@@ -271,7 +279,7 @@ def _process_c(spec: JobSpec, messages: int, release: int) -> int:
         os.execvpe(spec.argv[0], spec.argv, spec.env)
     except OSError as e:
         _send(messages, kind="exec_failed", argv0=spec.argv[0], errno=e.errno)
-        return 127 if e.errno == 2 else 126
+        return 127 if e.errno == errno.ENOENT else 126
     return EXIT_SETUP_FAILED  # not reached
 
 
