@@ -13,7 +13,9 @@ import sys
 import click
 
 from isolated_agent import __version__
+from isolated_agent.cli.backup_cmds import backup_group
 from isolated_agent.cli.env_cmds import discard_cmd, env_group
+from isolated_agent.cli.review_cmds import commit_cmd, diff_cmd, finish_interrupted_commits
 from isolated_agent.cli.run_cmd import run_cmd
 from isolated_agent.errors import AgentctlError
 
@@ -22,14 +24,20 @@ EXIT_INTERNAL_ERROR = 70
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agentctl")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Run programs against your project in a private copy-on-write env; review and keep or
     drop what they changed."""
+    if ctx.invoked_subcommand != "commit":  # commit finishes them itself, with its own report
+        finish_interrupted_commits()
 
 
 cli.add_command(env_group)
 cli.add_command(run_cmd)
 cli.add_command(discard_cmd)
+cli.add_command(diff_cmd)
+cli.add_command(commit_cmd)
+cli.add_command(backup_group)
 
 
 def main(argv: list[str] | None = None) -> None:

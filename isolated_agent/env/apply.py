@@ -1,0 +1,319 @@
+"""Carrying a commit out on the host: the operations of a plan, each safe to redo.
+
+An operation is one of
+    remove  delete a host entry (a directory only once its entries are gone)
+    put     make the host entry at a path what the env has there (file, symlink, dir, node)
+    link    make the host path a hard link of another host path (links made in the env)
+
+Files arrive atomically: renamed from the env's layer when they leave it (same filesystem: no
+data is copied), otherwise copied to a temp file beside the target, fsynced and renamed over it.
+Nothing is ever replaced or removed that was not backed up first: each operation that touches an
+existing host entry checks the entry is still the one the backup holds (same inode, same ctime)
+and backs it up again if it changed since.
+
+Redo after a crash (`resume=True`) decides from what it finds: a move is done when its source
+left the layer; a replacement when the host path no longer holds the old inode; an addition when
+the path exists; a removal when the path is gone or holds another inode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+Identity = tuple[int, int, int]  # (st_ino, st_ctime_ns, st_mode) of a host entry at plan time
+
+REMOVE, PUT, LINK = "remove", "put", "link"
+OVERLAY_XATTR_PREFIX = "user.overlay."
+_COPY_CHUNK = 1 << 30
+
+
+@dataclass
+class Op:
+    index: int
+    action: str  # REMOVE, PUT or LINK
+    root: int
+    rel: bytes
+    host: bytes  # absolute host path
+    kind: str  # what is removed or put: file, dir, symlink, fifo, socket, char, block
+    old: Identity | None  # the host entry this op replaces or removes, as planned
+    backup: bool  # the old entry must be in the backup store before the op runs
+    source: bytes | None = None  # the env's entry (put, link)
+    move: bool = False  # put by renaming the source out of the env's layer
+    link_to: bytes | None = None  # link: the host path to link to
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        # Bytes paths as surrogate-escaped text: JSON keeps them exactly (as \udcXX escapes)
+        # and os.fsencode gives back the same bytes.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("rel", "host", "source", "link_to"):
+            if data[key] is not None:
+                data[key] = os.fsdecode(data[key])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Op:
+        data = dict(data)
+        for key in ("rel", "host", "source", "link_to"):
+            if data.get(key) is not None:
+                data[key] = os.fsencode(data[key])
+        if data.get("old") is not None:
+            data["old"] = tuple(data["old"])
+        return cls(**data)
+
+
+def identity(st: os.stat_result) -> Identity:
+    return (st.st_ino, st.st_ctime_ns, st.st_mode)
+
+
+def lstat_or_none(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+Rebackup = Callable[[bytes], None]
+
+
+class Applier:
+    """Runs operations in order; a failing operation is recorded and the rest go on."""
+
+    def __init__(self, commit_id: str, rebackup: Rebackup, resume: bool) -> None:
+        self.commit_id = commit_id
+        self.rebackup = rebackup  # back a host path up now (it changed since the backup phase)
+        self.resume = resume
+        self.as_root = os.geteuid() == 0
+        self.problems: dict[int, str] = {}
+
+    def run(self, op: Op) -> None:
+        try:
+            if op.action == REMOVE:
+                self._remove(op)
+            elif op.action == LINK:
+                self._link(op)
+            elif op.kind == "dir":
+                self._put_dir(op)
+            else:
+                self._put(op)
+        except OSError as e:
+            self.problems[op.index] = f"{os.fsdecode(op.host)}: {e.strerror or e}"
+
+    def finish_dir(self, op: Op) -> None:
+        """Dir times last: every entry written into a dir changes its mtime."""
+        st = lstat_or_none(op.host)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            try:
+                os.utime(op.host, ns=(op.atime_ns, op.mtime_ns), follow_symlinks=False)
+            except OSError as e:
+                self.problems.setdefault(op.index, f"{os.fsdecode(op.host)}: {e.strerror}")
+
+    # -- removal ----------------------------------------------------------------------------
+
+    def _remove(self, op: Op) -> None:
+        st = lstat_or_none(op.host)
+        if st is None:
+            return
+        if not self._still_planned(op, st, redo=self.resume):
+            return
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                os.rmdir(op.host)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise OSError(
+                        e.errno, "the host added entries to it during the commit; it was kept"
+                    ) from e
+                raise
+        else:
+            os.unlink(op.host)
+
+    def _still_planned(self, op: Op, st: os.stat_result, redo: bool) -> bool:
+        """May `op` touch the host entry `st`? Backs it up again if it changed since the backup.
+        On a redo, an entry other than the planned one means the op ran already: False."""
+        if op.old is None:
+            # An entry appeared where the plan expected none.
+            if redo:
+                return False
+            if not stat.S_ISDIR(st.st_mode):
+                self.rebackup(op.host)
+            return True
+        ino, ctime_ns, _ = op.old
+        if st.st_ino != ino:
+            if redo:
+                return False
+            self.rebackup(op.host)  # replaced by someone during the commit: keep theirs too
+            return True
+        if st.st_ctime_ns != ctime_ns and not stat.S_ISDIR(st.st_mode) and op.backup:
+            self.rebackup(op.host)  # changed in place since the backup was taken
+        return True
+
+    # -- puts -------------------------------------------------------------------------------
+
+    def _put(self, op: Op) -> None:
+        assert op.source is not None
+        if op.move and lstat_or_none(op.source) is None:
+            return  # moved by an earlier run
+        st = lstat_or_none(op.host)
+        if st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, "a directory is in the way on the host")
+            # A move whose source is still in the layer has certainly not run, so what is on
+            # the host is not ours: no redo ambiguity.
+            if not self._still_planned(op, st, redo=self.resume and not op.move):
+                return
+        if op.move:
+            _strip_overlay_xattrs(op.source)
+            try:
+                os.rename(op.source, op.host)
+                return
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+        temp = self._temp(op)
+        _remove_quietly(temp)
+        try:
+            self._materialise(op, temp)
+            os.rename(temp, op.host)
+        except BaseException:
+            _remove_quietly(temp)
+            raise
+
+    def _materialise(self, op: Op, temp: bytes) -> None:
+        assert op.source is not None
+        if op.kind == "file":
+            copy_file(op.source, temp, op.mode)
+        elif op.kind == "symlink":
+            os.symlink(os.readlink(op.source), temp)
+        else:
+            os.mknod(temp, op.mode, op.rdev)
+        self._set_metadata(op, temp)
+
+    def _set_metadata(self, op: Op, path: bytes) -> None:
+        assert op.source is not None
+        set_metadata(op.source, path, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns)
+
+    def _put_dir(self, op: Op) -> None:
+        st = lstat_or_none(op.host)
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ENOTDIR, "a file is in the way on the host")
+        if st is None:
+            os.mkdir(op.host, 0o700)
+            if op.source is not None and os.path.isdir(op.source):
+                copy_xattrs(op.source, op.host)
+        if self.as_root and (st is None or (st.st_uid, st.st_gid) != (op.uid, op.gid)):
+            os.chown(op.host, op.uid, op.gid)
+        if st is None or stat.S_IMODE(st.st_mode) != stat.S_IMODE(op.mode):
+            os.chmod(op.host, stat.S_IMODE(op.mode))
+
+    def _link(self, op: Op) -> None:
+        assert op.link_to is not None
+        st = lstat_or_none(op.host)
+        anchor = lstat_or_none(op.link_to)
+        if st is not None:
+            if anchor is not None and (st.st_ino, st.st_dev) == (anchor.st_ino, anchor.st_dev):
+                return  # linked already
+            if stat.S_ISDIR(st.st_mode):
+                raise OSError(errno.EISDIR, "a directory is in the way on the host")
+            if not self._still_planned(op, st, redo=self.resume):
+                return
+        temp = self._temp(op)
+        _remove_quietly(temp)
+        try:
+            try:
+                os.link(op.link_to, temp, follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EMLINK):
+                    raise
+                self._materialise(op, temp)  # cannot link there: a copy of the same data
+            os.rename(temp, op.host)
+        except BaseException:
+            _remove_quietly(temp)
+            raise
+
+    def _temp(self, op: Op) -> bytes:
+        parent = os.path.dirname(op.host)
+        return parent + b"/.agentctl-%s-%d.tmp" % (self.commit_id[:12].encode(), op.index)
+
+
+def copy_file(source: bytes, target: bytes, mode: int) -> None:
+    """Copy the data of `source` to a new file `target` (kernel-side copy), flushed to disk."""
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(src).st_size
+            copied = 0
+            while copied < size:
+                try:
+                    count = os.copy_file_range(src, dst, min(_COPY_CHUNK, size - copied))
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    count = os.sendfile(dst, src, None, min(_COPY_CHUNK, size - copied))
+                if count == 0:
+                    break
+                copied += count
+            os.fsync(dst)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def set_metadata(
+    source: bytes, path: bytes, mode: int, uid: int, gid: int, atime_ns: int, mtime_ns: int
+) -> None:
+    """Give the new entry `path` the xattrs of `source` and the given owner (when root),
+    permissions and times — as `cp -a` would."""
+    copy_xattrs(source, path)
+    if os.geteuid() == 0:
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if not stat.S_ISLNK(mode):
+        os.chmod(path, stat.S_IMODE(mode))
+    os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+
+
+def copy_xattrs(source: bytes, target: bytes) -> None:
+    """Copy extended attributes, except overlayfs's own (format metadata, never user data)."""
+    try:
+        names = os.listxattr(source, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(OVERLAY_XATTR_PREFIX):
+            continue
+        try:
+            value = os.getxattr(source, name, follow_symlinks=False)
+            os.setxattr(target, name, value, follow_symlinks=False)
+        except OSError:
+            continue  # e.g. security.* without the privilege to set it
+
+
+def _strip_overlay_xattrs(path: bytes) -> None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(OVERLAY_XATTR_PREFIX):
+            with contextlib.suppress(OSError):
+                os.removexattr(path, name, follow_symlinks=False)
+
+
+def _remove_quietly(path: bytes) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)

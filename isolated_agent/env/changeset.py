@@ -1,0 +1,348 @@
+"""An env's changes: how the view its upper layers give differs from the host, root by root.
+
+The view of a root is upper ∪ host − whiteouts (DESIGN §3), except under an upper directory that
+*hides* the host: an opaque one (`user.overlay.opaque`), or one that sits over a host non-directory.
+There the view is the upper subtree alone. A change is a path whose entry in the view differs from
+the host's entry:
+
+    A  added      the view has an entry where the host has none
+    M  modified   same type; different content, permission bits or symlink target
+    T  type       different type (file -> symlink, dir -> file, ...)
+    D  deleted    the host has an entry the view does not (whiteout, or hidden by a directory)
+
+A deleted directory is expanded: every entry of the host subtree is a D of its own, so a commit
+can back each one up and a diff can show each file. A copied-up entry that ended identical to the
+host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change; neither are owner
+or time differences (commit carries them along with the entries it writes). Changes come out in
+path order (by root, then by the bytes of the path), so output is deterministic.
+
+Each change remembers `seen_from`: the upper entry whose creation marks the moment the env took the
+path over (the copy-up, the create, the whiteout, or the directory hiding it). Commit uses its
+birth time to tell whether the host changed the path afterwards (see `commit.find_conflicts`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from isolated_agent.env.selection import Selection
+from isolated_agent.env.store import Env
+from isolated_agent.errors import RootMissing, StoreError
+from isolated_agent.overlay.format import is_opaque_dir, is_whiteout
+
+ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
+
+_CHUNK = 1 << 20
+_UNSUPPORTED_XATTRS = ("user.overlay.metacopy", "user.overlay.redirect")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One side of a change: the host's entry (old) or the env's upper entry (new)."""
+
+    path: bytes  # where it lives: the host path, or the path inside the upper layer
+    mode: int
+    size: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    nlink: int
+    rdev: int
+
+    @classmethod
+    def of(cls, path: bytes, st: os.stat_result) -> Entry:
+        return cls(
+            path, st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_atime_ns,
+            st.st_ctime_ns, st.st_ino, st.st_dev, st.st_nlink, st.st_rdev,
+        )
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def perms(self) -> int:
+        return stat.S_IMODE(self.mode)
+
+    def target(self) -> bytes:
+        return os.readlink(self.path)
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode):
+        return "char"
+    return "block"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    root: int
+    rel: bytes  # path relative to the root; never empty
+    status: str  # ADDED, MODIFIED, TYPE_CHANGED or DELETED
+    old: Entry | None  # the host's entry (None for A)
+    new: Entry | None  # the env's entry (None for D)
+    seen_from: bytes  # the upper entry whose birth is when the env took this path over
+    content_changed: bool  # data or symlink target differ (always True for A/D/T non-dirs)
+
+    @property
+    def mode_changed(self) -> bool:
+        return self.old is not None and self.new is not None and self.old.perms != self.new.perms
+
+    @property
+    def is_dir(self) -> bool:
+        side = self.new if self.new is not None else self.old
+        return side is not None and side.is_dir and (self.old is None or self.old.is_dir)
+
+
+@dataclass
+class Changeset:
+    env: Env
+    selection: Selection
+    changes: list[Change] = field(default_factory=list)  # selected, in path order
+    context: list[Change] = field(default_factory=list)  # changes of the dirs leading to them
+    # Upper regular files identical to the host that share their inode with other upper names
+    # (hard links made in the env): (dev, ino) -> [(root, rel)].
+    unchanged_links: dict[tuple[int, int], list[tuple[int, bytes]]] = field(default_factory=dict)
+
+    def by_path(self) -> dict[tuple[int, bytes], Change]:
+        return {(c.root, c.rel): c for c in [*self.context, *self.changes]}
+
+    def unknown_paths(self) -> list[str]:
+        """Selected paths that neither exist on the host nor have a change in the env (most
+        likely typos), as absolute host paths."""
+        unknown: list[str] = []
+        for root, prefix in self.selection.prefixes or ():
+            if not prefix:
+                continue
+            selection = Selection(((root, prefix),))
+            if any(selection.matches(c.root, c.rel) for c in self.changes):
+                continue
+            host = os.path.join(self.env.roots[root].path, os.fsdecode(prefix))
+            if not os.path.lexists(host):
+                unknown.append(host)
+        return unknown
+
+
+def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
+    """The env's changes, restricted to `selection` (default: everything)."""
+    selection = selection or Selection(None)
+    reader = _Reader(env, selection)
+    wanted = selection.roots()
+    for root in env.roots:
+        if not os.path.isdir(root.path):
+            raise RootMissing(env.name, root.path)
+        if wanted is not None and root.index not in wanted:
+            continue
+        upper = os.fsencode(root.upper)
+        if not os.path.isdir(upper):
+            raise StoreError(
+                f"the layer {root.upper} of env {env.name} is missing; the store is damaged"
+            )
+        reader.walk(root.index, b"", upper, os.fsencode(root.path), hides_host=False, hider=upper)
+    result = Changeset(env, selection)
+    for change in sorted(reader.found, key=lambda c: (c.root, c.rel)):
+        if selection.matches(change.root, change.rel):
+            result.changes.append(change)
+        else:
+            result.context.append(change)
+    result.unchanged_links = reader.unchanged_links
+    return result
+
+
+class _Reader:
+    def __init__(self, env: Env, selection: Selection) -> None:
+        self.env = env
+        self.selection = selection
+        self.found: list[Change] = []
+        self.unchanged_links: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+
+    def walk(
+        self, root: int, rel: bytes, upper_dir: bytes, host_dir: bytes | None,
+        hides_host: bool, hider: bytes,
+    ) -> None:
+        """Visit the upper dir at `rel`. `host_dir` is the host's directory there (None when the
+        host has no directory there); `hides_host`: the host's entries under it are hidden, and
+        `hider` is the upper entry that hides them."""
+        names: set[bytes] = set()
+        try:
+            with os.scandir(upper_dir) as it:
+                entries = list(it)
+        except OSError as e:
+            raise StoreError(
+                f"cannot read the layer of env {self.env.name} at {os.fsdecode(upper_dir)}: "
+                f"{e.strerror}"
+            ) from e
+        for entry in entries:
+            name = entry.name
+            names.add(name)
+            path = join(rel, name)
+            if not self.selection.relevant(root, path):
+                continue
+            upper_path = entry.path
+            st = entry.stat(follow_symlinks=False)
+            host_path = None if host_dir is None else host_dir + b"/" + name
+            host_st = None if host_path is None else _lstat(host_path)
+            self.visit(root, path, upper_path, st, host_path, host_st, hides_host, hider)
+        if hides_host and host_dir is not None:
+            for host_name in _list_dir(host_dir):
+                if host_name in names:
+                    continue
+                path = join(rel, host_name)
+                if not self.selection.relevant(root, path):
+                    continue
+                host_path = host_dir + b"/" + host_name
+                host_st = _lstat(host_path)
+                if host_st is not None:
+                    self.deleted(root, path, host_path, host_st, hider)
+
+    def visit(
+        self, root: int, rel: bytes, upper_path: bytes, st: os.stat_result,
+        host_path: bytes | None, host_st: os.stat_result | None, hides_host: bool, hider: bytes,
+    ) -> None:
+        if is_whiteout(st):
+            if host_st is not None and host_path is not None:
+                self.deleted(root, rel, host_path, host_st, upper_path)
+            return
+        new = Entry.of(upper_path, st)
+        if stat.S_ISDIR(st.st_mode):
+            self._check_supported(upper_path)
+            if host_st is None or host_path is None:
+                self.add(root, rel, ADDED, None, new, upper_path, True)
+                self.walk(root, rel, upper_path, None, False, upper_path)
+                return
+            old = Entry.of(host_path, host_st)
+            if not old.is_dir:
+                self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
+                self.walk(root, rel, upper_path, None, False, upper_path)
+                return
+            if old.perms != new.perms:
+                self.add(root, rel, MODIFIED, old, new, upper_path, False)
+            if hides_host:
+                self.walk(root, rel, upper_path, host_path, True, hider)
+            elif is_opaque_dir(upper_path):
+                self.walk(root, rel, upper_path, host_path, True, upper_path)
+            else:
+                self.walk(root, rel, upper_path, host_path, False, upper_path)
+            return
+        if stat.S_ISREG(st.st_mode):
+            self._check_supported(upper_path)
+        if host_st is None or host_path is None:
+            self.add(root, rel, ADDED, None, new, upper_path, True)
+            return
+        old = Entry.of(host_path, host_st)
+        if old.is_dir:
+            self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
+            self.expand(root, rel, host_path, upper_path)
+            return
+        if stat.S_IFMT(old.mode) != stat.S_IFMT(new.mode):
+            self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
+            return
+        content_changed = not _same_content(old, new)
+        if content_changed or old.perms != new.perms:
+            self.add(root, rel, MODIFIED, old, new, upper_path, content_changed)
+        elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
+
+    def deleted(
+        self, root: int, rel: bytes, host_path: bytes, host_st: os.stat_result, hider: bytes
+    ) -> None:
+        self.add(root, rel, DELETED, Entry.of(host_path, host_st), None, hider, True)
+        if stat.S_ISDIR(host_st.st_mode):
+            self.expand(root, rel, host_path, hider)
+
+    def expand(self, root: int, rel: bytes, host_dir: bytes, hider: bytes) -> None:
+        """Every entry under a host directory the view hides is deleted."""
+        for name in _list_dir(host_dir):
+            path = join(rel, name)
+            if not self.selection.relevant(root, path):
+                continue
+            host_path = host_dir + b"/" + name
+            host_st = _lstat(host_path)
+            if host_st is not None:
+                self.deleted(root, path, host_path, host_st, hider)
+
+    def add(
+        self, root: int, rel: bytes, status: str, old: Entry | None, new: Entry | None,
+        seen_from: bytes, content_changed: bool,
+    ) -> None:
+        self.found.append(Change(root, rel, status, old, new, seen_from, content_changed))
+
+    def _check_supported(self, upper_path: bytes) -> None:
+        # Our engines mount with userxattr, which rules out metacopy and redirect_dir; a layer
+        # carrying them came from elsewhere, and committing it would lose data.
+        for name in _UNSUPPORTED_XATTRS:
+            try:
+                os.getxattr(upper_path, name, follow_symlinks=False)
+            except OSError:
+                continue
+            raise StoreError(
+                f"{os.fsdecode(upper_path)} carries {name}, which agentctl does not support; "
+                "this layer was not made by agentctl"
+            )
+
+
+def join(rel: bytes, name: bytes) -> bytes:
+    return name if not rel else rel + b"/" + name
+
+
+def _lstat(path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def _list_dir(path: bytes) -> list[bytes]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return []
+        raise
+
+
+def _same_content(old: Entry, new: Entry) -> bool:
+    """Do two entries of the same type hold the same thing (data, target, device)?"""
+    if stat.S_ISLNK(old.mode):
+        return old.target() == new.target()
+    if not stat.S_ISREG(old.mode):
+        return old.rdev == new.rdev
+    if old.size != new.size:
+        return False
+    if old.size == 0:
+        return True
+    return same_file_data(old.path, new.path)
+
+
+def same_file_data(a: bytes, b: bytes) -> bool:
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            chunk_a = fa.read(_CHUNK)
+            chunk_b = fb.read(_CHUNK)
+            if chunk_a != chunk_b:
+                return False
+            if not chunk_a:
+                return True
