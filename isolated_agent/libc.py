@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import sys
 
@@ -56,6 +57,14 @@ SECBIT_NO_CAP_AMBIENT_RAISE = 1 << 6
 SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED = 1 << 7
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+# <linux/fs.h>: renameat2(2) flags.
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+RENAME_WHITEOUT = 1 << 2  # leave an overlayfs whiteout (char device 0/0) at the source
+
+# <linux/fs.h>: FICLONE = _IOW(0x94, 9, int): share the source's extents (reflink).
+FICLONE = 0x40049409
 
 # x86_64 / aarch64 share these numbers for the syscalls we call by number.
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
@@ -206,6 +215,30 @@ def birth_time_ns(path: bytes, dir_fd: int | None = None) -> int | None:
     if seconds == 0 and nanoseconds == 0:  # some filesystems report the bit with no value
         return None
     return seconds * 1_000_000_000 + nanoseconds
+
+
+def renameat2(
+    old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int = 0
+) -> None:
+    """rename(2) with RENAME_NOREPLACE / RENAME_EXCHANGE / RENAME_WHITEOUT, relative to dir fds
+    (glibc >= 2.28 has the wrapper; `os.rename` cannot pass flags)."""
+    _check(
+        _libc.renameat2(
+            ctypes.c_int(old_dir_fd),
+            ctypes.c_char_p(old_name),
+            ctypes.c_int(new_dir_fd),
+            ctypes.c_char_p(new_name),
+            ctypes.c_uint(flags),
+        ),
+        "renameat2",
+        os.fsdecode(old_name),
+    )
+
+
+def ficlone(dst_fd: int, src_fd: int) -> None:
+    """Make `dst_fd` share all of `src_fd`'s data extents (btrfs, xfs, ...). Raises OSError
+    (EOPNOTSUPP, EXDEV, EINVAL) where the filesystem cannot; callers fall back to copying."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
 def _bytes_or_none(value: str | None) -> bytes | None:

@@ -33,3 +33,42 @@ def make_whiteout(path: str | bytes) -> None:
 
 def make_opaque(path: str | bytes) -> None:
     os.setxattr(path, OPAQUE_XATTR, OPAQUE_VALUE, follow_symlinks=False)
+
+
+# -- fd-relative forms, for code that reaches its layers through directory fds ---------------
+
+# Every xattr under this prefix belongs to the overlay itself: hidden from the merged view and
+# never copied up (the kernel does the same in `userxattr` mode).
+PRIVATE_XATTR_PREFIX = "user.overlay."
+
+
+def fd_path(fd: int) -> str:
+    """A path that names exactly the object behind `fd` (an O_PATH fd included): the kernel's
+    magic link, resolved without looking at any name, so it can never re-enter a mount made
+    over the layer."""
+    return f"/proc/self/fd/{fd}"
+
+
+def is_whiteout_stat(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_opaque_fd(dir_fd: int) -> bool:
+    """Whether the directory behind `dir_fd` (O_PATH is fine) carries the opaque marker."""
+    try:
+        return os.getxattr(fd_path(dir_fd), OPAQUE_XATTR) == OPAQUE_VALUE
+    except OSError:
+        return False
+
+
+def make_whiteout_at(dir_fd: int, name: bytes) -> None:
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+def make_opaque_fd(dir_fd: int) -> None:
+    os.setxattr(fd_path(dir_fd), OPAQUE_XATTR, OPAQUE_VALUE)
+
+
+def is_private_xattr(name: str | bytes) -> bool:
+    text = os.fsdecode(name)
+    return text.startswith(PRIVATE_XATTR_PREFIX)

@@ -1,0 +1,207 @@
+"""Running agentfs: mount, serve until unmounted or signalled, always leave nothing mounted.
+
+One daemon serves one mount (pyfuse3 keeps one session per process). Its life:
+
+    open the layers (paths, once)  ->  mount (or adopt a /dev/fuse fd)  ->  ready
+    ->  serve requests (trio)  ->  SIGTERM/SIGINT/SIGHUP: end the session and unmount;
+                                   umount by someone else: the kernel ends the session
+
+`serve` runs it in the calling process (foreground); `start_background` forks a daemon that
+reports "mounted" or the reason it could not mount before its parent returns, as a mount
+helper must.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio  # type: ignore[import-untyped]
+
+from isolated_agent.engines.fuse.cache import EXCLUSIVE, CacheMode
+from isolated_agent.engines.fuse.operations import Operations
+from isolated_agent.overlay.copyup import FaultHook
+from isolated_agent.overlay.layers import LayerError, Layers
+from isolated_agent.overlay.merge import Overlay
+
+log = logging.getLogger("agentfs")
+
+# Test hook: a handler meeting a name that contains this marker raises an unexpected exception
+# (at lookup, or in the middle of a copy-up), to prove the daemon answers EIO and goes on.
+FAULT_ENV = "AGENTFS_FAULT_MARKER"
+
+
+class MountFailed(Exception):
+    """agentfs could not mount; the message says why in one line."""
+
+
+@dataclass
+class MountConfig:
+    lowers: list[str]
+    upper: str
+    work: str
+    allow_other: bool = False
+    cache: CacheMode = EXCLUSIVE
+    fsname: str = "agentfs"
+    fuse_options: list[str] = field(default_factory=list)  # passed to libfuse as they are
+
+    def libfuse_options(self) -> set[str]:
+        # default_permissions always: the daemon acts with its own (often root) rights, so
+        # the kernel must check the caller's against the mode bits.
+        options = {"default_permissions", f"fsname={self.fsname}", "subtype=agentfs"}
+        if self.allow_other:
+            options.add("allow_other")
+        options.update(self.fuse_options)
+        return options
+
+
+def fault_hook_from_env() -> FaultHook | None:
+    marker = os.environ.get(FAULT_ENV)
+    if not marker:
+        return None
+    needle = os.fsencode(marker)
+
+    def fault(point: str, name: bytes) -> None:
+        if needle in name:
+            raise RuntimeError(f"injected fault at {point} for {name!r}")
+
+    return fault
+
+
+def open_layers(config: MountConfig) -> Layers:
+    try:
+        return Layers.open(config.upper, config.work, config.lowers)
+    except LayerError as e:
+        raise MountFailed(str(e)) from None
+
+
+def serve(
+    layers: Layers,
+    mountpoint: str,
+    config: MountConfig,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount and serve until the mount ends. `mountpoint` may be `/dev/fd/N`: a /dev/fuse fd
+    already mounted by someone else (the job's namespace); then there is nothing to unmount.
+    """
+    os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
+    _raise_fd_limit()
+    overlay = Overlay(layers, fault_hook_from_env())
+    operations = Operations(overlay, config.cache)
+    try:
+        pyfuse3.init(operations, mountpoint, config.libfuse_options())
+    except RuntimeError as e:
+        overlay.close()
+        raise MountFailed(f"cannot mount agentfs at {mountpoint}: {e}") from None
+    try:
+        if on_ready is not None:
+            on_ready()
+        trio.run(_serve_until_signalled)
+    finally:
+        operations.release_all()
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        overlay.close()
+
+
+async def _serve_until_signalled() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("agentfs: signal %d, unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _raise_fd_limit() -> None:
+    """One O_PATH fd per node the kernel holds: allow as many as the system lets us."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError, ValueError), open("/proc/sys/fs/nr_open") as f:
+            wanted = max(hard, int(f.read()))
+    for limit in (wanted, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
+            return
+        except (OSError, ValueError):
+            continue
+
+
+def setup_logging(debug: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        stream=sys.stderr,
+        format="agentfs[%(process)d] %(asctime)s %(message)s",
+    )
+
+
+def start_background(
+    config: MountConfig,
+    mountpoint: str,
+    log_path: str | None = None,
+    debug: bool = False,
+) -> int:
+    """Fork a daemon that mounts and serves; return its pid once the mount is in place.
+    Raises MountFailed (the daemon is gone by then) when it cannot mount. The daemon keeps
+    every fd of the caller it was forked with (an env lock, for one)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(read_end)
+            os.setsid()
+            _detach_stdio(log_path)
+            setup_logging(debug)
+            layers = open_layers(config)
+
+            def ready() -> None:
+                os.write(write_end, b"ok\n")
+                os.close(write_end)
+
+            serve(layers, mountpoint, config, on_ready=ready)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - report, never unwind into the caller
+            message = str(e) if isinstance(e, MountFailed) else f"agentfs failed: {e!r}"
+            with contextlib.suppress(OSError):
+                os.write(write_end, ("error " + message.replace("\n", " ") + "\n").encode())
+            with contextlib.suppress(Exception):
+                log.exception("agentfs: daemon ended with an error")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read().decode(errors="replace").strip()
+    if answer.startswith("ok"):
+        return pid
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    raise MountFailed(answer.removeprefix("error ").strip() or "the agentfs daemon died")
+
+
+def _detach_stdio(log_path: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    if log_path:
+        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    else:
+        out = null
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in {null, out}:
+        if fd > 2:
+            os.close(fd)

@@ -1,0 +1,105 @@
+"""Mount-table helpers for agentfs mounts: is it mounted, unmount it, even when its daemon died.
+
+A daemon that dies without unmounting leaves its mount point answering ENOTCONN ("transport
+endpoint is not connected") — never the lower files: the kernel does not fall through. `unmount`
+recovers from that state: a dead FUSE connection is detached lazily, since nothing it could
+still write can reach the layers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import time
+
+from isolated_agent import libc
+from isolated_agent.jobs.mountinfo import MountEntry, read_mountinfo
+
+
+class NotMounted(Exception):
+    pass
+
+
+class UnmountFailed(Exception):
+    pass
+
+
+def mount_entry(path: str) -> MountEntry | None:
+    """The topmost mount at exactly `path`, if any."""
+    target = os.path.abspath(path)
+    found = None
+    for entry in read_mountinfo():
+        if entry.mount_point == target:
+            found = entry
+    return found
+
+
+def is_fuse_mount(entry: MountEntry | None) -> bool:
+    return entry is not None and entry.fstype.split(".")[0] == "fuse"
+
+
+def is_dead(path: str) -> bool:
+    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def unmount(path: str, lazy: bool = False) -> None:
+    """Unmount the agentfs (or any FUSE) mount at `path`. Raises NotMounted, UnmountFailed."""
+    target = os.path.abspath(path)
+    entry = mount_entry(target)
+    if entry is None:
+        raise NotMounted(f"{target} is not a mount point")
+    if not is_fuse_mount(entry):
+        raise UnmountFailed(f"{target} is a {entry.fstype} mount, not agentfs; not touching it")
+    lazy = lazy or is_dead(target)
+    if os.geteuid() == 0:
+        try:
+            libc.umount(target, libc.MNT_DETACH if lazy else 0)
+        except OSError as e:
+            if e.errno == errno.EBUSY:
+                raise UnmountFailed(
+                    f"{target} is busy: a process works in it or holds a file open there"
+                ) from e
+            raise UnmountFailed(f"cannot unmount {target}: {os.strerror(e.errno or 0)}") from e
+        return
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    if fusermount is None:
+        raise UnmountFailed("fusermount3 is not installed (package fuse3)")
+    result = subprocess.run(
+        [fusermount, "-u", *(["-z"] if lazy else []), target], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise UnmountFailed(result.stderr.strip() or f"fusermount3 -u {target} failed")
+
+
+def wait_unmounted(path: str, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while mount_entry(path) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def wait_exited(pid: int, timeout: float = 10.0) -> bool:
+    """Wait for a process that is not our child to exit (poll /proc)."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True

@@ -1,0 +1,428 @@
+"""The pyfuse3 adapter: FUSE requests in, overlay calls, FUSE replies out. No overlay rule here.
+
+Errors become errnos in one place, `_handler`: an `OSError` from the overlay is answered with
+its errno; anything else is a bug — logged with its traceback and answered with EIO — and the
+daemon goes on serving. `forget` may not fail at all, so it only logs.
+
+Handlers never await: each request runs to completion before the next one starts, so the
+overlay (which is not thread-safe) sees one operation at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
+
+from isolated_agent.engines.fuse.cache import CacheMode
+from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
+from isolated_agent.overlay.merge import Overlay
+from isolated_agent.overlay.node import Node
+from isolated_agent.overlay.rename import rename
+
+log = logging.getLogger("agentfs")
+
+T = TypeVar("T")
+
+
+def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """The one place an exception becomes an errno."""
+    operation = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> T:
+        try:
+            return fn(self, *args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("agentfs: %s%r failed; answered EIO", operation, _brief(args))
+            raise FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a for a in args if isinstance(a, (int, bytes)))
+
+
+@dataclass
+class _File:
+    node: Node
+    fd: int
+    on_upper: bool
+
+
+@dataclass
+class _Dir:
+    node: Node
+    names: list[bytes] | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+
+    def __init__(self, overlay: Overlay, cache: CacheMode) -> None:
+        super().__init__()
+        self.overlay = overlay
+        self.cache = cache
+        self.inodes = InodeTable(overlay)
+        self.enable_writeback_cache = cache.writeback
+        self._files: dict[int, _File] = {}
+        self._dirs: dict[int, _Dir] = {}
+        self._next_handle = 1
+        overlay.on_stale_entry = self._stale_entry
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _attributes(self, node: Node, inode: int) -> EntryAttributes:
+        st, nlink = self.overlay.getattr(node)
+        attrs = EntryAttributes()
+        attrs.st_ino = inode
+        attrs.entry_timeout = self.cache.entry_timeout
+        attrs.attr_timeout = self.cache.attr_timeout
+        attrs.st_mode = st.st_mode
+        attrs.st_nlink = nlink
+        attrs.st_uid = st.st_uid
+        attrs.st_gid = st.st_gid
+        attrs.st_rdev = st.st_rdev
+        attrs.st_size = st.st_size
+        attrs.st_blksize = st.st_blksize
+        attrs.st_blocks = st.st_blocks
+        attrs.st_atime_ns = st.st_atime_ns
+        attrs.st_mtime_ns = st.st_mtime_ns
+        attrs.st_ctime_ns = st.st_ctime_ns
+        return attrs
+
+    def _entry(self, node: Node) -> EntryAttributes:
+        """An entry reply for `node`: the lookup count goes up once the reply is certain."""
+        inode = self.inodes.number(node)
+        try:
+            attrs = self._attributes(node, inode)
+        except BaseException:
+            self.inodes.unused(node)
+            raise
+        self.inodes.entry(node)
+        return attrs
+
+    def _negative(self) -> EntryAttributes:
+        attrs = EntryAttributes()
+        attrs.st_ino = 0  # the kernel remembers the name does not exist, for entry_timeout
+        attrs.entry_timeout = self.cache.negative_timeout
+        return attrs
+
+    def _handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _stale_entry(self, parent: Node, name: bytes) -> None:
+        if parent.nodeid:
+            pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
+
+    @staticmethod
+    def _owner(ctx: RequestContext) -> tuple[int, int]:
+        return ctx.uid, ctx.gid
+
+    # -- lookups and attributes -----------------------------------------------------------------
+
+    @_handler
+    def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = self.overlay.parent_of(parent)
+        else:
+            try:
+                node = self.overlay.lookup(parent, name)
+            except FileNotFoundError:
+                if self.cache.negative_timeout:
+                    return self._negative()
+                raise
+        return self._entry(node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            try:
+                self.inodes.forget(inode, count)
+            except Exception:  # must not fail: log the bug and go on
+                log.exception("agentfs: forget(%d, %d) failed", inode, count)
+
+    @_handler
+    def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        return self._attributes(self.inodes.node(inode), inode)
+
+    @_handler
+    def setattr(
+        self,
+        inode: int,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: int | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        node = self.inodes.node(inode)
+        self.overlay.setattr(
+            node,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._attributes(node, inode)
+
+    @_handler
+    def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        return self.overlay.readlink(self.inodes.node(inode))
+
+    @_handler
+    def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        st = self.overlay.statfs()
+        data = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, field, getattr(st, field))
+        return data
+
+    @_handler
+    def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
+        return True  # mounted with default_permissions: the kernel checks the mode bits
+
+    # -- creating and removing ------------------------------------------------------------------
+
+    @_handler
+    def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        return self._entry(self.overlay.mknod(parent, name, mode, rdev, self._owner(ctx)))
+
+    @_handler
+    def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        return self._entry(self.overlay.mkdir(parent, name, mode, self._owner(ctx)))
+
+    @_handler
+    def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        return self._entry(self.overlay.symlink(parent, name, target, self._owner(ctx)))
+
+    @_handler
+    def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        node = self.inodes.node(inode)
+        parent = self.inodes.node(new_parent_inode)
+        return self._entry(self.overlay.link(node, parent, new_name))
+
+    @_handler
+    def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.overlay.unlink(self.inodes.node(parent_inode), name)
+
+    @_handler
+    def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.overlay.rmdir(self.inodes.node(parent_inode), name)
+
+    @_handler
+    def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        rename(
+            self.overlay,
+            self.inodes.node(parent_inode_old),
+            name_old,
+            self.inodes.node(parent_inode_new),
+            name_new,
+            flags,
+        )
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _open_flags(self, flags: int) -> int:
+        if self.cache.writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            # The kernel may read pages of a file opened write-only to fill partial pages.
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    def _file_info(self, node: Node, fd: int) -> FileInfo:
+        handle = self._handle()
+        self._files[handle] = _File(node, fd, node.upper is not None)
+        self.overlay.ref(node)
+        return FileInfo(fh=handle, keep_cache=self.cache.keep_cache)
+
+    @_handler
+    def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        node = self.inodes.node(inode)
+        fd = self.overlay.open(node, self._open_flags(flags))
+        return self._file_info(node, fd)
+
+    @_handler
+    def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        parent = self.inodes.node(parent_inode)
+        node, fd = self.overlay.create(parent, name, mode, self._open_flags(flags),
+                                       self._owner(ctx))
+        try:
+            attrs = self._entry(node)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self._file_info(node, fd), attrs
+
+    def _current_fd(self, handle: _File) -> int:
+        """A read-only handle opened before the file was copied up must read the copy (the
+        lower one may be stale once the copy is written to)."""
+        if not handle.on_upper and handle.node.upper is not None:
+            fd = self.overlay.open(handle.node, os.O_RDONLY)
+            os.close(handle.fd)
+            handle.fd, handle.on_upper = fd, True
+        return handle.fd
+
+    @_handler
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._current_fd(self._files[fh]), size, off)
+
+    @_handler
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._files[fh].fd, buf, off)
+
+    @_handler
+    def flush(self, fh: int) -> None:
+        # Nothing to flush: writes go straight to the backing file. ENOSYS tells the kernel
+        # never to send FLUSH again, saving a round trip on every close().
+        raise FUSEError(errno.ENOSYS)
+
+    @_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files[fh]
+        if handle.on_upper:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
+
+    @_handler
+    def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        try:
+            os.close(handle.fd)
+        finally:
+            self.overlay.unref(handle.node)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    @_handler
+    def opendir(self, inode: int, ctx: RequestContext) -> int:
+        node = self.inodes.node(inode)
+        if not node.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        handle = self._handle()
+        self._dirs[handle] = _Dir(node)
+        self.overlay.ref(node)
+        return handle
+
+    @_handler
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Offsets are positions in a listing taken when the stream starts (offset 0), so
+        paging, seekdir and telldir see each name exactly once; `.` and `..` come first."""
+        handle = self._dirs[fh]
+        directory = handle.node
+        if handle.names is None or start_id == 0:
+            handle.names = [b".", b"..", *self.overlay.listdir(directory)]
+        names = handle.names
+        for position in range(start_id, len(names)):
+            name = names[position]
+            if name == b".":
+                reply = pyfuse3.readdir_reply(
+                    token, name, self._attributes(directory, directory.nodeid or ROOT_INODE),
+                    position + 1)
+            elif name == b"..":
+                parent = self.overlay.parent_of(directory)
+                inode = self.inodes.number(parent)
+                try:
+                    reply = pyfuse3.readdir_reply(
+                        token, name, self._attributes(parent, inode), position + 1)
+                finally:
+                    self.inodes.unused(parent)
+            else:
+                try:
+                    node = self.overlay.lookup(directory, name)
+                except FileNotFoundError:
+                    continue  # removed since the listing was taken
+                inode = self.inodes.number(node)
+                try:
+                    attrs = self._attributes(node, inode)
+                    reply = pyfuse3.readdir_reply(token, name, attrs, position + 1)
+                except BaseException:
+                    self.inodes.unused(node)
+                    raise
+                if reply:
+                    self.inodes.entry(node)
+                else:
+                    self.inodes.unused(node)
+            if not reply:
+                return
+
+    @_handler
+    def releasedir(self, fh: int) -> None:
+        handle = self._dirs.pop(fh)
+        self.overlay.unref(handle.node)
+
+    @_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        node = self._dirs[fh].node
+        if node.upper is not None:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- xattrs ---------------------------------------------------------------------------------
+
+    @_handler
+    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        return self.overlay.getxattr(self.inodes.node(inode), name)
+
+    @_handler
+    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
+        return self.overlay.listxattr(self.inodes.node(inode))
+
+    @_handler
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        self.overlay.setxattr(self.inodes.node(inode), name, value)
+
+    @_handler
+    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        self.overlay.removexattr(self.inodes.node(inode), name)
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def release_all(self) -> None:
+        """After the session ended: close what the kernel never released."""
+        for handle in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(handle.fd)
+        self._files.clear()
+        self._dirs.clear()

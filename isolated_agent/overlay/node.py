@@ -1,0 +1,97 @@
+"""A node: one entry of the merged view, and the layer objects behind it.
+
+A node holds O_PATH file descriptors, never paths: the object in upper (when there is one) and,
+for a directory, every lower directory merged under it (top first); for a non-directory, the
+one lower file it shows until it is copied up. Descriptors follow their objects through
+renames, so a node stays valid when it or an ancestor moves; and nothing here resolves a path
+through a mount that might sit over a layer.
+
+Lifetime. A node is alive while `refs > 0`; its owners each hold one reference:
+
+- the kernel, while it knows the node (the FUSE inode table holds one reference while the
+  kernel's lookup count is positive);
+- each of its children's links: a child remembers the `(parent, name)` pairs it is reachable
+  through (needed to copy it up later), and every such pair holds its parent alive;
+- each open file or directory handle.
+
+When the last reference goes, the node closes its descriptors, leaves the identity index and
+drops its own links (which may in turn release its parents). A released node is never used
+again: its `released` flag is checked where a stale one could otherwise slip through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+
+# (st_dev, st_ino) of a layer object: what makes two lookups reach "the same file".
+Key = tuple[int, int]
+
+
+class Node:
+    __slots__ = (
+        "file_type",
+        "upper",
+        "lowers",
+        "opaque",
+        "key",
+        "origin",
+        "links",
+        "refs",
+        "nodeid",
+        "released",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        file_type: int,
+        upper: int | None,
+        lowers: list[int],
+        key: Key,
+        opaque: bool = False,
+        origin: Key | None = None,
+    ) -> None:
+        self.file_type = file_type  # stat.S_IFMT bits; never changes for a node
+        self.upper = upper  # O_PATH fd of the object in upper, or None (not copied up)
+        self.lowers = lowers  # dirs: merged lower dirs, top first; others: [lower file] or []
+        self.opaque = opaque  # dirs: upper dir is opaque (no lower merged under it)
+        self.key = key  # identity of the topmost object (re-keyed on copy-up)
+        self.origin = origin or key  # identity it was first seen with: its stable number
+        self.links: list[tuple[Node, bytes]] = []  # (parent, name) pairs it is known by
+        self.refs = 0
+        self.nodeid = 0  # assigned by the FUSE inode table; 0 while the kernel has none
+        self.released = False
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file_type == stat.S_IFDIR
+
+    @property
+    def fd(self) -> int:
+        """The topmost object: what the merged view shows for this entry."""
+        if self.upper is not None:
+            return self.upper
+        return self.lowers[0]
+
+    @property
+    def in_upper(self) -> bool:
+        return self.upper is not None
+
+    @property
+    def merged(self) -> bool:
+        """A directory that shows lower entries (lower-only or upper+lower)."""
+        return self.is_dir and bool(self.lowers)
+
+    def close_fds(self) -> None:
+        for fd in ([self.upper] if self.upper is not None else []) + self.lowers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.upper = None
+        self.lowers = []
+
+    def __repr__(self) -> str:
+        name = self.links[0][1] if self.links else b"?"
+        where = "upper" if self.upper is not None else "lower"
+        return f"<Node {name!r} {where} type={self.file_type:o} refs={self.refs}>"
