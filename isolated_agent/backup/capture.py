@@ -12,7 +12,6 @@ import io
 import os
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent, now
@@ -54,7 +53,11 @@ def capture(
             if advance is not None:
                 advance(1)
     ids = backups.catalog.add(pending)
-    return {e.path: replace(e, id=i) for e, i in zip(pending, ids, strict=True)}
+    saved: dict[bytes, BackupEvent] = {}
+    for event, event_id in zip(pending, ids, strict=True):
+        object.__setattr__(event, "id", event_id)  # frozen for callers; filled in once, here
+        saved[event.path] = event
+    return saved
 
 
 def _save(

@@ -105,20 +105,23 @@ class BackupCatalog:
 
     def add(self, events: Iterable[BackupEvent]) -> list[int]:
         """Store the events in one transaction; returns their ids in order."""
-        ids: list[int] = []
+        rows = [
+            (e.path, e.reason, e.time, e.kind, e.size, e.mode, e.uid, e.gid, e.mtime_ns,
+             e.sha256, e.env_id, e.env_name, e.commit_id)
+            for e in events
+        ]
+        if not rows:
+            return []
         with self._transaction() as db:
-            for e in events:
-                cursor = db.execute(
-                    "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
-                    "mtime_ns, sha256, env_id, env_name, commit_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        e.path, e.reason, e.time, e.kind, e.size, e.mode, e.uid, e.gid,
-                        e.mtime_ns, e.sha256, e.env_id, e.env_name, e.commit_id,
-                    ),
-                )
-                ids.append(int(cursor.lastrowid or 0))
-        return ids
+            db.executemany(
+                "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
+                "mtime_ns, sha256, env_id, env_name, commit_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            (last,) = db.execute("SELECT last_insert_rowid()").fetchone()
+        # AUTOINCREMENT inside one write transaction hands out consecutive ids.
+        return list(range(int(last) - len(rows) + 1, int(last) + 1))
 
     def remove_commit(self, commit_id: str) -> int:
         """Forget the events of a commit that was rolled back (its host files were never

@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import BinaryIO, Protocol
 
@@ -35,6 +36,8 @@ from isolated_agent.errors import BackupError, BlobCorrupt
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+_KERNEL_COPY_FROM = 8 << 20  # blobs at least this large are copied by the kernel
+_KERNEL_COPY_STEP = 32 << 20
 
 
 class BlobStore(Protocol):
@@ -124,6 +127,7 @@ class LocalBlobStore:
             raise BackupError(f"cannot use the backup store at {root}: {e.strerror}") from e
         self._fanout_made: set[str] = set()
         self._pending: dict[str, str] | None = None  # digest -> temp path, inside a batch
+        self._buffer = bytearray(_CHUNK)  # reused: allocating 1 MiB per small blob costs more
 
     def path_of(self, digest: str) -> str:
         check_digest(digest)
@@ -136,11 +140,11 @@ class LocalBlobStore:
             check_digest(digest)
         temp = os.path.join(self.tmp_dir, f"{os.getpid()}-{secrets.token_hex(8)}")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
         except OSError as e:
             raise self._write_error(e) from e
         try:
-            actual = _copy_hashing(data, fd)
+            actual = _store_data(data, fd, self._buffer)
             if self._pending is None:
                 os.fsync(fd)
         except OSError as e:
@@ -268,9 +272,51 @@ class LocalBlobStore:
         return BackupError(f"cannot write to the backup store at {self.root}: {e.strerror}")
 
 
-def _copy_hashing(data: BinaryIO, fd: int) -> str:
+def _store_data(data: BinaryIO, fd: int, buffer: bytearray) -> str:
+    """Write everything `data` yields to `fd`; return the sha256 of what was written."""
+    try:
+        source = data.fileno()
+        start = os.lseek(source, 0, os.SEEK_CUR)
+        big = os.fstat(source).st_size - start >= _KERNEL_COPY_FROM
+    except (AttributeError, OSError, ValueError):
+        big = False
+    if big:
+        try:
+            return _copy_in_kernel_hashing(source, fd)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            os.ftruncate(fd, 0)  # this kernel or filesystem cannot: start over in user space
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.lseek(source, start, os.SEEK_SET)
+    return _copy_hashing(data, fd, buffer)
+
+
+def _copy_in_kernel_hashing(source: int, fd: int) -> str:
+    """Large blobs: the kernel copies (copy_file_range, no trip through user space) while this
+    thread hashes what has been copied so far — the hash is of the blob itself, so name and
+    content agree even if the source changes meanwhile."""
     digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
+    copied = hashed = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        step = pool.submit(os.copy_file_range, source, fd, _KERNEL_COPY_STEP)
+        while True:
+            count = step.result()
+            if count == 0:
+                break
+            copied += count
+            step = pool.submit(os.copy_file_range, source, fd, _KERNEL_COPY_STEP)
+            while hashed < copied:
+                block = os.pread(fd, min(_CHUNK, copied - hashed), hashed)
+                if not block:
+                    raise OSError(errno.EIO, "short read of a blob being written")
+                digest.update(block)
+                hashed += len(block)
+    return digest.hexdigest()
+
+
+def _copy_hashing(data: BinaryIO, fd: int, buffer: bytearray) -> str:
+    digest = hashlib.sha256()
     view = memoryview(buffer)
     readinto = getattr(data, "readinto", None)
     while True:

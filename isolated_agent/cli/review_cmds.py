@@ -267,5 +267,7 @@ def finish_interrupted_commits() -> None:
         return
     try:
         recover_pending(Store(), notify=notice)
-    except AgentctlError as e:
-        notice(f"could not finish an interrupted commit: {e}; run `agentctl commit --resume`")
+    except Exception as e:  # never let recovery stand in the way of the command asked for
+        detail = str(e) if isinstance(e, AgentctlError) else repr(e)
+        notice(f"could not finish an interrupted commit: {detail}; "
+               "run `agentctl commit --resume`")

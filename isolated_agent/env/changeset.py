@@ -109,11 +109,6 @@ class Change:
     def mode_changed(self) -> bool:
         return self.old is not None and self.new is not None and self.old.perms != self.new.perms
 
-    @property
-    def is_dir(self) -> bool:
-        side = self.new if self.new is not None else self.old
-        return side is not None and side.is_dir and (self.old is None or self.old.is_dir)
-
 
 @dataclass
 class Changeset:
@@ -124,9 +119,6 @@ class Changeset:
     # Upper regular files identical to the host that share their inode with other upper names
     # (hard links made in the env): (dev, ino) -> [(root, rel)].
     unchanged_links: dict[tuple[int, int], list[tuple[int, bytes]]] = field(default_factory=dict)
-
-    def by_path(self) -> dict[tuple[int, bytes], Change]:
-        return {(c.root, c.rel): c for c in [*self.context, *self.changes]}
 
     def unknown_paths(self) -> list[str]:
         """Selected paths that neither exist on the host nor have a change in the env (most
@@ -334,7 +326,10 @@ def _same_content(old: Entry, new: Entry) -> bool:
         return False
     if old.size == 0:
         return True
-    return same_file_data(old.path, new.path)
+    try:
+        return same_file_data(old.path, new.path)
+    except OSError:
+        return False  # unreadable (e.g. mode 000 without privilege): show it as changed
 
 
 def same_file_data(a: bytes, b: bytes) -> bool:
