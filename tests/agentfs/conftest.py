@@ -62,11 +62,13 @@ def force_unmount(path: Path) -> None:
 class Agentfs:
     """One overlay: lowers (top first), upper, work, a mount point, and the daemon serving it."""
 
-    def __init__(self, base: Path, lower_count: int = 1) -> None:
+    def __init__(
+        self, base: Path, lower_count: int = 1, layer_root: Path | None = None
+    ) -> None:
         self.base = base
         self.lowers = [base / f"lower{i}" if i else base / "lower" for i in range(lower_count)]
-        self.upper = base / "upper"
-        self.work = base / "work"
+        self.upper = (layer_root or base) / "upper"
+        self.work = (layer_root or base) / "work"
         self.mnt = base / "mnt"
         for d in (*self.lowers, self.upper, self.work, self.mnt):
             d.mkdir(parents=True, exist_ok=True)
@@ -156,11 +158,28 @@ def fs(tmp_path: Path) -> Iterator[Agentfs]:
 
 
 @pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Mount a small tmpfs: tmpfs("size=2m") -> its path. Unmounted at the end."""
+    made: list[Path] = []
+
+    def make(options: str) -> Path:
+        path = tmp_path / f"tmpfs{len(made)}"
+        path.mkdir()
+        libc.mount("tmpfs", str(path), "tmpfs", 0, options)
+        made.append(path)
+        return path
+
+    yield make
+    for path in reversed(made):
+        force_unmount(path)
+
+
+@pytest.fixture
 def fs_factory(tmp_path: Path) -> Iterator[Callable[..., Agentfs]]:
     made: list[Agentfs] = []
 
-    def make(name: str = "ovl", lower_count: int = 1) -> Agentfs:
-        overlay = Agentfs(tmp_path / name, lower_count)
+    def make(name: str = "ovl", lower_count: int = 1, layer_root: Path | None = None) -> Agentfs:
+        overlay = Agentfs(tmp_path / name, lower_count, layer_root)
         made.append(overlay)
         return overlay
 
@@ -201,3 +220,45 @@ def upper_tree(upper: Path) -> dict[str, str]:
                 with open(path, "rb") as f:
                     result[rel] = f"file:{f.read(64)!r}"
     return result
+
+
+View = dict[bytes, tuple[object, ...]]
+
+
+def merged_view(root: Path | str, times: bool = True) -> View:
+    """Everything a program sees of a merged tree (but inode numbers, which engines choose
+    freely): kind, mode, owner, link count, size, content or link target, user xattrs, times."""
+    import hashlib
+    import stat as st_mod
+
+    base = os.fsencode(root)
+    result: View = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in sorted([*dirnames, *filenames]):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            kind = st_mod.S_IFMT(st.st_mode)
+            detail: object = None
+            if st_mod.S_ISLNK(st.st_mode):
+                detail = os.readlink(path)
+            elif st_mod.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    detail = hashlib.sha256(f.read()).hexdigest()
+            xattrs: tuple[tuple[str, bytes], ...] = ()
+            if kind in (st_mod.S_IFREG, st_mod.S_IFDIR):
+                xattrs = tuple(sorted((n, os.getxattr(path, n)) for n in os.listxattr(path)
+                                      if n.startswith("user.")))
+            result[os.path.relpath(path, base)] = (
+                kind, st_mod.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                st.st_nlink, st.st_size if kind != st_mod.S_IFDIR else None, detail, xattrs,
+                (st.st_mtime_ns if kind != st_mod.S_IFDIR else None) if times else None,
+            )
+    return result
+
+
+def mount_kernel_overlay(lowers: list[Path], upper: Path, work: Path, target: Path) -> None:
+    options = ",".join((
+        "lowerdir=" + ":".join(str(p) for p in lowers),
+        f"upperdir={upper}", f"workdir={work}", "userxattr",
+    ))
+    libc.mount("overlay", str(target), "overlay", 0, options)

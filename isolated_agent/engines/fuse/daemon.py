@@ -33,9 +33,10 @@ from isolated_agent.overlay.merge import Overlay
 
 log = logging.getLogger("agentfs")
 
-# Test hook: a handler meeting a name that contains this marker raises an unexpected exception
-# (at lookup, or in the middle of a copy-up), to prove the daemon answers EIO and goes on.
-FAULT_ENV = "AGENTFS_FAULT_MARKER"
+# Test hook: "POINT:MARKER[,POINT:MARKER]". An overlay step at POINT ("lookup", "copy_up")
+# meeting a name that contains MARKER raises an unexpected exception, to prove that the daemon
+# answers EIO, cleans up and goes on serving.
+FAULT_ENV = "AGENTFS_FAULTS"
 
 
 class MountFailed(Exception):
@@ -63,14 +64,18 @@ class MountConfig:
 
 
 def fault_hook_from_env() -> FaultHook | None:
-    marker = os.environ.get(FAULT_ENV)
-    if not marker:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
         return None
-    needle = os.fsencode(marker)
+    rules = []
+    for item in spec.split(","):
+        point, _, marker = item.partition(":")
+        rules.append((point, os.fsencode(marker)))
 
     def fault(point: str, name: bytes) -> None:
-        if needle in name:
-            raise RuntimeError(f"injected fault at {point} for {name!r}")
+        for wanted, marker in rules:
+            if wanted == point and marker in name:
+                raise RuntimeError(f"injected fault at {point} for {name!r}")
 
     return fault
 

@@ -44,6 +44,8 @@ def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
         except FUSEError:
             raise
         except OSError as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("agentfs: %s%r: %s", operation, _brief(args), e, exc_info=True)
             raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
             log.exception("agentfs: %s%r failed; answered EIO", operation, _brief(args))
