@@ -59,6 +59,24 @@ def force_unmount(path: Path) -> None:
                 return
 
 
+@pytest.fixture(autouse=True)
+def no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
+    """Overrides the suite-wide sweep: the same check, for mounts under this test's own
+    directory only (where every agentfs test mounts), so that test sessions running at the same
+    time on this machine never unmount each other's filesystems."""
+    def mine() -> set[str]:
+        prefix = str(tmp_path) + "/"
+        with open("/proc/self/mountinfo") as f:
+            return {p for p in (line.split()[4] for line in f) if p.startswith(prefix)}
+
+    before = mine()
+    yield
+    leaked = sorted(mine() - before, key=len, reverse=True)
+    for mount_point in leaked:
+        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
+    assert not leaked, f"mounts left behind: {leaked}"
+
+
 class Agentfs:
     """One overlay: lowers (top first), upper, work, a mount point, and the daemon serving it."""
 
