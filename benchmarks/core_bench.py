@@ -31,6 +31,7 @@ from harness import (  # noqa: E402
     KernelOverlaySetup,
     Measurement,
     NativeSetup,
+    QuietGate,
     Setup,
     filesystem_of,
     format_seconds,
@@ -38,6 +39,7 @@ from harness import (  # noqa: E402
     machine_info,
     overlay_options,
     print_table,
+    reexec_in_private_mount_namespace,
     remove,
     results_table,
     run_matrix,
@@ -114,6 +116,7 @@ def wrap(owner, attr, name):
 wrap(run_mod, "run_job", "run_job")
 wrap(launcher.libc, "unshare", "unshare")
 wrap(launcher, "build_view", "build_view")
+wrap(JobCgroup, "add", "cgroup_add")
 wrap(JobCgroup, "kill_and_remove", "cgroup_cleanup")
 real_exec = os.execvpe
 def execvpe(*args):
@@ -131,6 +134,7 @@ PHASES = [
     ("import isolated_agent.cli.main", "main", "imported"),
     ("CLI, store, env lookup, lock", "imported", "run_job.start"),
     ("launcher: cgroup, fork, unshare", "run_job.start", "unshare.end"),
+    ("  of which moving it into its cgroup (cgroup.procs)", "cgroup_add.start", "cgroup_add.end"),
     ("  of which unshare(2)", "unshare.start", "unshare.end"),
     ("fork pid 1, build the view (mounts, pivot_root)", "unshare.end", "build_view.end"),
     ("fork command, drop privileges, release, exec", "build_view.end", "exec"),
@@ -140,10 +144,13 @@ PHASES = [
 ]
 
 
-def startup_phases(python: str, cwd: str, env: dict[str, str], runs: int) -> list[dict[str, Any]]:
+def startup_phases(python: str, cwd: str, env: dict[str, str], runs: int,
+                   gate: QuietGate) -> list[dict[str, Any]]:
     samples: dict[str, list[float]] = {label: [] for label, _, _ in PHASES}
     totals = []
     for i in range(runs + 2):
+        if i >= 2:
+            gate.wait()
         spawn = time.monotonic()
         done = subprocess.run([python, "-c", PHASE_DRIVER], cwd=cwd, env=env,
                               capture_output=True, text=True)
@@ -239,6 +246,8 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
         ]
         samples: dict[str, list[float]] = {label: [] for label, _, _ in commands}
         for i in range(runs + 3):
+            if i >= 3:
+                ctx.gate.wait()
             for label, argv, environ in commands:
                 elapsed = time_command(argv, 1, env=environ, cwd=cwd, warmup=0)[0]
                 if i >= 3:
@@ -248,8 +257,8 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
         return {
             "runs": runs,
             "wall": walls,
-            "phases": startup_phases(python, cwd, env, runs),
-            "phases_bytecode_cached": startup_phases(python, cwd, cached, runs),
+            "phases": startup_phases(python, cwd, env, runs, ctx.gate),
+            "phases_bytecode_cached": startup_phases(python, cwd, cached, runs, ctx.gate),
             "imports": importtime_top(python, env),
         }
     finally:
@@ -281,6 +290,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cold", type=int, default=3, help="repetitions with a cold cache (3)")
     p.add_argument("--startup-runs", type=int, default=30,
                    help="runs of each start-up measurement (30)")
+    p.add_argument("--quiet-threshold", type=float, default=0.25,
+                   help="before each measurement, wait until other processes use at most this "
+                        "fraction of the CPUs (0.25; 1 = never wait)")
+    p.add_argument("--quiet-timeout", type=float, default=20.0,
+                   help="... but no longer than this many seconds (20)")
     p.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
                    help="only this workload (repeatable)")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up benchmark")
@@ -297,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("core_bench: run as root (it drops caches and mounts overlays)", file=sys.stderr)
         return 2
+    reexec_in_private_mount_namespace()
     source = os.path.realpath(args.tree) if args.tree else django_tree(args.cache_dir)
     with contextlib.ExitStack() as stack:
         if args.scratch_dir:
@@ -312,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_benchmark(args: argparse.Namespace, source: str, workdir: str) -> int:
     remove(workdir)
-    ctx = BenchContext(workdir=workdir, source=source)
+    ctx = BenchContext(workdir=workdir, source=source,
+                       gate=QuietGate(args.quiet_threshold, args.quiet_timeout))
     agentctl = AgentctlSetup(args.agentctl)
     setups: list[Setup] = [NativeSetup(), KernelOverlaySetup(), agentctl]
     workloads = [WORKLOADS[name] for name in (args.workload or WORKLOADS)]
@@ -352,6 +368,7 @@ def run_benchmark(args: argparse.Namespace, source: str, workdir: str) -> int:
             startup = measure_startup(ctx, agentctl.agentctl, args.startup_runs,
                                       args.cache_dir)
             payload["startup"] = startup
+        payload["quiet_gate"] = ctx.gate.summary()
         payload["elapsed_seconds"] = time.monotonic() - began
         payload["load_average_after"] = os.getloadavg()
     finally:
@@ -361,8 +378,12 @@ def run_benchmark(args: argparse.Namespace, source: str, workdir: str) -> int:
     if startup:
         report_startup(startup)
     before, after = payload["load_average_before"], payload["load_average_after"]
+    gate = payload["quiet_gate"]
     print(f"(whole run: {payload['elapsed_seconds']:.0f} s; load average "
-          f"{before[0]:.2f} before, {after[0]:.2f} after)")
+          f"{before[0]:.2f} before, {after[0]:.2f} after; {gate['busy_starts']} of "
+          f"{gate['starts']} measurements started while other processes used more than "
+          f"{gate['threshold']:.0%} of the CPUs; {gate['waited_seconds']:.0f} s spent waiting "
+          "for a quiet machine)")
     if args.json is not None:
         print(f"JSON: {write_json('core', payload, args.json or None)}")
     return 0

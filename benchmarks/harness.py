@@ -102,6 +102,52 @@ class Trash:
         remove(self.path)
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:9]]
+    return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+
+def cpu_busy(window: float = 0.3) -> float:
+    """The fraction of all CPUs' time spent busy during `window` seconds (we sleep meanwhile,
+    so this is everybody else)."""
+    total0, idle0 = _cpu_times()
+    time.sleep(window)
+    total1, idle1 = _cpu_times()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+@dataclass
+class QuietGate:
+    """Before each measurement, wait (up to `timeout` s) until other processes use at most
+    `threshold` of the CPUs: on a shared machine a test suite running beside the benchmark
+    otherwise decides the numbers. Counts the runs that started busy anyway."""
+
+    threshold: float = 0.25
+    timeout: float = 20.0
+    waited: float = 0.0
+    busy_starts: int = 0
+    starts: int = 0
+
+    def wait(self) -> bool:
+        self.starts += 1
+        if self.threshold >= 1:
+            return True
+        deadline = time.monotonic() + self.timeout
+        start = time.monotonic()
+        while cpu_busy() > self.threshold:
+            if time.monotonic() > deadline:
+                self.busy_starts += 1
+                self.waited += time.monotonic() - start
+                return False
+        self.waited += time.monotonic() - start
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "timeout": self.timeout, "starts": self.starts,
+                "busy_starts": self.busy_starts, "waited_seconds": round(self.waited, 1)}
+
+
 def git(tree: str, *args: str) -> str:
     return sh(["git", "-C", tree, *args], env={**os.environ, **GIT_ENV}).stdout
 
@@ -164,6 +210,30 @@ def filesystem_of(path: str) -> str:
     return done.stdout.strip()
 
 
+PRIVATE_NAMESPACE_MARK = "ISOLATED_AGENT_BENCH_PRIVATE_MOUNTS"
+
+
+def reexec_in_private_mount_namespace() -> None:
+    """Run the rest of this benchmark in a mount namespace of its own (private propagation),
+    so whatever it mounts never appears in the host's mount table and vanishes when it exits,
+    however it exits. (It also keeps the mounts out of reach of anything that sweeps "new"
+    host mounts, like the test suite's leak check does while a test runs.)"""
+    if os.environ.get(PRIVATE_NAMESPACE_MARK):
+        return
+    os.environ[PRIVATE_NAMESPACE_MARK] = "1"
+    argv = ["unshare", "--mount", "--propagation", "private", "--",
+            sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:]]
+    os.execvp(argv[0], argv)
+
+
+def detach_loops_of(image: str) -> None:
+    """Loop devices still attached to `image` (left by a run that was killed)."""
+    done = subprocess.run(["losetup", "-j", image], capture_output=True, text=True)
+    for line in done.stdout.splitlines():
+        device = line.split(":", 1)[0]
+        subprocess.run(["losetup", "-d", device], capture_output=True)
+
+
 @contextlib.contextmanager
 def scratch_filesystem(image: str, mount_point: str, size: str = "4G",
                        mkfs: Sequence[str] = ("mkfs.ext4", "-q", "-F")) -> Iterator[str]:
@@ -176,6 +246,7 @@ def scratch_filesystem(image: str, mount_point: str, size: str = "4G",
     is ext4 *without* a journal, where creating files soon after deleting many is many times
     slower than usual (see Trash), which no ordinary ext4 does."""
     os.makedirs(os.path.dirname(image), exist_ok=True)
+    detach_loops_of(image)
     with open(image, "wb") as f:
         f.truncate(parse_size(size))
     loop = ""
@@ -216,6 +287,7 @@ class BenchContext:
     source: str  # the reference tree (read-only for the harness)
     lower: str = ""  # a prepared copy (git repo, index fresh); the overlays' lower layer
     python: str = field(default_factory=runner_python)
+    gate: QuietGate = field(default_factory=QuietGate)
     trash: Trash = field(init=False)
 
     def __post_init__(self) -> None:
@@ -415,6 +487,7 @@ def run_once(setup: Setup, ctx: BenchContext, workload: Workload, cold: bool,
     # refilled by the runner's warm-up pass in the mount under test (dentries and inodes stay
     # cached), so no setup inherits cached blocks from what ran before it; see Trash for why.
     drop_caches(3 if cold else 1)
+    ctx.gate.wait()
     spec = {"tree": setup.tree(), "warm": not cold, "repeat": repeat,
             "workload": workload.spec()}
     argv = setup.command([ctx.python, "-B", RUNNER, json.dumps(spec)])
@@ -486,10 +559,13 @@ def inconsistent_checks(results: Iterable[Measurement]) -> list[str]:
 
 
 def time_command(argv: Sequence[str], runs: int, env: dict[str, str] | None = None,
-                 cwd: str | None = None, warmup: int = 3) -> list[float]:
+                 cwd: str | None = None, warmup: int = 3,
+                 gate: QuietGate | None = None) -> list[float]:
     """Wall time of a whole command, `runs` times after `warmup` unmeasured runs."""
     samples = []
     for i in range(warmup + runs):
+        if gate is not None and i >= warmup:
+            gate.wait()
         start = time.perf_counter()
         done = subprocess.run(list(argv), env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
