@@ -8,7 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from isolated_agent.engines import select_engine
+from isolated_agent.engines import select_engine, serving
 from isolated_agent.env.store import Env, Store, is_within
 from isolated_agent.errors import EnvNotFound, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
@@ -131,4 +131,5 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     )
     with store.lock(env, purpose="run in it"):
         notify(f"env {env.name}, {engine.name} engine")
-        return run_job(spec)
+        with serving(engine, env.roots, store.run_dir):
+            return run_job(spec)
