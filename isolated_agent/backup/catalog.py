@@ -130,6 +130,15 @@ class BackupCatalog:
             cursor = db.execute("DELETE FROM events WHERE commit_id = ?", (commit_id,))
             return cursor.rowcount
 
+    def forget(self, commit_id: str, path: bytes, digest: str) -> None:
+        """Drop the event of `path` in a commit whose blob will not arrive (the file changed
+        before it could be moved into the store; it is backed up again under a new event)."""
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM events WHERE commit_id = ? AND path = ? AND sha256 = ?",
+                (commit_id, path, digest),
+            )
+
     # -- reading --------------------------------------------------------------------------
 
     def get(self, event_id: int) -> BackupEvent | None:

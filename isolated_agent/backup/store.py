@@ -36,6 +36,7 @@ from isolated_agent.errors import BackupError, BlobCorrupt
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
+_AT_FDCWD = -100
 _KERNEL_COPY_FROM = 8 << 20  # blobs at least this large are copied by the kernel
 _KERNEL_COPY_STEP = 32 << 20
 
@@ -229,6 +230,28 @@ class LocalBlobStore:
                 _unlink_quietly(temp)
             # blobs whose rename did not happen (an error mid-publish) leave their temps behind
             # only until the next sweep.
+
+    # -- beyond the protocol: the local store only ----------------------------------------
+
+    def adopt(self, path: bytes, digest: str) -> None:
+        """Make the existing file `path` (on this store's filesystem) the blob `digest`, by
+        renaming it — no copy. The caller vouches that its content hashes to `digest` (the
+        commit hashed it and checked it is untouched since). If that blob exists already the
+        file is simply removed: blobs are written once."""
+        final = self.path_of(digest)
+        fanout = os.path.dirname(final)
+        if fanout not in self._fanout_made:
+            os.makedirs(fanout, mode=0o700, exist_ok=True)
+            self._fanout_made.add(fanout)
+        try:
+            libc.renameat2(_AT_FDCWD, path, _AT_FDCWD, os.fsencode(final), libc.RENAME_NOREPLACE)
+        except FileExistsError:
+            os.unlink(path)
+            return
+        os.chmod(final, 0o444)
+
+    def same_filesystem(self, path: str) -> bool:
+        return os.stat(path).st_dev == os.stat(self.blob_dir).st_dev
 
     # -- upkeep ---------------------------------------------------------------------------
 

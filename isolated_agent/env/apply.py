@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from isolated_agent import libc
+
 Identity = tuple[int, int, int]  # (st_ino, st_ctime_ns, st_mode) of a host entry at plan time
 
 REMOVE, PUT, LINK = "remove", "put", "link"
@@ -46,6 +48,8 @@ class Op:
     source: bytes | None = None  # the env's entry (put, link)
     move: bool = False  # put by renaming the source out of the env's layer
     link_to: bytes | None = None  # link: the host path to link to
+    source_ino: int = 0  # the inode of `source` at plan time (tells redo where a swap stands)
+    stash: bool = False  # the old entry may go into the backup store itself (see Applier)
     mode: int = 0
     uid: int = 0
     gid: int = 0
@@ -73,6 +77,16 @@ class Op:
         return cls(**data)
 
 
+_AT_FDCWD = -100
+
+
+def _is_the_hashed_file(st: os.stat_result, ino: int, ctime_ns: int) -> bool:
+    return (
+        stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        and st.st_ino == ino and st.st_ctime_ns == ctime_ns
+    )
+
+
 def identity(st: os.stat_result) -> Identity:
     return (st.st_ino, st.st_ctime_ns, st.st_mode)
 
@@ -87,20 +101,44 @@ def lstat_or_none(path: bytes) -> os.stat_result | None:
 
 
 Rebackup = Callable[[bytes], None]
+Adopt = Callable[[bytes, str], None]  # (path, sha256): that file becomes the blob
+Forget = Callable[[bytes, str], None]  # (host path, sha256): that blob will not arrive
 
 
 class Applier:
-    """Runs operations in order; a failing operation is recorded and the rest go on."""
+    """Runs operations in order; a failing operation is recorded and the rest go on.
 
-    def __init__(self, commit_id: str, rebackup: Rebackup, resume: bool) -> None:
+    Stashing: when the backup store shares the host's filesystem, a host file that a commit
+    replaces or deletes is not copied into the store — the backup phase only hashes it and
+    records the event, and here the file itself is moved into the store as that blob
+    (`adopt`): a removal renames it there; a replacement swaps it with the new entry
+    (renameat2 RENAME_EXCHANGE, atomic at the host path), then renames it there from where the
+    new entry was. No data is copied and no inode freed. Before that, the file must still be
+    exactly what was hashed (same inode, same ctime, one link); otherwise it is backed up by
+    copy like any other and its pending event is dropped (`forget`). Redo tells where a swap
+    stands from inode numbers: the old inode at the new entry's place means "swapped, not yet
+    stored".
+    """
+
+    def __init__(
+        self, commit_id: str, rebackup: Rebackup, resume: bool,
+        stash: dict[int, str] | None = None, adopt: Adopt | None = None,
+        forget: Forget | None = None,
+    ) -> None:
         self.commit_id = commit_id
         self.rebackup = rebackup  # back a host path up now (it changed since the backup phase)
         self.resume = resume
+        self.stash = stash or {}  # op index -> sha256 of the host file to stash
+        self.adopt = adopt
+        self.forget = forget
         self.as_root = os.geteuid() == 0
         self.problems: dict[int, str] = {}
 
     def run(self, op: Op) -> None:
         try:
+            digest = self.stash.get(op.index)
+            if digest is not None and self._stashed(op, digest):
+                return
             if op.action == REMOVE:
                 self._remove(op)
             elif op.action == LINK:
@@ -111,6 +149,56 @@ class Applier:
                 self._put(op)
         except OSError as e:
             self.problems[op.index] = f"{os.fsdecode(op.host)}: {e.strerror or e}"
+
+    # -- stashing ---------------------------------------------------------------------------
+
+    def _stashed(self, op: Op, digest: str) -> bool:
+        """Carry out `op` by moving the old host file into the store; False when that is not
+        (or no longer) possible and the op must run the ordinary way."""
+        assert op.old is not None and self.adopt is not None and self.forget is not None
+        old_ino, old_ctime, _ = op.old
+        host = lstat_or_none(op.host)
+        if op.action == REMOVE:
+            if host is None:
+                return True  # stored already
+            if _is_the_hashed_file(host, old_ino, old_ctime):
+                try:
+                    self.adopt(op.host, digest)
+                except OSError:
+                    self.forget(op.host, digest)  # still on the host: nothing to keep
+                    raise
+                return True
+            if self.resume and host.st_ino != old_ino:
+                return True  # removed earlier; what is there now is not ours to touch
+            self.forget(op.host, digest)
+            return False
+        carrier = op.source if op.move else self._temp(op)
+        assert carrier is not None
+        held = lstat_or_none(carrier)
+        if held is not None and held.st_ino == old_ino:
+            self.adopt(carrier, digest)  # swapped before a crash, not yet stored
+            return True
+        if op.move and held is None:
+            return True  # done
+        if host is None or not _is_the_hashed_file(host, old_ino, old_ctime):
+            if self.resume and host is not None and host.st_ino != old_ino and held is None:
+                return True  # done
+            self.forget(op.host, digest)
+            return False
+        if op.move:
+            _strip_overlay_xattrs(carrier)
+        else:
+            _remove_quietly(carrier)
+            self._materialise(op, carrier)
+        libc.renameat2(_AT_FDCWD, carrier, _AT_FDCWD, op.host, libc.RENAME_EXCHANGE)
+        try:
+            self.adopt(carrier, digest)
+        except OSError:
+            # Swap back: the host keeps its file, the env its entry; the op failed as a whole.
+            libc.renameat2(_AT_FDCWD, carrier, _AT_FDCWD, op.host, libc.RENAME_EXCHANGE)
+            self.forget(op.host, digest)
+            raise
+        return True
 
     def finish_dir(self, op: Op) -> None:
         """Dir times last: every entry written into a dir changes its mtime."""

@@ -237,7 +237,8 @@ class _Reader:
             else:
                 self.walk(root, rel, upper_path, host_path, False, upper_path)
             return
-        if stat.S_ISREG(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
+            # Only a file with holes can be a metacopy (its data left in the lower layer).
             self._check_supported(upper_path)
         if host_st is None or host_path is None:
             self.add(root, rel, ADDED, None, new, upper_path, True)

@@ -130,7 +130,12 @@ def commit(
             )
         commit_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(4)
         result.commit_id = commit_id
-        ops = build_ops(env, changeset, changes)
+        backups = Backups.of_store(store.home)
+        try:
+            ops = build_ops(env, changeset, changes, os.stat(backups.local.blob_dir).st_dev)
+        except BaseException:
+            backups.close()
+            raise
         plan = {
             "format": 1,
             "commit_id": commit_id,
@@ -142,16 +147,19 @@ def commit(
             ],
             "ops": [op.to_json() for op in ops],
         }
-        journal = Journal.create(journal_path(env.dir), plan)
-        backups = Backups.of_store(store.home)
         try:
-            _back_up(backups, env, commit_id, ops, result, progress)
+            journal = Journal.create(journal_path(env.dir), plan)
+        except BaseException:
+            backups.close()
+            raise
+        try:
+            stash = _back_up(backups, env, commit_id, ops, result, progress)
         except BaseException:
             backups.catalog.remove_commit(commit_id)
             journal.remove()
             backups.close()
             raise
-        journal.mark(BACKED_UP)
+        journal.mark(BACKED_UP, stash=stash)
         try:
             _finish(env, journal, backups, ops, resume=False, result=result, progress=progress)
         finally:
@@ -196,7 +204,11 @@ def _with_needed_dirs(changeset: Changeset) -> list[Change]:
 # -- the plan -----------------------------------------------------------------------------------
 
 
-def build_ops(env: Env, changeset: Changeset, changes: list[Change]) -> list[Op]:
+def build_ops(
+    env: Env, changeset: Changeset, changes: list[Change], store_dev: int | None = None
+) -> list[Op]:
+    """The operations that make the host what the env shows. `store_dev`: the device of the
+    backup store; host files on it can be moved into the store instead of copied."""
     hosts = {root.index: os.fsencode(root.path) for root in env.roots}
     uppers = {root.index: os.fsencode(root.upper) for root in env.roots}
     root_devs = {root.index: os.stat(root.path).st_dev for root in env.roots}
@@ -225,17 +237,21 @@ def build_ops(env: Env, changeset: Changeset, changes: list[Change]) -> list[Op]
     removals: list[Op] = []
     puts: list[Op] = []
 
+    def stashable(old: Entry) -> bool:
+        return old.kind == "file" and old.nlink == 1 and old.dev == store_dev
+
     def remove(change: Change, old: Entry) -> None:
         removals.append(Op(0, REMOVE, change.root, change.rel, host_of(change), old.kind,
-                           identity_of(old), backup=True))
+                           identity_of(old), backup=True, stash=stashable(old)))
 
     def put(change: Change, new: Entry, old: Entry | None) -> None:
         op = Op(0, PUT, change.root, change.rel, host_of(change), new.kind,
                 identity_of(old) if old is not None else None,
                 backup=old is not None and not old.is_dir, source=new.path,
                 mode=new.mode, uid=new.uid, gid=new.gid, atime_ns=new.atime_ns,
-                mtime_ns=new.mtime_ns, rdev=new.rdev)
+                mtime_ns=new.mtime_ns, rdev=new.rdev, source_ino=new.ino)
         op.move = new.kind == "file" and movable(change, new)
+        op.stash = op.backup and old is not None and stashable(old)
         puts.append(op)
 
     for change in changes:
@@ -293,6 +309,7 @@ def _link_hard_links(
             op.action = LINK
             op.link_to = anchor
             op.move = False
+            op.stash = False
         for op in members:
             op.move = False
 
@@ -303,8 +320,11 @@ def _link_hard_links(
 def _back_up(
     backups: Backups, env: Env, commit_id: str, ops: list[Op], result: CommitResult,
     progress: Progress | None,
-) -> None:
+) -> dict[int, str]:
+    """Back up every host entry the ops replace or delete; returns the ops whose old file is
+    only hashed and goes into the store itself when the op runs (op index -> sha256)."""
     paths = [op.host for op in ops if op.backup]
+    adoptable = {op.host for op in ops if op.stash}
     done = 0
 
     def advance(count: int) -> None:
@@ -314,8 +334,8 @@ def _back_up(
             progress("backing up", done, len(paths))
 
     try:
-        events = capture(backups, paths, reason="commit", env_id=env.id, env_name=env.name,
-                         commit_id=commit_id, advance=advance)
+        captured = capture(backups, paths, reason="commit", env_id=env.id, env_name=env.name,
+                           commit_id=commit_id, advance=advance, adoptable=adoptable)
     except BackupError as e:
         raise BackupError(f"{e}; nothing on the host was changed") from e
     except OSError as e:
@@ -323,8 +343,10 @@ def _back_up(
             f"cannot back up {os.fsdecode(e.filename or '')}: {e.strerror}; "
             "nothing on the host was changed"
         ) from e
-    result.backed_up = len(events)
-    result.backup_bytes = sum(e.size for e in events.values())
+    result.backed_up = len(captured.events)
+    result.backup_bytes = sum(e.size for e in captured.events.values())
+    return {op.index: captured.to_adopt[op.host] for op in ops
+            if op.stash and op.host in captured.to_adopt}
 
 
 def _finish(
@@ -337,7 +359,11 @@ def _finish(
             capture(backups, [path], reason="commit", env_id=env.id, env_name=env.name,
                     commit_id=commit_id)
 
-        applier = Applier(commit_id, rebackup, resume)
+        def forget(path: bytes, digest: str) -> None:
+            backups.catalog.forget(commit_id, path, digest)
+
+        applier = Applier(commit_id, rebackup, resume, journal.stash, backups.local.adopt,
+                          forget)
         for done, op in enumerate(ops, start=1):
             applier.run(op)
             if progress is not None and (done % _REPORT_EVERY == 0 or done == len(ops)):

@@ -4,8 +4,11 @@ Format — one file per env, `envs/<env-id>/commit.journal`, present only while 
 way. Line 1 is the plan (one JSON object: commit id, env, selection, and the list of operations
 with everything needed to redo them). Each further line is a phase marker, JSON too:
 
-    {"phase": "backed-up"}                      every host entry the plan replaces or deletes
-                                                is in the backup store (blobs and events durable)
+    {"phase": "backed-up", "stash": {"4": sha}}  every host entry the plan replaces or deletes
+                                                is in the backup store (blobs and events
+                                                durable) — or, for the ops listed in "stash",
+                                                hashed and recorded, the file itself to be moved
+                                                into the store by that op
     {"phase": "applied", "failed": [3, 17]}     every operation ran (the listed ones failed);
                                                 the host's data is flushed
 
@@ -54,6 +57,7 @@ class Journal:
     plan: dict[str, Any]
     phase: str = PLANNED
     failed: list[int] = field(default_factory=list)
+    stash: dict[int, str] = field(default_factory=dict)  # op index -> sha256 to adopt
 
     @classmethod
     def create(cls, path: str, plan: dict[str, Any]) -> Journal:
@@ -92,12 +96,19 @@ class Journal:
             if phase in _PHASES:
                 journal.phase = phase
                 journal.failed = [int(i) for i in marker.get("failed", [])]
+                if "stash" in marker:
+                    journal.stash = {int(i): str(d) for i, d in marker["stash"].items()}
         return journal
 
-    def mark(self, phase: str, failed: list[int] | None = None) -> None:
+    def mark(
+        self, phase: str, failed: list[int] | None = None, stash: dict[int, str] | None = None
+    ) -> None:
         marker: dict[str, Any] = {"phase": phase}
         if failed:
             marker["failed"] = failed
+        if stash:
+            marker["stash"] = {str(i): d for i, d in stash.items()}
+            self.stash = dict(stash)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
             _write_all(fd, json.dumps(marker).encode() + b"\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -207,3 +208,19 @@ def test_errors_map_to_exit_codes_in_process(
     assert invoke(["commit", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["counts"]["A"] == 1
     assert (ws.project / "new.txt").read_text() == "x\n"
+
+
+def test_replaced_and_deleted_files_move_into_the_store_without_a_copy(ws: Workspace) -> None:
+    """Store and project share a filesystem here: the backup of a replaced or deleted file is
+    the file itself (same inode), moved into the store as the commit replaces it."""
+    readme, guide = ws.project / "README.md", ws.project / "docs" / "guide.txt"
+    old_inodes = {readme.stat().st_ino: file_hash(readme), guide.stat().st_ino: file_hash(guide)}
+    ws.run("echo more >> README.md; rm docs/guide.txt")
+    assert ws.ctl("commit").returncode == 0
+    blobs = ws.store_home / "backup" / "blobs" / "sha256"
+    for ino, digest in old_inodes.items():
+        blob = blobs / digest[:2] / digest
+        assert blob.stat().st_ino == ino
+        assert stat.S_IMODE(blob.stat().st_mode) == 0o444
+    assert readme.read_text() == "# demo\nmore\n"
+    assert ws.ctl("backup", "verify").returncode == 0

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,25 @@ class Scenario:
             backups.close()
 
 
+@pytest.fixture(params=["store-on-host-fs", "store-on-own-fs"])
+def store_placement(request: pytest.FixtureRequest, ws: Workspace) -> Iterator[str]:
+    """The store on the project's filesystem (env files move to the host and replaced host
+    files move into the backup store, no copies) or on a filesystem of its own (everything is
+    copied): both paths must survive a SIGKILL."""
+    if request.param == "store-on-own-fs":
+        ws.store_home.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "store", str(ws.store_home)],
+                       check=True)
+        try:
+            yield request.param
+        finally:
+            subprocess.run(["umount", "-l", str(ws.store_home)], check=True)
+    else:
+        yield request.param
+
+
 @pytest.fixture
-def scenario(ws: Workspace) -> Scenario:
+def scenario(ws: Workspace, store_placement: str) -> Scenario:
     for d in range(12):
         folder = ws.project / f"d{d:02d}"
         folder.mkdir()
@@ -127,6 +145,7 @@ def recover_and_check(scenario: Scenario, how: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store_placement", ["store-on-host-fs"], indirect=True)
 def test_sigkill_at_random_points(scenario: Scenario) -> None:
     scenario.reset()
     started = time.monotonic()
