@@ -12,6 +12,7 @@ import difflib
 import os
 import stat
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,10 @@ from isolated_agent.env.changeset import (
 TEXT_LIMIT = 64 << 20  # larger files are summarised, not diffed line by line
 _BINARY_PROBE = 8000  # as git: a NUL byte in the first 8000 bytes makes a file binary
 _CONTEXT = 3
+_PREFETCH_FROM = 64  # changes; fewer are read in line
+_READERS = 4
+_BATCH = 32  # changes read by one task (a task per file costs more than a warm read)
+_WINDOW = 16  # batches in flight
 
 # ANSI styles, as git colours its diffs
 META, FRAG, OLD, NEW, RESET = b"\x1b[1m", b"\x1b[36m", b"\x1b[31m", b"\x1b[32m", b"\x1b[m"
@@ -95,15 +100,38 @@ def _sides(change: Change) -> list[tuple[Entry | None, Entry | None]]:
 # -- unified patch ------------------------------------------------------------------------------
 
 
+Sides = list[tuple[Entry | None, Entry | None, Content, Content]]
+
+
+def _with_contents(changes: list[Change]) -> Iterator[tuple[Change, Sides]]:
+    """The shown changes in order, each with the contents of its sides, read a window ahead
+    by a few threads: on a cold cache, reading thousands of small files one by one waits on
+    the disk for each (reads release the GIL, so the waits overlap)."""
+    shown = [c for c in changes if _is_shown(c)]
+
+    def load(change: Change) -> tuple[Change, Sides]:
+        return change, [(o, n, content_of(o), content_of(n)) for o, n in _sides(change)]
+
+    def load_batch(batch: list[Change]) -> list[tuple[Change, Sides]]:
+        return [load(change) for change in batch]
+
+    if len(shown) < _PREFETCH_FROM:
+        yield from map(load, shown)
+        return
+    batches = [shown[i : i + _BATCH] for i in range(0, len(shown), _BATCH)]
+    with ThreadPoolExecutor(max_workers=_READERS) as pool:
+        for start in range(0, len(batches), _WINDOW):
+            for loaded in pool.map(load_batch, batches[start : start + _WINDOW]):
+                yield from loaded
+
+
 def patch(changeset: Changeset, color: bool = False) -> Iterator[bytes]:
     """The changeset as a unified diff, one line at a time (without line endings)."""
     style = _Styler(color)
-    for change in changeset.changes:
-        if not _is_shown(change):
-            continue
+    for change, sides in _with_contents(changeset.changes):
         path = display_path(changeset, change)
-        for old, new in _sides(change):
-            yield from _file_patch(path, old, new, style)
+        for old, new, a, b in sides:
+            yield from _file_patch(path, old, new, a, b, style)
 
 
 def _mode(entry: Entry) -> bytes:
@@ -113,7 +141,7 @@ def _mode(entry: Entry) -> bytes:
 
 
 def _file_patch(
-    path: bytes, old: Entry | None, new: Entry | None, style: _Styler
+    path: bytes, old: Entry | None, new: Entry | None, a: Content, b: Content, style: _Styler
 ) -> Iterator[bytes]:
     yield style.meta(b"diff --git a/" + path + b" b/" + path)
     if old is None and new is not None:
@@ -125,7 +153,6 @@ def _file_patch(
         yield style.meta(b"new mode " + _mode(new))
     if (old is not None and old.is_dir) or (new is not None and new.is_dir):
         return
-    a, b = content_of(old), content_of(new)
     if a.lines == b.lines and not (a.binary or b.binary):
         return  # a mode change only
     old_name = b"a/" + path if old is not None else b"/dev/null"
@@ -235,14 +262,11 @@ def line_counts(a: list[bytes], b: list[bytes]) -> tuple[int, int]:
 
 def file_stats(changeset: Changeset) -> list[FileStat]:
     stats: list[FileStat] = []
-    for change in changeset.changes:
-        if not _is_shown(change):
-            continue
+    for change, sides in _with_contents(changeset.changes):
         insertions = deletions = 0
         binary = False
         old_size = new_size = 0
-        for old, new in _sides(change):
-            a, b = content_of(old), content_of(new)
+        for _, _, a, b in sides:
             old_size += a.size
             new_size += b.size
             if a.binary or b.binary:
