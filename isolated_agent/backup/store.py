@@ -17,6 +17,10 @@ Write ordering (must):
 So a final name always holds complete content, and a crash leaves at most temp files, which
 `sweep_temps` removes once their writer is gone. Every read is verified: the reader re-hashes
 what it returns and raises `BlobCorrupt` at the end of the data on a mismatch.
+
+Adopted blobs (local store only, `adopt`): a complete file already on the store's filesystem —
+a host file a commit replaces, hashed beforehand and checked untouched since — is renamed to
+its final name directly (RENAME_NOREPLACE: an existing blob wins) and made read-only.
 """
 
 from __future__ import annotations
