@@ -21,17 +21,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _mounts() -> set[str]:
+# Where tests put their files: pytest's tmp_path, and scratch dirs on the disk outside /tmp
+# (which every job sees as its own tmpfs) named with this prefix.
+DISK_SCRATCH_PREFIX = "/var/tmp/ia-"
+
+
+def _mounts_of_this_test(tmp_path: Path) -> set[str]:
+    mine = (str(tmp_path) + "/", DISK_SCRATCH_PREFIX)
     with open("/proc/self/mountinfo") as f:
-        return {line.split()[4] for line in f}
+        return {p for p in (line.split()[4] for line in f) if p.startswith(mine)}
 
 
 @pytest.fixture(autouse=True)
 def no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Every test must leave the host's mount table as it found it; sweep and fail if not."""
-    before = _mounts()
+    """Every test must leave no mount behind; sweep and fail if it does. Only the test's own
+    directories are judged: test sessions or benchmarks running at the same time on this machine
+    own theirs, and must not be failed or unmounted under their feet."""
+    before = _mounts_of_this_test(tmp_path)
     yield
-    leaked = sorted(_mounts() - before, key=len, reverse=True)
+    leaked = sorted(_mounts_of_this_test(tmp_path) - before, key=len, reverse=True)
     for mount_point in leaked:
         subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
     assert not leaked, f"mounts left behind on the host: {leaked}"

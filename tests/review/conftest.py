@@ -71,25 +71,6 @@ def copy_tree(src: Path, dst: Path) -> None:
     subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
 
 
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Overrides the suite-wide sweep for these tests: the same check, but only for mounts under
-    this test's own directory — the global one also sweeps (and fails on) mounts that test
-    sessions running at the same time on this machine own, and unmounts them under their feet.
-    agentctl itself mounts nothing on the host; these tests mount only under tmp_path."""
-    def mounts() -> set[str]:
-        with open("/proc/self/mountinfo") as f:
-            return {line.split()[4] for line in f}
-
-    before = mounts()
-    yield
-    mine = str(tmp_path) + "/"
-    leaked = sorted((m for m in mounts() - before if m.startswith(mine)), key=len, reverse=True)
-    for mount_point in leaked:
-        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
-    assert not leaked, f"mounts left behind on the host: {leaked}"
-
-
 @dataclass
 class Workspace:
     project: Path
