@@ -248,7 +248,8 @@ class Overlay:
         directory merged from several layers (as the kernel's overlayfs; `find` and friends
         read it as "unknown")."""
         st = os.fstat(node.fd)
-        nlink = 1 if node.is_dir and node.lowers and node.upper is not None else st.st_nlink
+        layers = len(node.lowers) + (node.upper is not None)
+        nlink = 1 if node.is_dir and layers > 1 else st.st_nlink
         return st, nlink
 
     def listdir(self, node: Node) -> list[bytes]:
@@ -313,6 +314,8 @@ class Overlay:
     def removexattr(self, node: Node, name: bytes) -> None:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)
+        if node.upper is None:
+            self.getxattr(node, name)  # ENODATA: fail before copying anything up
         self.copy_up(node)
         path, follow = self._xattr_path(node)
         os.removexattr(path, name, follow_symlinks=follow)
