@@ -7,6 +7,20 @@ self-contained — blobs plus the record of what they were — so it can be insp
 as one directory, outlives envs, and the guard daemon (a later issue) can write to it at a high
 rate without holding the env catalog's lock.
 
+Guard items (version 2): an event whose old content the guard staged on the host's filesystem
+also has a `guard_items` row that the backup daemon moves through its states:
+
+    staged --claim--> uploading --uploaded+verified--> uploaded --staged copy removed--> purged
+       ^                  |
+       +-- retry later ---+ (attempts, next_attempt_at with backoff, last_error)
+    failed    the staged copy is gone before it was uploaded (reported, never retried)
+    skipped   not backed up on purpose (excluded, over the size cap); last_error says why
+    recorded  nothing to upload (a removed directory, a fifo): the event is the whole record
+
+`guards` names each guarded directory and its staging dir (path and identity); the staged name
+of an item is unique and never reused. The event's sha256 and size are filled in when the
+daemon has uploaded and verified the content.
+
 An event keeps the original path as bytes (names need not be UTF-8), why it was saved (`commit`,
 `guard`, ...), when, what it was (file, symlink, dir, other), its size, mode, owner, mtime and the
 sha256 of its content (files: the data; symlinks: the target; dirs and others: none), and the env
@@ -20,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _MIGRATIONS: list[str] = [
     # version 1
@@ -45,7 +59,35 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX events_by_time ON events (time);
     CREATE INDEX events_by_commit ON events (commit_id);
     """,
+    # version 2: the guard's staged items and the daemon's work on them
+    """
+    CREATE TABLE guards (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        dir         BLOB NOT NULL UNIQUE,
+        staging     BLOB NOT NULL,
+        staging_dev INTEGER NOT NULL,
+        staging_ino INTEGER NOT NULL,
+        created     REAL NOT NULL
+    );
+    CREATE TABLE guard_items (
+        event_id        INTEGER PRIMARY KEY REFERENCES events (id),
+        guard_id        INTEGER NOT NULL REFERENCES guards (id),
+        staged_name     TEXT UNIQUE,
+        cause           TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        uploaded_at     REAL,
+        purged_at       REAL
+    );
+    CREATE INDEX guard_items_by_state ON guard_items (state, next_attempt_at);
+    """,
 ]
+
+STAGED, UPLOADING, UPLOADED, PURGED = "staged", "uploading", "uploaded", "purged"
+FAILED, SKIPPED, RECORDED = "failed", "skipped", "recorded"
+STATES = (STAGED, UPLOADING, UPLOADED, PURGED, FAILED, SKIPPED, RECORDED)
 
 _COLUMNS = (
     "id, path, reason, time, kind, size, mode, uid, gid, mtime_ns, sha256, env_id, env_name, "
@@ -71,12 +113,48 @@ class BackupEvent:
     commit_id: str | None = None
 
 
+@dataclass(frozen=True)
+class GuardRecord:
+    id: int
+    dir: bytes
+    staging: bytes
+    staging_dev: int
+    staging_ino: int
+
+
+@dataclass(frozen=True)
+class GuardItem:
+    event_id: int
+    guard_id: int
+    staged_name: str | None
+    cause: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    uploaded_at: float | None
+    purged_at: float | None
+
+
+_ITEM_COLUMNS = (
+    "event_id, guard_id, staged_name, cause, state, attempts, next_attempt_at, last_error, "
+    "uploaded_at, purged_at"
+)
+
+
 class BackupCatalog:
-    def __init__(self, path: str) -> None:
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    def __init__(self, path: str, durable: bool = True) -> None:
+        """`durable=False` (the guard's hot path, see guard/staging.py) commits without an
+        fsync each: a committed row survives any process crash, and the guard flushes the
+        filesystem in groups; on power loss its rows are rebuilt from the staging dir."""
+        self.path = path
+        # check_same_thread off: a connection may be handed to another thread (the backup
+        # daemon's upload thread), though it is never used by two at once.
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed event is on disk before the host file it describes is replaced.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
         self._migrate()
 
     def close(self) -> None:
@@ -192,6 +270,175 @@ class BackupCatalog:
         for digest, event_id in rows:
             result.setdefault(digest, []).append(event_id)
         return result
+
+
+class GuardCatalog(BackupCatalog):
+    """The backup catalog with the guard's and the backup daemon's operations."""
+
+    # -- guards ---------------------------------------------------------------------------
+
+    def register_guard(self, directory: bytes, staging: bytes, dev: int, ino: int) -> int:
+        with self._transaction() as db:
+            row = db.execute("SELECT id FROM guards WHERE dir = ?", (directory,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO guards (dir, staging, staging_dev, staging_ino, created) "
+                    "VALUES (?, ?, ?, ?, ?)", (directory, staging, dev, ino, now()))
+                (guard_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
+                return int(guard_id)
+            db.execute(
+                "UPDATE guards SET staging = ?, staging_dev = ?, staging_ino = ? WHERE id = ?",
+                (staging, dev, ino, row[0]))
+            return int(row[0])
+
+    def guards(self) -> list[GuardRecord]:
+        rows = self._db.execute(
+            "SELECT id, dir, staging, staging_dev, staging_ino FROM guards ORDER BY id")
+        return [GuardRecord(int(i), bytes(d), bytes(s), int(dev), int(ino))
+                for i, d, s, dev, ino in rows]
+
+    def guard(self, guard_id: int) -> GuardRecord | None:
+        return next((g for g in self.guards() if g.id == guard_id), None)
+
+    # -- items: the guard -----------------------------------------------------------------
+
+    def add_item(self, event: BackupEvent, guard_id: int, staged_name: str | None,
+                 cause: str, state: str = STAGED, note: str | None = None) -> int:
+        """Record a guard event and its item in one transaction; returns the event id. A
+        staged name already recorded (a reconcile meeting an item twice) returns that id."""
+        assert state in STATES
+        with self._transaction() as db:
+            if staged_name is not None:
+                row = db.execute("SELECT event_id FROM guard_items WHERE staged_name = ?",
+                                 (staged_name,)).fetchone()
+                if row is not None:
+                    return int(row[0])
+            db.execute(
+                "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
+                "mtime_ns, sha256, env_id, env_name, commit_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                (event.path, event.reason, event.time, event.kind, event.size, event.mode,
+                 event.uid, event.gid, event.mtime_ns, event.sha256))
+            (event_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
+            db.execute(
+                "INSERT INTO guard_items (event_id, guard_id, staged_name, cause, state, "
+                "last_error) VALUES (?, ?, ?, ?, ?, ?)",
+                (event_id, guard_id, staged_name, cause, state, note))
+            return int(event_id)
+
+    def remove_item(self, event_id: int) -> None:
+        """Undo `add_item`: the operation it was staged for failed, nothing was removed."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM guard_items WHERE event_id = ?", (event_id,))
+            db.execute("DELETE FROM events WHERE id = ?", (event_id,))
+
+    # -- items: the daemon ----------------------------------------------------------------
+
+    def reset_uploading(self) -> int:
+        """At start-up: uploads that a crash interrupted are staged again."""
+        with self._transaction() as db:
+            return db.execute("UPDATE guard_items SET state = ? WHERE state = ?",
+                              (STAGED, UPLOADING)).rowcount
+
+    def claim_due(self, when: float, limit: int) -> list[GuardItem]:
+        """Take up to `limit` staged items whose time has come: they become `uploading` and
+        their attempt count goes up."""
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM guard_items WHERE state = ? "
+                "AND next_attempt_at <= ? ORDER BY next_attempt_at, event_id LIMIT ?",
+                (STAGED, when, limit)).fetchall()
+            db.executemany(
+                "UPDATE guard_items SET state = ?, attempts = attempts + 1 WHERE event_id = ?",
+                [(UPLOADING, row[0]) for row in rows])
+        return [replace(_item(row), state=UPLOADING, attempts=int(row[5]) + 1) for row in rows]
+
+    def mark_uploaded(self, done: list[tuple[int, str, int]]) -> None:
+        """(event id, sha256, size) of items whose blob is in the bucket and verified."""
+        when = now()
+        with self._transaction() as db:
+            for event_id, digest, size in done:
+                db.execute("UPDATE events SET sha256 = ?, size = ? WHERE id = ?",
+                           (digest, size, event_id))
+                db.execute(
+                    "UPDATE guard_items SET state = ?, uploaded_at = ?, last_error = NULL "
+                    "WHERE event_id = ?", (UPLOADED, when, event_id))
+
+    def mark_retry(self, event_id: int, error: str, next_attempt_at: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE guard_items SET state = ?, last_error = ?, next_attempt_at = ? "
+                "WHERE event_id = ?", (STAGED, error, next_attempt_at, event_id))
+
+    def mark_failed(self, event_id: int, error: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE guard_items SET state = ?, last_error = ? WHERE event_id = ?",
+                       (FAILED, error, event_id))
+
+    def mark_purged(self, event_ids: list[int]) -> None:
+        when = now()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE guard_items SET state = ?, purged_at = ? WHERE event_id = ? "
+                "AND state = ?", [(PURGED, when, event_id, UPLOADED) for event_id in event_ids])
+
+    # -- items: reading -------------------------------------------------------------------
+
+    def item(self, event_id: int) -> GuardItem | None:
+        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM guard_items WHERE event_id = ?",
+                               (event_id,)).fetchone()
+        return None if row is None else _item(row)
+
+    def items(self, state: str | None = None, guard_id: int | None = None) -> list[GuardItem]:
+        where: list[str] = []
+        params: list[object] = []
+        if state is not None:
+            where.append("state = ?")
+            params.append(state)
+        if guard_id is not None:
+            where.append("guard_id = ?")
+            params.append(guard_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.execute(
+            f"SELECT {_ITEM_COLUMNS} FROM guard_items {clause} ORDER BY event_id", params)
+        return [_item(row) for row in rows]
+
+    def item_by_staged_name(self, staged_name: str) -> GuardItem | None:
+        row = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM guard_items WHERE staged_name = ?",
+                               (staged_name,)).fetchone()
+        return None if row is None else _item(row)
+
+    def counts(self, guard_id: int | None = None) -> dict[str, int]:
+        if guard_id is None:
+            rows = self._db.execute("SELECT state, count(*) FROM guard_items GROUP BY state")
+        else:
+            rows = self._db.execute(
+                "SELECT state, count(*) FROM guard_items WHERE guard_id = ? GROUP BY state",
+                (guard_id,))
+        return {str(state): int(count) for state, count in rows}
+
+    def next_due(self) -> float | None:
+        (when,) = self._db.execute(
+            "SELECT min(next_attempt_at) FROM guard_items WHERE state = ?", (STAGED,)
+        ).fetchone()
+        return None if when is None else float(when)
+
+
+def _item(row: tuple[object, ...]) -> GuardItem:
+    (event_id, guard_id, staged_name, cause, state, attempts, next_at, error, uploaded,
+     purged) = row
+    return GuardItem(
+        event_id=int(event_id),  # type: ignore[call-overload]
+        guard_id=int(guard_id),  # type: ignore[call-overload]
+        staged_name=None if staged_name is None else str(staged_name),
+        cause=str(cause),
+        state=str(state),
+        attempts=int(attempts),  # type: ignore[call-overload]
+        next_attempt_at=float(next_at),  # type: ignore[arg-type]
+        last_error=None if error is None else str(error),
+        uploaded_at=None if uploaded is None else float(uploaded),  # type: ignore[arg-type]
+        purged_at=None if purged is None else float(purged),  # type: ignore[arg-type]
+    )
 
 
 def _subtree_bounds(path: bytes) -> tuple[bytes, bytes]:

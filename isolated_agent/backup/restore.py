@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import BinaryIO
 
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent
@@ -81,7 +82,8 @@ class Restored:
     event: BackupEvent
     target: bytes  # where it was written (or found identical)
     # "restored"; "beside" (written as NAME.restored-<id>); "identical" (already there);
-    # "kept" (an existing directory, left as it is); "skipped" (a device or socket)
+    # "kept" (an existing directory, left as it is); "skipped" (a device or socket);
+    # "not backed up" (a guard event skipped by policy, or whose staged copy was lost)
     status: str
 
 
@@ -94,10 +96,13 @@ def restore(
         if event.sha256 is not None:
             verify_blob(backups, event)
     results: list[Restored] = []
+    unsaved = _not_backed_up(backups, events)
     made_dirs: list[tuple[bytes, BackupEvent]] = []
     for event in events:
         target = _target(event.path, base, to)
-        if event.kind == "dir":
+        if event.id in unsaved:
+            results.append(Restored(event, target, "not backed up"))
+        elif event.kind == "dir":
             results.append(_restore_dir(event, target, force, made_dirs))
         elif event.kind in ("file", "symlink"):
             results.append(_restore_leaf(backups, event, target, force))
@@ -106,6 +111,25 @@ def restore(
     for path, event in reversed(made_dirs):
         os.utime(path, ns=(event.mtime_ns, event.mtime_ns))
     return results
+
+
+def _not_backed_up(backups: Backups, events: list[BackupEvent]) -> set[int]:
+    """Guard events whose content was never kept (skipped on purpose, or lost before upload)."""
+    result: set[int] = set()
+    for event in events:
+        if event.sha256 is None and event.kind in ("file", "symlink"):
+            item = backups.catalog.item(event.id)
+            if item is not None and item.state in ("skipped", "failed"):
+                result.add(event.id)
+    return result
+
+
+def _content(backups: Backups, event: BackupEvent) -> BinaryIO:
+    """The saved content of an event: its blob, or, for a guard event not uploaded yet, its
+    staged copy."""
+    if event.sha256 is not None:
+        return backups.blobs.get(event.sha256)
+    return backups.open_staged(event)
 
 
 def verify_blob(backups: Backups, event: BackupEvent) -> None:
@@ -163,7 +187,6 @@ def _restore_dir(
 
 
 def _restore_leaf(backups: Backups, event: BackupEvent, target: bytes, force: bool) -> Restored:
-    assert event.sha256 is not None
     st = _lstat(target)
     if st is not None:
         if _holds(target, st, event):
@@ -198,11 +221,10 @@ def _restore_node(event: BackupEvent, target: bytes, force: bool) -> Restored:
 
 
 def _write(backups: Backups, event: BackupEvent, target: bytes) -> None:
-    assert event.sha256 is not None
     temp = _temp(target, event)
     _remove_quietly(temp)
     try:
-        with backups.blobs.get(event.sha256) as reader:
+        with _content(backups, event) as reader:
             if event.kind == "symlink":
                 link_target = b""
                 while chunk := reader.read(_CHUNK):
@@ -235,6 +257,8 @@ def _holds(path: bytes, st: os.stat_result, event: BackupEvent) -> bool:
     if stat.S_IFMT(st.st_mode) != stat.S_IFMT(event.mode):
         return False
     if stat.S_IMODE(st.st_mode) != stat.S_IMODE(event.mode) and event.kind != "symlink":
+        return False
+    if event.sha256 is None:  # a guard event not uploaded yet: no hash to compare with
         return False
     if event.kind == "symlink":
         data = os.readlink(path)

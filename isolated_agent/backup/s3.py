@@ -55,6 +55,11 @@ _CONDITIONAL_UNSUPPORTED = {"501", "NotImplemented"}
 _Parts = list[dict[str, Any]]  # (a module-level name: the class has a method called list)
 
 
+class BucketUnavailable(BackupError):
+    """The bucket cannot be reached at all now (connection refused, timeouts, 5xx): every
+    other request would fail the same way, so the daemon stops trying for this round."""
+
+
 def make_client(config: BucketConfig) -> Any:
     """A boto3 S3 client for `config`: checksums only when required, path-style addressing
     for custom endpoints (most S3-compatible servers want it), modest timeouts."""
@@ -351,12 +356,16 @@ class S3BlobStore:
         self.client.complete_multipart_upload(**args)
 
     def _error(self, action: str, e: Exception) -> BackupError:
+        unavailable = not isinstance(e, ClientError)
         if isinstance(e, ClientError):
             error = e.response.get("Error", {})
             detail = f"{error.get('Code', '?')}: {error.get('Message', '')}".strip(": ")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            unavailable = int(status) >= 500 or error.get("Code") == "NoSuchBucket"
         else:
             detail = str(e)
-        return BackupError(f"cannot {action} the bucket {self.where}: {detail}")
+        kind = BucketUnavailable if unavailable else BackupError
+        return kind(f"cannot {action} the bucket {self.where}: {detail}")
 
 
 class _Body:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from isolated_agent.backup import Backups
-from isolated_agent.backup.catalog import BackupEvent
+from isolated_agent.backup.catalog import BackupEvent, GuardItem
 from isolated_agent.backup.restore import (
     events_for_path,
     find_event,
@@ -34,7 +34,9 @@ def _host_path(given: str) -> bytes:
     return os.fsencode(os.path.abspath(os.path.expanduser(given)))
 
 
-def event_json(event: BackupEvent, present: bool | None = None) -> dict[str, Any]:
+def event_json(
+    event: BackupEvent, present: bool | None = None, item: GuardItem | None = None
+) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": event.id,
         "path": os.fsdecode(event.path),
@@ -54,7 +56,20 @@ def event_json(event: BackupEvent, present: bool | None = None) -> dict[str, Any
     }
     if present is not None:
         data["blob_present"] = present
+    if item is not None:  # a guard event: where the daemon is with it
+        data.update({
+            "cause": item.cause, "state": item.state, "attempts": item.attempts,
+            "last_error": item.last_error, "staged_name": item.staged_name,
+            "uploaded": None if item.uploaded_at is None else when(item.uploaded_at),
+        })
     return data
+
+
+def _reason(event: BackupEvent, item: GuardItem | None) -> str:
+    if item is None:
+        return event.reason
+    text = f"{event.reason}:{item.cause}"
+    return text if item.state in ("purged", "recorded") else f"{text} ({item.state})"
 
 
 @click.group("backup")
@@ -75,14 +90,15 @@ def list_cmd(path: str | None, since: str | None, as_json: bool) -> None:
         path=None if path is None else _host_path(path),
         since=None if since is None else parse_time(since),
     )
+    items = {i.event_id: i for i in backups.catalog.items()}
     if as_json:
-        emit_json([event_json(e) for e in events])
+        emit_json([event_json(e, item=items.get(e.id)) for e in events])
         return
     table(
         ["ID", "TIME", "REASON", "KIND", "SIZE", "ENV", "PATH"],
         [
-            [str(e.id), when(e.time), e.reason, e.kind, str(e.size), e.env_name or "",
-             os.fsdecode(e.path)]
+            [str(e.id), when(e.time), _reason(e, items.get(e.id)), e.kind, str(e.size),
+             e.env_name or "", os.fsdecode(e.path)]
             for e in events
         ],
     )
@@ -96,13 +112,13 @@ def show_cmd(event_id: int, as_json: bool) -> None:
     backups = _backups()
     event = find_event(backups, event_id)
     present = event.sha256 is None or backups.blobs.exists(event.sha256)
-    data = event_json(event, present)
+    data = event_json(event, present, backups.catalog.item(event.id))
     if as_json:
         emit_json(data)
         return
-    for key in ("id", "path", "reason", "time", "kind", "size", "mode", "uid", "gid", "mtime",
-                "sha256", "env", "commit"):
-        if data[key] is not None:
+    for key in ("id", "path", "reason", "cause", "state", "time", "kind", "size", "mode", "uid",
+                "gid", "mtime", "sha256", "env", "commit", "attempts", "last_error", "uploaded"):
+        if data.get(key) is not None:
             click.echo(f"{key + ':':8} {data[key]}")
     if not present:
         click.echo("blob:    MISSING from the backup store")
@@ -148,6 +164,10 @@ def restore_cmd(target: str, at: str | None, to: str | None, force: bool, as_jso
                    f"{os.fsdecode(r.target)}")
         elif r.status == "skipped":
             notice(f"skipped {os.fsdecode(r.event.path)}: a {_kind(r.event.mode)} is not restored")
+        elif r.status == "not backed up":
+            item = backups.catalog.item(r.event.id)
+            why = f": {item.last_error}" if item is not None and item.last_error else ""
+            notice(f"skipped {os.fsdecode(r.event.path)}: it was not backed up{why}")
     restored = sum(r.status in ("restored", "beside") for r in results)
     same = sum(r.status == "identical" for r in results)
     text = f"restored {restored} entr{'ies' if restored != 1 else 'y'}"

@@ -123,3 +123,120 @@ def s3_store(server: MotoServer, spool: Path, **extra: object) -> S3BlobStore:
     store = S3BlobStore(server.config(**extra), str(spool))
     store.ensure_bucket()
     return store
+
+
+# -- staging items the way the guard does, without a mount ---------------------------------------
+
+
+class Staged:
+    """A guarded directory's staging dir and catalog, driven by the guard's own Stager (no
+    FUSE: the tests of the daemon need items, not a mount)."""
+
+    def __init__(self, home: Path, directory: Path) -> None:
+        from isolated_agent.backup import Backups
+        from isolated_agent.backup.guard.policy import Policy
+        from isolated_agent.backup.guard.stage import Stager
+        from isolated_agent.backup.guard.staging import StagingDir
+
+        self.home = home
+        self.directory = directory
+        self.backups = Backups.of_store(str(home))
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        self.staging = StagingDir.create_in(self.dir_fd)
+        dev, ino = self.staging.identity()
+        guard_id = self.backups.catalog.register_guard(
+            os.fsencode(directory), os.fsencode(directory) + b"/.isolated-agent-guard", dev, ino)
+        guard = self.backups.catalog.guard(guard_id)
+        assert guard is not None
+        self.guard = guard
+        self.stager = Stager(self.staging, self.backups.catalog, guard, Policy())
+
+    def delete(self, name: str) -> None:
+        st = os.lstat(self.directory / name)
+        self.stager.unlink(self.dir_fd, os.fsencode(name),
+                           os.fsencode(self.directory / name), st)
+
+    def close(self) -> None:
+        self.staging.close()
+        os.close(self.dir_fd)
+        self.backups.close()
+
+
+class Backupd:
+    """`agentctl backupd` as a real process; killed (SIGKILL) or stopped (SIGTERM) at will."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ("--rescan", "0.5", "--backoff-base", "0.2",
+                                          "--backoff-cap", "2")) -> None:
+        self.home = home
+        self.env = {**os.environ, "ISOLATED_AGENT_HOME": str(home), **(env or {})}
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = home / "backupd-test.log"
+
+    @property
+    def socket(self) -> str:
+        return str(self.home / "run" / "backupd.sock")
+
+    def start(self, wait: bool = True) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "isolated_agent", "backupd", *self.args],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        if wait:
+            from isolated_agent.protocol.client import ControlError, request
+            from isolated_agent.protocol.frames import Code, Frame
+
+            def answers() -> bool:
+                try:
+                    return request(self.socket, Frame(Code.HEARTBEAT), timeout=1).code is Code.ACK
+                except ControlError:
+                    assert self.process is not None and self.process.poll() is None, \
+                        self.log.read_text()
+                    return False
+
+            wait_for(answers, what="backupd to answer")
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.process.pid, signum)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def backupd_factory() -> Iterator[Callable[..., Backupd]]:
+    made: list[Backupd] = []
+
+    def make(home: Path, **kwargs: object) -> Backupd:
+        daemon = Backupd(home, **kwargs)  # type: ignore[arg-type]
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.kill()
+
+
+def wait_all_purged(home: Path, count: int, timeout: float = 60.0) -> None:
+    from isolated_agent.backup import Backups
+
+    def done() -> bool:
+        backups = Backups.of_store(str(home))
+        try:
+            counts = backups.catalog.counts()
+        finally:
+            backups.close()
+        return counts.get("purged", 0) == count
+
+    wait_for(done, timeout=timeout, what=f"{count} items purged")
