@@ -21,6 +21,13 @@ Rules, in the order of DESIGN §5:
 Identity: two lookups that reach the same topmost object return the same `Node` (the index is
 keyed by `(st_dev, st_ino)`), so hard links and cached handles agree. A node keeps its `origin`
 (the identity it was first seen with) across copy-up, which is what makes inode numbers stable.
+
+Caches, valid because the overlay is the only writer of its layers while in use (the same
+contract as the kernel caching mode, `engines/fuse/cache.py`): a directory's merged listing and
+the nodes its names resolved to are kept until the namespace changes — any create, remove or
+rename anywhere bumps `generation`, which drops them all (children are held weakly: a cache
+never keeps a node alive). A node's read-only fd is kept for the next reader, at most
+`MAX_READERS` of them, and dropped when the node is copied up.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import contextlib
 import errno
 import os
 import stat
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 
 from isolated_agent import libc
@@ -55,6 +64,7 @@ _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags that made sense to the caller's open(2) but not to our reopen of a resolved object.
 _REOPEN_DROP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_APPEND
 NAME_MAX = 255
+MAX_READERS = 1024
 
 # Told when a name stops meaning what the kernel may have cached for it (the adapter turns
 # this into a cache invalidation): (parent, name).
@@ -84,6 +94,8 @@ class Overlay:
         self.index: dict[Key, Node] = {}
         self.origins: dict[Key, Key] = {}  # upper object made by a copy-up -> its origin
         self.euid, self.egid = os.geteuid(), os.getegid()
+        self.generation = 0  # bumped by every change of the namespace: see the caches above
+        self._readers: OrderedDict[Node, None] = OrderedDict()
         self.root = self._make_root()
 
     def _make_root(self) -> Node:
@@ -124,6 +136,7 @@ class Overlay:
         if node is self.root:
             return []
         node.released = True
+        self._readers.pop(node, None)
         if self.index.get(node.key) is node:
             del self.index[node.key]
         node.close_fds()
@@ -151,9 +164,26 @@ class Overlay:
 
     def lookup(self, parent: Node, name: bytes) -> Node:
         """The node `name` shows in directory `parent`; FileNotFoundError when none."""
+        if parent.cache_generation == self.generation:
+            known = parent.children.get(name)
+            node = known() if known is not None else None
+            if node is not None and not node.released:
+                return node  # its link to parent is there: links change with the namespace
+        else:
+            self._reset_cache(parent)
         node = self._resolve(parent, name)
         self._add_link(node, parent, name)
+        parent.children[name] = weakref.ref(node)
         return node
+
+    def _reset_cache(self, directory: Node) -> None:
+        directory.cache_generation = self.generation
+        directory.listing = None
+        directory.children = {}
+
+    def namespace_changed(self) -> None:
+        """Some name now means something else: every cached listing and lookup is stale."""
+        self.generation += 1
 
     def held_lookup(self, parent: Node, name: bytes) -> Node:
         """`lookup`, with a reference the caller must drop (`unref`): a node an operation
@@ -256,6 +286,13 @@ class Overlay:
         """Upper ∪ lowers − whiteouts, each name once, upper's first (without . and ..)."""
         if not node.is_dir:
             raise oserror(errno.ENOTDIR)
+        if node.cache_generation != self.generation:
+            self._reset_cache(node)
+        if node.listing is None:
+            node.listing = self._merged_listing(node)
+        return node.listing
+
+    def _merged_listing(self, node: Node) -> list[bytes]:
         layers = ([node.upper] if node.upper is not None else []) + node.lowers
         names: dict[bytes, None] = {}
         hidden: set[bytes] = set()
@@ -287,6 +324,26 @@ class Overlay:
         if node.upper is None:
             return open_for_reading(node.fd) if reopen & os.O_ACCMODE == os.O_RDONLY else -1
         return os.open(fd_path(node.upper), reopen)
+
+    def reader(self, node: Node) -> int:
+        """A shared O_RDONLY fd of the entry as it is now (follows copy-up): for reads that
+        do not need a descriptor of their own."""
+        if node.reader is None:
+            node.reader = open_for_reading(node.fd)
+            self._readers[node] = None
+            if len(self._readers) > MAX_READERS:
+                oldest, _ = self._readers.popitem(last=False)
+                self._drop_reader(oldest)
+        else:
+            self._readers.move_to_end(node)
+        return node.reader
+
+    def _drop_reader(self, node: Node) -> None:
+        if node.reader is not None:
+            with contextlib.suppress(OSError):
+                os.close(node.reader)
+            node.reader = None
+        self._readers.pop(node, None)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.layers.upper)
@@ -380,10 +437,12 @@ class Overlay:
                 if other_parent is parent and other_name == name:
                     continue
                 self._remove_link(node, other_parent, other_name)
+                self.namespace_changed()
                 if self.on_stale_entry is not None:
                     self.on_stale_entry(other_parent, other_name)
 
     def _adopt_upper(self, node: Node, fd: int) -> None:
+        self._drop_reader(node)
         node.upper = fd
         if not node.is_dir:
             for lower in node.lowers:
@@ -533,6 +592,7 @@ class Overlay:
         never shows again (a directory made there is opaque)."""
         self.ensure_upper(parent)
         assert parent.upper is not None
+        self.namespace_changed()
         parent_fd = parent.upper
         current = fstatat(parent_fd, name)
         if current is None:
@@ -596,6 +656,7 @@ class Overlay:
         needs_whiteout = self.lower_entry_exists(parent, name)
         self.ensure_upper(parent)
         assert parent.upper is not None
+        self.namespace_changed()
         in_upper = fstatat(parent.upper, name) is not None
         if not needs_whiteout:
             if node.is_dir:

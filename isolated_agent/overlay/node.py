@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import weakref
 
 # (st_dev, st_ino) of a layer object: what makes two lookups reach "the same file".
 Key = tuple[int, int]
@@ -41,6 +42,10 @@ class Node:
         "refs",
         "nodeid",
         "released",
+        "reader",
+        "listing",
+        "children",
+        "cache_generation",
         "__weakref__",
     )
 
@@ -63,6 +68,13 @@ class Node:
         self.refs = 0
         self.nodeid = 0  # assigned by the FUSE inode table; 0 while the kernel has none
         self.released = False
+        # Caches (see Overlay): an O_RDONLY fd of the topmost object; for a directory, its
+        # merged listing and the nodes its names resolved to, valid while the overlay's
+        # namespace generation is `cache_generation`.
+        self.reader: int | None = None
+        self.listing: list[bytes] | None = None
+        self.children: dict[bytes, weakref.ref[Node]] = {}
+        self.cache_generation = -1
 
     @property
     def is_dir(self) -> bool:
@@ -85,11 +97,16 @@ class Node:
         return self.is_dir and bool(self.lowers)
 
     def close_fds(self) -> None:
-        for fd in ([self.upper] if self.upper is not None else []) + self.lowers:
+        for fd in ([self.upper] if self.upper is not None else []) + self.lowers + (
+            [self.reader] if self.reader is not None else []
+        ):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.upper = None
         self.lowers = []
+        self.reader = None
+        self.listing = None
+        self.children = {}
 
     def __repr__(self) -> str:
         name = self.links[0][1] if self.links else b"?"

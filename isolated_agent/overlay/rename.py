@@ -102,6 +102,7 @@ def _move(
     assert parent.upper is not None and new_parent.upper is not None
     leave_whiteout = ov.lower_entry_exists(parent, name)
     at_target = fstatat(new_parent.upper, new_name)
+    ov.namespace_changed()
     if source.is_dir and at_target is not None and is_whiteout_stat(at_target):
         libc.renameat2(parent.upper, name, new_parent.upper, new_name, libc.RENAME_EXCHANGE)
         if not leave_whiteout:  # the target's whiteout landed at the source: not needed there
@@ -144,6 +145,7 @@ def _exchange(
     _prepare(ov, source, parent, name, new_parent, new_name)
     _prepare(ov, target, new_parent, new_name, parent, name)
     assert parent.upper is not None and new_parent.upper is not None
+    ov.namespace_changed()
     libc.renameat2(parent.upper, name, new_parent.upper, new_name, libc.RENAME_EXCHANGE)
     ov._remove_link(source, parent, name)
     ov._remove_link(target, new_parent, new_name)

@@ -120,7 +120,8 @@ def test_a_dead_daemon_fails_closed(
             process.kill()
             process.wait()
     assert process.returncode == 3
-    assert out.strip() == "error 107"  # ENOTCONN: never the host's files
+    # ENOTCONN, or ECONNABORTED for a request in flight when it died: never the host's files.
+    assert out.strip() in ("error 107", "error 103")
     assert snapshot(ro_project) == before
 
 

@@ -21,10 +21,12 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
+from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.cache import EXCLUSIVE, CacheMode
 from isolated_agent.engines.fuse.operations import Operations
 from isolated_agent.overlay.copyup import FaultHook
@@ -37,6 +39,10 @@ log = logging.getLogger("agentfs")
 # meeting a name that contains MARKER raises an unexpected exception, to prove that the daemon
 # answers EIO, cleans up and goes on serving.
 FAULT_ENV = "AGENTFS_FAULTS"
+# Where to write a cProfile of the daemon when its mount ends (for benchmarks/README-agentfs.md).
+PROFILE_ENV = "AGENTFS_PROFILE"
+# Set to serve with pyfuse3's own request loop (see fastloop.py), to measure what it costs.
+PLAIN_LOOP_ENV = "AGENTFS_PLAIN_LOOP"
 
 
 class MountFailed(Exception):
@@ -98,6 +104,8 @@ def serve(
     """
     os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
     _raise_fd_limit()
+    for signum in _STOP_SIGNALS:  # until trio listens: remembered, not fatal (see below)
+        signal.signal(signum, _remember_signal)
     overlay = Overlay(layers, fault_hook_from_env())
     operations = Operations(overlay, config.cache)
     try:
@@ -106,9 +114,12 @@ def serve(
         overlay.close()
         raise MountFailed(f"cannot mount agentfs at {mountpoint}: {e}") from None
     try:
+        if not os.environ.get(PLAIN_LOOP_ENV):
+            given = mountpoint.removeprefix("/dev/fd/")
+            fastloop.install(int(given) if given.isdigit() else None)
         if on_ready is not None:
             on_ready()
-        trio.run(_serve_until_signalled)
+        _run_profiled(os.environ.get(PROFILE_ENV))
     finally:
         operations.release_all()
         with contextlib.suppress(Exception):
@@ -116,15 +127,44 @@ def serve(
         overlay.close()
 
 
+def _run_profiled(profile_path: str | None) -> None:
+    """Serve; under cProfile when asked (the profile is written when the mount ends)."""
+    if not profile_path:
+        trio.run(_serve_until_signalled)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(trio.run, _serve_until_signalled)
+    finally:
+        profiler.dump_stats(profile_path)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_early_signals: list[int] = []
+
+
+def _remember_signal(signum: int, frame: object) -> None:
+    """A stop signal that came while mounting, before trio listened: the default action
+    would kill the daemon and leave the mount dead (ENOTCONN); stop cleanly instead."""
+    _early_signals.append(signum)
+
+
 async def _serve_until_signalled() -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
+        await nursery.start(_terminate_on_signal)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+async def _terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        task_status.started()
+        if _early_signals:
+            log.info("agentfs: signal %d while mounting, unmounting", _early_signals[0])
+            pyfuse3.terminate()
+            return
         async for signum in signals:
             log.info("agentfs: signal %d, unmounting", signum)
             pyfuse3.terminate()

@@ -5,7 +5,13 @@ its errno; anything else is a bug — logged with its traceback and answered wit
 daemon goes on serving. `forget` may not fail at all, so it only logs.
 
 Handlers never await: each request runs to completion before the next one starts, so the
-overlay (which is not thread-safe) sees one operation at a time.
+overlay (which is not thread-safe) sees one operation at a time — which is also what lets
+`read` reply from one reused buffer.
+
+Attributes are cached per inode between requests that change something: read-only traffic
+(a tree walked, grepped, read) is answered without a system call for attributes, and any
+request that may change some attribute (a write, a create, a rename, ...) drops the whole
+cache, so nothing stale is ever served.
 """
 
 from __future__ import annotations
@@ -61,8 +67,7 @@ def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
 @dataclass
 class _File:
     node: Node
-    fd: int
-    on_upper: bool
+    fd: int | None  # its own fd when opened for writing; None: reads use the node's reader
 
 
 @dataclass
@@ -83,11 +88,16 @@ class Operations(pyfuse3.Operations):
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_handle = 1
+        self._attribute_cache: dict[int, tuple[Node, EntryAttributes]] = {}
+        self._buffer = bytearray(1 << 20)
         overlay.on_stale_entry = self._stale_entry
 
     # -- helpers --------------------------------------------------------------------------------
 
     def _attributes(self, node: Node, inode: int) -> EntryAttributes:
+        cached = self._attribute_cache.get(inode)
+        if cached is not None and cached[0] is node:
+            return cached[1]
         st, nlink = self.overlay.getattr(node)
         attrs = EntryAttributes()
         attrs.st_ino = inode
@@ -104,7 +114,12 @@ class Operations(pyfuse3.Operations):
         attrs.st_atime_ns = st.st_atime_ns
         attrs.st_mtime_ns = st.st_mtime_ns
         attrs.st_ctime_ns = st.st_ctime_ns
+        self._attribute_cache[inode] = (node, attrs)
         return attrs
+
+    def _changed(self) -> None:
+        """A request may have changed attributes: forget every cached one."""
+        self._attribute_cache.clear()
 
     def _entry(self, node: Node) -> EntryAttributes:
         """An entry reply for `node`: the lookup count goes up once the reply is certain."""
@@ -175,6 +190,7 @@ class Operations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> EntryAttributes:
         node = self.inodes.node(inode)
+        self._changed()
         self.overlay.setattr(
             node,
             size=attr.st_size if fields.update_size else None,
@@ -210,6 +226,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
     ) -> EntryAttributes:
         parent = self.inodes.node(parent_inode)
+        self._changed()
         return self._entry(self.overlay.mknod(parent, name, mode, rdev, self._owner(ctx)))
 
     @_handler
@@ -217,6 +234,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
     ) -> EntryAttributes:
         parent = self.inodes.node(parent_inode)
+        self._changed()
         return self._entry(self.overlay.mkdir(parent, name, mode, self._owner(ctx)))
 
     @_handler
@@ -224,6 +242,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
     ) -> EntryAttributes:
         parent = self.inodes.node(parent_inode)
+        self._changed()
         return self._entry(self.overlay.symlink(parent, name, target, self._owner(ctx)))
 
     @_handler
@@ -232,14 +251,17 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         node = self.inodes.node(inode)
         parent = self.inodes.node(new_parent_inode)
+        self._changed()
         return self._entry(self.overlay.link(node, parent, new_name))
 
     @_handler
     def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self._changed()
         self.overlay.unlink(self.inodes.node(parent_inode), name)
 
     @_handler
     def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        self._changed()
         self.overlay.rmdir(self.inodes.node(parent_inode), name)
 
     @_handler
@@ -252,6 +274,7 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: RequestContext,
     ) -> None:
+        self._changed()
         rename(
             self.overlay,
             self.inodes.node(parent_inode_old),
@@ -269,23 +292,27 @@ class Operations(pyfuse3.Operations):
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _file_info(self, node: Node, fd: int) -> FileInfo:
+    def _file_info(self, node: Node, fd: int | None) -> FileInfo:
         handle = self._handle()
-        self._files[handle] = _File(node, fd, node.upper is not None)
+        self._files[handle] = _File(node, fd)
         self.overlay.ref(node)
         return FileInfo(fh=handle, keep_cache=self.cache.keep_cache)
 
     @_handler
     def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self.inodes.node(inode)
-        fd = self.overlay.open(node, self._open_flags(flags))
-        return self._file_info(node, fd)
+        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            self.overlay.reader(node)  # fails here, not at the first read, if it cannot
+            return self._file_info(node, None)
+        self._changed()
+        return self._file_info(node, self.overlay.open(node, self._open_flags(flags)))
 
     @_handler
     def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
     ) -> tuple[FileInfo, EntryAttributes]:
         parent = self.inodes.node(parent_inode)
+        self._changed()
         node, fd = self.overlay.create(parent, name, mode, self._open_flags(flags),
                                        self._owner(ctx))
         try:
@@ -295,22 +322,25 @@ class Operations(pyfuse3.Operations):
             raise
         return self._file_info(node, fd), attrs
 
-    def _current_fd(self, handle: _File) -> int:
-        """A read-only handle opened before the file was copied up must read the copy (the
-        lower one may be stale once the copy is written to)."""
-        if not handle.on_upper and handle.node.upper is not None:
-            fd = self.overlay.open(handle.node, os.O_RDONLY)
-            os.close(handle.fd)
-            handle.fd, handle.on_upper = fd, True
-        return handle.fd
-
     @_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._current_fd(self._files[fh]), size, off)
+    def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+        """Into one reused buffer (pyfuse3 copies it into its reply before the next request
+        is read): no allocation per request. A read-only handle reads through the node's
+        shared reader, which follows a copy-up made through another handle."""
+        handle = self._files[fh]
+        fd = handle.fd if handle.fd is not None else self.overlay.reader(handle.node)
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)[:size]
+        return view[: os.preadv(fd, [view], off)]
 
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self._files[fh].fd, buf, off)
+        self._changed()
+        fd = self._files[fh].fd
+        if fd is None:
+            raise FUSEError(errno.EBADF)
+        return os.pwrite(fd, buf, off)
 
     @_handler
     def flush(self, fh: int) -> None:
@@ -321,14 +351,15 @@ class Operations(pyfuse3.Operations):
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files[fh]
-        if handle.on_upper:
+        if handle.fd is not None:
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
     @_handler
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
         try:
-            os.close(handle.fd)
+            if handle.fd is not None:
+                os.close(handle.fd)
         finally:
             self.overlay.unref(handle.node)
 
@@ -413,10 +444,12 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        self._changed()
         self.overlay.setxattr(self.inodes.node(inode), name, value)
 
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        self._changed()
         self.overlay.removexattr(self.inodes.node(inode), name)
 
     # -- end ------------------------------------------------------------------------------------
@@ -424,7 +457,8 @@ class Operations(pyfuse3.Operations):
     def release_all(self) -> None:
         """After the session ended: close what the kernel never released."""
         for handle in self._files.values():
-            with contextlib.suppress(OSError):
-                os.close(handle.fd)
+            if handle.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(handle.fd)
         self._files.clear()
         self._dirs.clear()
