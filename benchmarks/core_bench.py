@@ -212,8 +212,7 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
     """Wall time of `agentctl run -q -- true` in the tree's directory (its env already
     exists, as for every run after the first), what it is made of, and baselines. The commands
     take turns, run after run, so that a change in the machine's load hits all of them."""
-    setup = AgentctlSetup(agentctl)
-    setup.name = "startup"
+    setup = AgentctlSetup(agentctl, name="startup")
     setup.start(ctx)
     try:
         env = setup.environ()
@@ -293,8 +292,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-threshold", type=float, default=0.25,
                    help="before each measurement, wait until other processes use at most this "
                         "fraction of the CPUs (0.25; 1 = never wait)")
-    p.add_argument("--quiet-timeout", type=float, default=20.0,
-                   help="... but no longer than this many seconds (20)")
+    p.add_argument("--quiet-timeout", type=float, default=15.0,
+                   help="... but no longer than this many seconds (15)")
     p.add_argument("--workload", action="append", choices=sorted(WORKLOADS),
                    help="only this workload (repeatable)")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up benchmark")
@@ -399,8 +398,11 @@ def report_matrix(results: list[Measurement], setups: list[str], problems: list[
             return "bold red" if float(text.rstrip("×")) > TARGET_RATIO else "green"
         return None
 
-    print_table("workload time (median ±max deviation); ratios of medians", header, rows,
-                highlight)
+    print_table("wall time of the workload (median ±max deviation); ratios of medians", header,
+                rows, highlight)
+    header, rows = results_table([m.cpu_view() for m in results], setups, comparisons)
+    print_table("CPU time (user + system) of the workload's processes (median ±max deviation); "
+                "ratios of medians", header, rows, highlight)
     for problem in problems:
         print(f"WARNING: check values differ between runs/setups: {problem}")
 

@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -108,7 +109,7 @@ def _cpu_times() -> tuple[int, int]:
     return sum(fields), fields[3] + fields[4]  # total, idle + iowait
 
 
-def cpu_busy(window: float = 0.3) -> float:
+def cpu_busy(window: float = 0.2) -> float:
     """The fraction of all CPUs' time spent busy during `window` seconds (we sleep meanwhile,
     so this is everybody else)."""
     total0, idle0 = _cpu_times()
@@ -124,7 +125,7 @@ class QuietGate:
     otherwise decides the numbers. Counts the runs that started busy anyway."""
 
     threshold: float = 0.25
-    timeout: float = 20.0
+    timeout: float = 15.0
     waited: float = 0.0
     busy_starts: int = 0
     starts: int = 0
@@ -404,13 +405,16 @@ class AgentctlSetup(Setup):
 
     name = "agentctl"
     description = "agentctl run --engine kernel, a fresh store; agentctl discard before each run"
-    env_name = "bench"
 
     def __init__(self, agentctl: str | None = None, engine: str = "kernel",
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), name: str | None = None) -> None:
         self.agentctl = agentctl or default_agentctl()
         self.engine = engine
         self.extra_args = list(extra_args)
+        if name is not None:
+            self.name = name
+            self.description = f"agentctl run --engine {engine} {' '.join(extra_args)}".strip()
+        self.env_name = f"bench-{self.name}"
 
     def start(self, ctx: BenchContext) -> None:
         super().start(ctx)
@@ -457,8 +461,14 @@ class Measurement:
     workload: str
     setup: str
     cache: str  # "warm" or "cold"
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # wall time of each timed run
+    cpu: list[float] = field(default_factory=list)  # CPU time (user + system) of each
+    blocks: list[list[int]] = field(default_factory=list)  # [read, written] 512-byte blocks
     checks: list[Any] = field(default_factory=list)
+
+    def cpu_view(self) -> Measurement:
+        """The same measurement with CPU time in place of wall time (for the tables)."""
+        return Measurement(self.workload, self.setup, self.cache, list(self.cpu))
 
     @property
     def median(self) -> float:
@@ -481,24 +491,41 @@ class Measurement:
 
 def run_once(setup: Setup, ctx: BenchContext, workload: Workload, cold: bool,
              repeat: int = 1) -> dict[str, Any]:
-    """One start of the runner in `setup`: reset, sync (and drop caches when cold), run."""
+    """One start of the runner in `setup`: reset the setup, start the runner, and once it is
+    up inside the setup (and has done the workload's untimed `prepare`), drop the caches and
+    let it go on.
+
+    The caches are dropped only then, because starting a setup reads files too (`unshare`
+    and `mount` load libpcre2 and libz, which git also uses; agentctl loads Python): dropped
+    before, a setup would hand the workload a cache warmed by its own start-up. Cold: no
+    cached data or metadata at all. Warm: the page cache is emptied and refilled by the
+    runner's warm-up pass in the mount under test (dentries and inodes stay), so no setup
+    inherits cached blocks from what ran before it either."""
     setup.reset(workload)
-    # Cold: no cached data or metadata at all. Warm: the page cache is emptied here and
-    # refilled by the runner's warm-up pass in the mount under test (dentries and inodes stay
-    # cached), so no setup inherits cached blocks from what ran before it; see Trash for why.
-    drop_caches(3 if cold else 1)
-    ctx.gate.wait()
-    spec = {"tree": setup.tree(), "warm": not cold, "repeat": repeat,
+    spec = {"tree": setup.tree(), "warm": not cold, "repeat": repeat, "handshake": True,
             "workload": workload.spec()}
     argv = setup.command([ctx.python, "-B", RUNNER, json.dumps(spec)])
-    done = subprocess.run(argv, env=setup.environ(), cwd=ctx.workdir, capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        raise BenchError(
-            f"{workload.name} in {setup.name} exited with {done.returncode}:\n"
-            f"{done.stderr.strip()[-2000:]}"
-        )
-    lines = done.stdout.strip().splitlines()
+    with tempfile.TemporaryFile("w+") as errors:
+        runner = subprocess.Popen(argv, env=setup.environ(), cwd=ctx.workdir, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        assert runner.stdin is not None and runner.stdout is not None
+        try:
+            ready = runner.stdout.readline().strip()
+            if ready == "ready":
+                ctx.gate.wait()
+                drop_caches(3 if cold else 1)
+                runner.stdin.write("go\n")
+                runner.stdin.flush()
+            output, _ = runner.communicate()
+        finally:
+            if runner.poll() is None:
+                runner.kill()
+                runner.wait()
+        if runner.returncode != 0 or ready != "ready":
+            errors.seek(0)
+            raise BenchError(f"{workload.name} in {setup.name} exited with "
+                             f"{runner.returncode}:\n{errors.read().strip()[-2000:]}")
+    lines = output.strip().splitlines()
     if not lines:
         raise BenchError(f"{workload.name} in {setup.name} printed nothing")
     result: dict[str, Any] = json.loads(lines[-1])
@@ -539,6 +566,8 @@ def run_matrix(
                         repeat = warm_repeat if cache == "warm" and not workload.mutates else 1
                         result = run_once(setup, ctx, workload, cache == "cold", repeat)
                         cells[setup.name].seconds.extend(result["seconds"])
+                        cells[setup.name].cpu.extend(result["cpu"])
+                        cells[setup.name].blocks.extend(result["blocks"])
                         cells[setup.name].checks.append([result["check"], result["verify"]])
                 results.extend(cells.values())
     finally:

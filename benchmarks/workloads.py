@@ -18,15 +18,20 @@ here or in any other module the harness imports; see the README.
 
 Runner protocol (what the harness passes as the single argument, JSON):
 
-    {"tree": "/abs/path", "warm": true, "repeat": 1, "workload": {"name": ..., "run": STEP,
-     "prepare": STEP|null, "verify": STEP|null}}
+    {"tree": "/abs/path", "warm": true, "repeat": 1, "handshake": true,
+     "workload": {"name": ..., "run": STEP, "prepare": STEP|null, "verify": STEP|null,
+                  "tools": [...]}}
 
 with STEP = {"shell": "cmd"} or {"python": ["/abs/file.py", "function_name"]}. Order inside the
-runner: prepare, warm-up pass (warm only), sync, the timed run `repeat` times (each timed on its
-own; only for workloads that leave the tree as they found it), verify. The warm-up pass walks the
+runner: prepare; with a handshake, print "ready" and wait for "go" on stdin (meanwhile the
+harness drops the caches, so whatever the setup's own start-up read is not cached any more);
+warm-up pass (warm only); sync; the timed run `repeat` times (each timed on its own; only for
+workloads that leave the tree as they found it); verify. The warm-up pass walks the
 whole tree (.git included), lstat()s every entry and reads every regular file, so the page cache,
 dentries and inodes of this very mount are hot, and starts each of the workload's `tools` once.
-The runner prints `{"seconds": [float, ...], "check": value, "verify": value}`.
+The runner prints `{"seconds": [...], "cpu": [...], "blocks": [[read, written], ...],
+"check": value, "verify": value}`: per timed run, the wall time, the CPU time (user + system,
+of the runner and every process the workload started) and the blocks read and written.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import importlib.util
 import inspect
 import json
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -279,19 +285,41 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     assert timed is not None
     if prepare is not None:
         prepare(tree)
+    if spec.get("handshake"):  # the harness drops the caches now, then says go
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
+        if sys.stdin.readline().strip() != "go":
+            raise SystemExit("runner: the harness did not say go")
     if spec.get("warm"):
         warm_up(tree, workload.get("tools", []))
     # After the warm-up: it may dirty inodes (relatime updates atime on the first read of a
     # freshly copied file), whose writeback must not land in the timed part.
     os.sync()
-    seconds, checks = [], []
+    seconds: list[float] = []
+    cpu: list[float] = []
+    blocks: list[list[int]] = []
+    checks = []
     for _ in range(spec.get("repeat", 1)):
+        before = _usage()
         start = time.perf_counter()
         checks.append(timed(tree))
         seconds.append(time.perf_counter() - start)
+        after = _usage()
+        cpu.append(after[0] - before[0])
+        blocks.append([int(after[1] - before[1]), int(after[2] - before[2])])
     verified = verify(tree) if verify is not None else None
     check = checks[0] if all(c == checks[0] for c in checks) else checks
-    return {"seconds": seconds, "check": check, "verify": verified}
+    return {"seconds": seconds, "cpu": cpu, "blocks": blocks, "check": check,
+            "verify": verified}
+
+
+def _usage() -> tuple[float, int, int]:
+    """CPU seconds (user + system) and blocks read and written (512-byte units) by this
+    process and every child it has waited for (their children included)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+            own.ru_inblock + children.ru_inblock, own.ru_oublock + children.ru_oublock)
 
 
 def main(argv: list[str]) -> int:
