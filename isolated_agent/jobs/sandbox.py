@@ -19,7 +19,7 @@ Any failure raises IsolationError naming the step; the launcher then refuses to 
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from isolated_agent import libc
 from isolated_agent.engines import Engine
-from isolated_agent.env.store import Root
+from isolated_agent.env.store import Root, is_within
 from isolated_agent.errors import IsolationError
 from isolated_agent.jobs.mountinfo import mounts_under
 
@@ -67,7 +67,10 @@ def build_view(spec: SandboxSpec, engine: Engine) -> None:
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     with _step("read-only host view"):
         libc.mount("/", new, None, libc.MS_BIND | libc.MS_REC)
+        covered = tuple(new + private for private in PRIVATE_DIRS)
         for entry in mounts_under(new):
+            if any(is_within(entry.mount_point, hidden) for hidden in covered):
+                continue  # hidden under the job's private tmpfs below
             flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
             for option in entry.options:
                 flags |= _KEPT_FLAGS.get(option, 0)
@@ -119,9 +122,19 @@ def _step(name: str) -> Iterator[None]:
         raise IsolationError(name, detail) from error
 
 
+# A mount we cannot reach is one the job cannot reach either: the job runs as the same user
+# with fewer privileges. So these errors leave nothing to protect: the mount point vanished
+# (ENOENT), lies behind a directory we may not enter or is another user's FUSE mount (EACCES),
+# or is a FUSE mount whose daemon died (ENOTCONN).
+_UNREACHABLE = (errno.ENOENT, errno.EACCES, errno.ENOTCONN)
+
+
 def _remount_read_only(mount_point: str, flags: int) -> None:
-    with contextlib.suppress(FileNotFoundError):  # its directory vanished: nothing to protect
+    try:
         libc.mount(None, mount_point, None, flags)
+    except OSError as e:
+        if e.errno not in _UNREACHABLE:
+            raise
 
 
 def _mount_tmpfs(target: str, options: str, read_only: bool = False) -> None:

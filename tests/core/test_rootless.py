@@ -174,3 +174,29 @@ def test_rootless_without_user_namespaces_refuses_to_run(
     assert "isolation failed at creating namespaces" in done.stderr
     assert "enable user namespaces" in done.stderr
     assert not (user_project / "ran").exists()
+
+
+def test_rootless_run_ignores_mounts_it_cannot_reach(
+    run_as_user: RunAs, user_project: Path, disk_dir_root_only: Path
+) -> None:
+    """A mount behind a directory the user may not enter (another user's FUSE mount, say)
+    cannot be remounted read-only by the user; the job cannot reach it either, so it must not
+    stop the run."""
+    hidden = disk_dir_root_only / "mnt"
+    hidden.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(hidden)], check=True)
+    try:
+        done = run_as_user("run", "-q", "--", "sh", "-c", f"ls {hidden} || echo unreachable",
+                           cwd=user_project)
+    finally:
+        subprocess.run(["umount", str(hidden)], check=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "unreachable\n"
+
+
+@pytest.fixture
+def disk_dir_root_only() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ia-rootonly-", dir="/var/tmp"))
+    path.chmod(0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
