@@ -46,7 +46,7 @@ def _target(env_name: str | None, args: tuple[str, ...]) -> tuple[Store, Env, Se
 
 
 def _write_lines(lines: Iterable[bytes]) -> None:
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer  # diff output is bytes: names and contents need not be UTF-8
     for line in lines:
         out.write(line + b"\n")
     out.flush()
