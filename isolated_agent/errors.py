@@ -14,6 +14,7 @@ place (`isolated_agent.cli.main`). Anything else that escapes is a bug and is re
     ├── BackupError               exit 1   the backup store cannot take or give back a backup
     │   └── BlobCorrupt           exit 1   a backed-up blob no longer matches its sha256
     ├── BackupNotFound            exit 1   no backup with that id, or of that path
+    ├── GuardError                exit 1   a directory cannot be guarded, or unguarded
     └── IsolationError            exit 125 a step that isolates the job failed; CMD was not run
     CommandNotFound               exit 127 (like a shell)
     CommandNotExecutable          exit 126 (like a shell)
@@ -101,4 +102,8 @@ class BlobCorrupt(BackupError):
 
 
 class BackupNotFound(AgentctlError):
+    pass
+
+
+class GuardError(AgentctlError):
     pass

@@ -64,6 +64,18 @@ from isolated_agent.protocol.server import serve
 
 log = logging.getLogger("backupd")
 
+# Test hook: "POINT[,POINT]" with POINT one of after-put, after-verify, after-mark,
+# after-purge: the daemon SIGKILLs itself the first time it gets there, to prove that a crash
+# in every window loses nothing and uploads nothing twice (tests/guard/test_daemon.py).
+FAULT_ENV = "ISOLATED_AGENT_BACKUPD_FAULT"
+_FAULTS = set(filter(None, os.environ.get(FAULT_ENV, "").split(",")))
+
+
+def _crash_point(point: str) -> None:
+    if point in _FAULTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 SOCKET_NAME = "backupd.sock"
 PID_NAME = "backupd.pid"
 LOG_NAME = "backupd.log"
@@ -182,6 +194,8 @@ class Worker:
             for item, _, _ in put.values():
                 self._retry(item, e)
             return len(items)
+        if put:
+            _crash_point("after-put")
         done: list[tuple[int, str, int]] = []
         verified: list[GuardItem] = []
         for item, digest, size in put.values():
@@ -192,9 +206,12 @@ class Worker:
                 continue
             done.append((item.event_id, digest, size))
             verified.append(item)
+        if done:
+            _crash_point("after-verify")
         self.catalog.mark_uploaded(done)
         if done:
             log.info("uploaded and verified %d item(s)", len(done))
+            _crash_point("after-mark")
         self.purge_items(verified)
         return len(items)
 
@@ -242,6 +259,8 @@ class Worker:
                 self.forget_staging(item.guard_id)
                 continue
             purged.append(item.event_id)
+        if purged:
+            _crash_point("after-purge")
         self.catalog.mark_purged(purged)
 
     def purge(self, event_id: int) -> str | None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import click
 
+from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.env.store import Store
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
 @click.command("backupd")
@@ -30,3 +36,101 @@ def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: flo
     settings = Settings(rescan_interval=max(rescan, 0.05), backoff_base=max(backoff_base, 0.01),
                         backoff_cap=max(backoff_cap, 0.01))
     Daemon(Store().home, settings).run(once=once)
+
+
+@click.group("guard")
+def guard_group() -> None:
+    """Back up every file deleted or overwritten under a directory, by any process."""
+
+
+@guard_group.command("start")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--exclude", "excludes", multiple=True, metavar="GLOB",
+              help="Do not back up what matches GLOB (relative to DIR; a GLOB without / "
+                   "matches any path component, e.g. build, '*.o'). Repeatable.")
+@click.option("--max-size", metavar="SIZE",
+              help="Do not back up files larger than SIZE (e.g. 500M, 2G).")
+@click.option("--sync", "sync", is_flag=True,
+              help="Flush every staged item to disk before the delete returns (survives "
+                   "power loss at once; slower). Default: flushed in groups every second.")
+@click.option("--no-backupd", is_flag=True,
+              help="Do not start the backup daemon (run `agentctl backupd` yourself).")
+@click.option("--debug", is_flag=True, help="Log every FUSE request to run/guard-<id>.log.")
+@json_option
+def start_cmd(directory: str, excludes: tuple[str, ...], max_size: str | None, sync: bool,
+              no_backupd: bool, debug: bool, as_json: bool) -> None:
+    """Guard DIR: before any file under it is deleted, replaced or truncated, its old
+    content is kept and backed up (see `agentctl backup`)."""
+    from isolated_agent.backup.daemon import ensure_running
+    from isolated_agent.backup.guard.mount import GuardConfig, start
+    from isolated_agent.backup.guard.policy import Policy, parse_size
+
+    try:
+        cap = None if max_size is None else parse_size(max_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-size") from None
+    home = Store().home
+    config = GuardConfig(directory, Policy(tuple(excludes), cap), sync)
+    started = start(home, config, debug=debug)
+    daemon = None if no_backupd else ensure_running(home)
+    if as_json:
+        emit_json({"dir": started.directory, "id": started.guard_id, "pid": started.pid,
+                   "recovered": started.recovered, "backupd": daemon,
+                   "inside": [{"pid": p, "command": c} for p, c in started.inside]})
+        return
+    if started.recovered:
+        notice(f"replaced the dead guard mount at {started.directory}")
+    notice(f"guarding {started.directory} (pid {started.pid})"
+           + ("" if daemon is None else f"; backupd pid {daemon}"))
+    if started.inside:
+        listed = ", ".join(f"{p} ({c})" for p, c in started.inside[:10])
+        notice(f"{len(started.inside)} process(es) were already working inside "
+               f"{started.directory} and bypass the guard until they cd there again: {listed}")
+
+
+@guard_group.command("stop")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+def stop_cmd(directory: str, as_json: bool) -> None:
+    """Stop guarding DIR (staged items are still uploaded by the backup daemon)."""
+    from isolated_agent.backup.guard.mount import stop
+
+    guard = stop(Store().home, directory)
+    if as_json:
+        emit_json({"dir": os.fsdecode(guard.dir), "id": guard.id, "stopped": True})
+    else:
+        notice(f"stopped guarding {os.fsdecode(guard.dir)}")
+
+
+def status_rows(home: str) -> list[dict[str, Any]]:
+    from isolated_agent.backup import Backups
+    from isolated_agent.backup.guard.mount import guard_status
+
+    backups = Backups.of_store(home)
+    try:
+        return [guard_status(home, backups.catalog, guard) for guard in backups.catalog.guards()]
+    finally:
+        backups.close()
+
+
+@guard_group.command("status")
+@json_option
+def status_cmd(as_json: bool) -> None:
+    """Show the guarded directories, their items by state, and the backup daemon."""
+    from isolated_agent.backup.daemon import running_pid
+
+    home = Store().home
+    rows = status_rows(home)
+    daemon = running_pid(os.path.join(home, "run"))
+    if as_json:
+        emit_json({"guards": rows, "backupd": {"running": daemon is not None, "pid": daemon}})
+        return
+    table(
+        ["DIR", "STATE", "PID", "WAITING", "BACKED UP", "FAILED", "SKIPPED", "SINCE"],
+        [[r["dir"], r["state"], str(r["pid"] or ""),
+          str(r["counts"].get("staged", 0) + r["counts"].get("uploading", 0)),
+          str(r["counts"].get("purged", 0) + r["counts"].get("uploaded", 0)),
+          str(r["counts"].get("failed", 0)), str(r["counts"].get("skipped", 0)),
+          when(r["started"]) if r["started"] else ""] for r in rows],
+    )
+    notice(f"backupd: {'running, pid ' + str(daemon) if daemon else 'not running'}")

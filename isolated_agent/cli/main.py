@@ -15,7 +15,7 @@ import click
 from isolated_agent import __version__
 from isolated_agent.cli.backup_cmds import backup_group
 from isolated_agent.cli.env_cmds import discard_cmd, env_group
-from isolated_agent.cli.guard_cmds import backupd_cmd
+from isolated_agent.cli.guard_cmds import backupd_cmd, guard_group
 from isolated_agent.cli.mount_cmds import mount_cmd, umount_cmd
 from isolated_agent.cli.review_cmds import commit_cmd, diff_cmd, finish_interrupted_commits
 from isolated_agent.cli.run_cmd import run_cmd
@@ -43,6 +43,7 @@ cli.add_command(backup_group)
 cli.add_command(mount_cmd)
 cli.add_command(umount_cmd)
 cli.add_command(backupd_cmd)
+cli.add_command(guard_group)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -178,6 +178,10 @@ class Backupd:
     def socket(self) -> str:
         return str(self.home / "run" / "backupd.sock")
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def start(self, wait: bool = True) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
@@ -240,3 +244,89 @@ def wait_all_purged(home: Path, count: int, timeout: float = 60.0) -> None:
         return counts.get("purged", 0) == count
 
     wait_for(done, timeout=timeout, what=f"{count} items purged")
+
+
+# -- guard mounts --------------------------------------------------------------------------------
+
+
+def agentctl_cmd(home: Path, *args: str, env: dict[str, str] | None = None,
+                 cwd: Path | str | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "isolated_agent", *args], capture_output=True, text=True,
+        timeout=timeout, cwd=cwd,
+        env={**os.environ, "ISOLATED_AGENT_HOME": str(home), **(env or {})})
+
+
+def guard_mounted(directory: Path | str) -> bool:
+    target = os.path.realpath(directory)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target and " fuse.isolated-agent-guard " in line
+                   for line in f)
+
+
+class Guards:
+    """`agentctl guard start/stop` as real processes; at the end every guard daemon and
+    backupd of the store is stopped and every guard mount under the test's dirs is gone."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.started: set[str] = set()
+
+    def start(self, directory: Path, *args: str, env: dict[str, str] | None = None) -> int:
+        done = agentctl_cmd(self.home, "guard", "start", str(directory), "--no-backupd",
+                            "--json", *args, env=env)
+        assert done.returncode == 0, done.stderr
+        self.started.add(os.path.realpath(directory))
+        import json
+
+        return int(json.loads(done.stdout)["pid"])
+
+    def stop(self, directory: Path) -> None:
+        done = agentctl_cmd(self.home, "guard", "stop", str(directory))
+        assert done.returncode == 0, done.stderr
+        assert not guard_mounted(directory)
+
+    def pid(self, directory: Path) -> int | None:
+        import json
+
+        done = agentctl_cmd(self.home, "guard", "status", "--json")
+        for row in json.loads(done.stdout)["guards"]:
+            if row["dir"] == os.path.realpath(directory):
+                return row["pid"]  # type: ignore[no-any-return]
+        return None
+
+    def cleanup(self) -> None:
+        import json
+
+        run = self.home / "run"
+        for state in run.glob("guard-*.json") if run.exists() else []:
+            with contextlib.suppress(Exception):
+                pid = json.loads(state.read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+        for directory in self.started:
+            for _ in range(20):
+                if not guard_mounted(directory):
+                    break
+                subprocess.run(["umount", "-l", directory], capture_output=True, check=False)
+                time.sleep(0.05)
+        pid_file = run / "backupd.pid"
+        if pid_file.exists():
+            text = pid_file.read_text().strip()
+            if text.isdigit():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(text), signal.SIGKILL)
+
+
+@pytest.fixture
+def guards(tmp_path: Path) -> Iterator[Guards]:
+    manager = Guards(tmp_path / "home")
+    try:
+        yield manager
+    finally:
+        manager.cleanup()
+
+
+def upload_all(home: Path, env: dict[str, str] | None = None) -> None:
+    done = agentctl_cmd(home, "backupd", "--once", env=env)
+    assert done.returncode == 0, done.stderr

@@ -185,6 +185,42 @@ def test_backoff_is_exponential_capped_and_jittered() -> None:
         assert len(set(delays)) > 40  # jitter: no two daemons retry in lockstep
 
 
+@pytest.mark.parametrize("point", ["after-put", "after-verify", "after-mark", "after-purge"])
+def test_a_crash_in_every_window_of_an_upload(
+    point: str, tmp_path: Path, moto_server: MotoServer
+) -> None:
+    """backupd SIGKILLs itself at each point of an item's life; the next run finishes the
+    job: everything purged, every blob written exactly once (moto's request log)."""
+    home, directory = tmp_path / "home", tmp_path / "dir"
+    config = moto_server.config()
+    S3BlobStore(config, str(tmp_path / "spool")).ensure_bucket()
+    env = moto_server.environment(config)
+    files = make_files(directory, 4, seed=9)
+    staged = Staged(home, directory)
+    try:
+        for name in files:
+            staged.delete(name)
+    finally:
+        staged.close()
+    log_start = moto_server.log.stat().st_size
+    crashed = ctl(home, "backupd", "--once", env={**env, "ISOLATED_AGENT_BACKUPD_FAULT": point})
+    assert crashed.returncode == -9, crashed.stderr
+    done = ctl(home, "backupd", "--once", env=env)
+    assert done.returncode == 0, done.stderr
+    os.environ.update(env)
+    try:
+        assert_everything_backed_up(home, directory, files)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+    with open(moto_server.log, "rb") as f:
+        f.seek(log_start)
+        log = f.read().decode(errors="replace")
+    writes = re.findall(rf'"PUT /{config.bucket}/blobs/sha256/../([0-9a-f]{{64}}) HTTP/1.1" 200',
+                        log)
+    assert sorted(writes) == sorted({sha(d) for d in files.values()})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bucket", ["local", "s3"])
 def test_sigkill_at_random_points_loses_nothing_and_uploads_once(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sqlite3
 import stat
 from collections.abc import Callable
@@ -27,6 +28,19 @@ from isolated_agent.backup.guard.policy import Policy
 from isolated_agent.backup.guard.staging import StagedRecord, StagingDir
 
 log = logging.getLogger("guard")
+
+# Test hook: "POINT:MARKER[,POINT:MARKER]". At POINT (after-sidecar, after-stage,
+# after-record) for a path containing MARKER the guard SIGKILLs itself, to prove that a crash
+# in every window between the steps loses nothing (tests/guard/test_guard_failures.py).
+FAULT_ENV = "ISOLATED_AGENT_GUARD_FAULT"
+_FAULTS = [tuple(item.split(":", 1)) for item in os.environ.get(FAULT_ENV, "").split(",")
+           if ":" in item]
+
+
+def _crash_point(point: str, path: bytes) -> None:
+    for wanted, marker in _FAULTS:
+        if wanted == point and os.fsencode(marker) in path:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,8 @@ class Stager:
         one link is renamed into staging (that is the removal); with several links, or on
         another filesystem, it is copied, then unlinked."""
         kind = kind_of(st.st_mode)
+        if kind == "dir":
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
         if kind == "other" or self._skip(path, st, kind, cause):
             os.unlink(name, dir_fd=dir_fd)
             if kind == "other":
@@ -83,11 +99,13 @@ class Stager:
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, kind)
         self.staging.write_sidecar(staged, record, self.sync)
+        _crash_point("after-sidecar", path)
         try:
             moved = self._take(dir_fd, name, staged, st, kind, move=True)
         except BaseException:
             self.staging.discard(staged)
             raise
+        _crash_point("after-stage", path)
         try:
             event_id = self._record(record, staged, cause)
         except OSError:
@@ -97,6 +115,7 @@ class Stager:
                 return
             self.staging.discard(staged)
             raise
+        _crash_point("after-record", path)
         if not moved:
             try:
                 os.unlink(name, dir_fd=dir_fd)
@@ -108,22 +127,26 @@ class Stager:
     # -- rename over an existing entry, truncation, exchange --------------------------------
 
     def before_replace(self, dir_fd: int, name: bytes, path: bytes, st: os.stat_result,
-                       cause: str = "rename") -> Pending | None:
+                       cause: str = "rename", copy: bool = False) -> Pending | None:
         """`name` is about to be replaced by a rename: keep its old content (a hard link in
         staging while it has one link — the rename then only drops the old name — else a
-        copy). None when there is nothing to keep (a directory, a fifo, a skip)."""
+        copy; always a copy with `copy`, for an exchange, after which the file lives on).
+        None when there is nothing to keep (a directory, a fifo, a skip)."""
         kind = kind_of(st.st_mode)
         if kind in ("dir", "other") or self._skip(path, st, kind, cause):
             return None
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, kind)
         self.staging.write_sidecar(staged, record, self.sync)
+        _crash_point("after-sidecar", path)
         try:
-            self._take(dir_fd, name, staged, st, kind, move=False)
+            self._take(dir_fd, name, staged, st, kind, move=False, copy=copy)
+            _crash_point("after-stage", path)
             event_id = self._record(record, staged, cause)
         except BaseException:
             self.staging.discard(staged)
             raise
+        _crash_point("after-record", path)
         return Pending(event_id, staged)
 
     def before_truncate(self, fd: int, path: bytes, st: os.stat_result, new_size: int,
@@ -137,13 +160,16 @@ class Stager:
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, "file")
         self.staging.write_sidecar(staged, record, self.sync)
+        _crash_point("after-sidecar", path)
         try:
             self.staging.copy_in(fd, staged, self.sync)
             self._flush_dir()
+            _crash_point("after-stage", path)
             event_id = self._record(record, staged, cause)
         except BaseException:
             self.staging.discard(staged)
             raise
+        _crash_point("after-record", path)
         return Pending(event_id, staged)
 
     def done(self, pending: Pending | None) -> None:
@@ -162,10 +188,10 @@ class Stager:
     # -- helpers ----------------------------------------------------------------------------
 
     def _take(self, dir_fd: int, name: bytes, staged: str, st: os.stat_result, kind: str,
-              move: bool) -> bool:
+              move: bool, copy: bool = False) -> bool:
         """Put the entry into staging as `staged`: renamed (move) or linked when it has one
         link, else copied. Returns True when it was renamed."""
-        if kind == "symlink" or st.st_nlink == 1:
+        if not copy and (kind == "symlink" or st.st_nlink == 1):
             try:
                 if move:
                     self.staging.move_in(dir_fd, name, staged)

@@ -1,0 +1,449 @@
+"""The guard daemon's life: check DIR, open it, mount over it, serve, unmount.
+
+    agentctl guard start DIR
+      check DIR (a directory, not /, not overlapping the store, not in or over another guard)
+      -> a dead guard mount at DIR (its daemon was killed) is detached first
+      -> open DIR and its staging dir (fds, before the mount), register the guard
+      -> fork the daemon: setsid, log to run/guard-<id>.log, take the staging lock, reconcile
+         staging with the catalog, mount FUSE over DIR, write run/guard-<id>.json (pid and the
+         fd number of the staging dir, for the backup daemon), report "ok" to the parent
+      -> serve until SIGTERM/SIGINT/SIGHUP (then unmount) or until someone unmounts it.
+    agentctl guard stop DIR
+      SIGTERM to the daemon, wait for it; a mount left behind (dead daemon) is detached.
+
+While the daemon is being killed or is dead, DIR answers ENOTCONN: nothing can delete there,
+so nothing is lost; `guard start DIR` brings it back (and reconciles), `guard stop` removes
+the dead mount. A root guard mounts with allow_other so every user keeps using DIR; a user's
+guard serves that user only (FUSE's default; allow_other needs user_allow_other in
+/etc/fuse.conf).
+
+Processes that were already working inside DIR when the guard started (a shell cd'ed there)
+keep the directory they had, under the mount: they bypass the guard until they cd there again.
+`start` lists them (`processes_inside`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyfuse3
+import trio  # type: ignore[import-untyped]
+
+from isolated_agent import libc
+from isolated_agent.backup import Backups
+from isolated_agent.backup.catalog import GuardCatalog, GuardRecord
+from isolated_agent.backup.guard.fs import GuardOperations
+from isolated_agent.backup.guard.policy import Policy
+from isolated_agent.backup.guard.stage import Stager
+from isolated_agent.backup.guard.staging import (
+    STAGING_NAME,
+    StagingDir,
+    process_alive,
+    read_state,
+    reconcile,
+    state_path,
+)
+from isolated_agent.engines.fuse.mount import (
+    NotMounted,
+    UnmountFailed,
+    mount_entry,
+    unmount,
+    wait_exited,
+)
+from isolated_agent.errors import GuardError
+from isolated_agent.jobs.mountinfo import read_mountinfo
+from isolated_agent.protocol.client import ControlError, request
+from isolated_agent.protocol.frames import Code, Frame
+
+log = logging.getLogger("guard")
+
+FSTYPE = "fuse.isolated-agent-guard"
+FLUSH_INTERVAL = 1.0  # seconds between group flushes of what was staged (unless --sync)
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    directory: str
+    policy: Policy = Policy()
+    sync: bool = False
+
+
+@dataclass(frozen=True)
+class Started:
+    guard_id: int
+    directory: str
+    pid: int
+    recovered: bool  # a dead guard mount was there and was replaced
+    # processes already inside DIR before the mount: they bypass the guard until they cd again
+    inside: tuple[tuple[int, str], ...] = ()
+
+
+def is_dead(directory: str) -> bool:
+    """Is the FUSE mount at `directory` without its daemon? statfs always asks the daemon
+    (a stat may be answered from the kernel's attribute cache even after it died)."""
+    try:
+        os.statvfs(directory)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _within(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def guard_mounts() -> list[str]:
+    return [e.mount_point for e in read_mountinfo() if e.fstype == FSTYPE]
+
+
+def check_directory(home: str, given: str) -> str:
+    directory = os.path.realpath(given)
+    if not os.path.isdir(directory):
+        raise GuardError(f"{given}: not a directory")
+    if directory == "/":
+        raise GuardError("cannot guard / (guard the directories you care about)")
+    home = os.path.realpath(home)
+    if _within(directory, home) or _within(home, directory):
+        raise GuardError(
+            f"{directory} overlaps the store {home}: the guard would stage its own catalog; "
+            "set ISOLATED_AGENT_HOME outside it")
+    for mounted in guard_mounts():
+        if mounted != directory and (_within(directory, mounted) or _within(mounted, directory)):
+            raise GuardError(f"{directory} is inside or over the guarded directory {mounted}; "
+                             "guard one or the other")
+    return directory
+
+
+def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
+    """Mount the guard over `config.directory`; return once it serves."""
+    directory = os.path.realpath(config.directory)
+    recovered = False
+    entry = mount_entry(directory)
+    if entry is not None and entry.fstype == FSTYPE:
+        if not is_dead(directory):
+            raise GuardError(f"{directory} is guarded already; `agentctl guard status` shows it")
+        _detach(directory)  # its daemon died: DIR answers ENOTCONN until this
+        recovered = True
+    directory = check_directory(home, directory)
+    run_dir = os.path.join(home, "run")
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    inside = tuple(processes_inside(directory))
+    root_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        staging = StagingDir.create_in(root_fd)
+    except BaseException:
+        os.close(root_fd)
+        raise
+    try:
+        backups = Backups.of_store(home)
+        try:
+            dev, ino = staging.identity()
+            guard_id = backups.catalog.register_guard(
+                os.fsencode(directory), os.fsencode(directory) + b"/" + STAGING_NAME, dev, ino)
+        finally:
+            backups.close()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the daemon
+            os.close(read_end)
+            code = _daemon(home, config, directory, guard_id, root_fd, staging, write_end, debug)
+            os._exit(code)
+        os.close(write_end)
+    finally:
+        staging.close()
+        os.close(root_fd)
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read().decode(errors="replace").strip()
+    if not answer.startswith("ok"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        raise GuardError(answer.removeprefix("error ").strip() or "the guard daemon died")
+    return Started(guard_id, directory, pid, recovered, inside)
+
+
+def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_fd: int,
+            staging: StagingDir, report_fd: int, debug: bool) -> int:
+    """The forked guard daemon: never returns into the caller's code."""
+    run_dir = os.path.join(home, "run")
+    try:
+        os.setsid()
+        _detach_stdio(os.path.join(run_dir, f"guard-{guard_id}.log"))
+        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                            format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
+        os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
+        _raise_fd_limit()
+        staging.lock(blocking=True)
+        catalog = GuardCatalog(os.path.join(home, "backup", "catalog.sqlite"),
+                               durable=config.sync)
+        guard = catalog.guard(guard_id)
+        assert guard is not None
+        report = reconcile(staging, catalog, guard)
+        log.info("guard of %s: reconciled staging: %s", directory, report)
+        notifier = Notifier(os.path.join(run_dir, "backupd.sock"))
+        stager = Stager(staging, catalog, guard, config.policy, config.sync,
+                        wake=notifier.backup, skipped=notifier.skip)
+        operations = GuardOperations(root_fd, os.fsencode(directory), stager)
+        options = {"default_permissions", "fsname=isolated-agent-guard",
+                   "subtype=isolated-agent-guard"}
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(operations, directory, options)
+        except RuntimeError as e:
+            raise GuardError(f"cannot mount the guard over {directory}: {e}") from None
+        try:
+            _write_state(run_dir, guard, staging, config)
+            os.write(report_fd, b"ok\n")
+            os.close(report_fd)
+            log.info("guarding %s (pid %d)", directory, os.getpid())
+            trio.run(_serve, stager, catalog)
+        finally:
+            operations.release_all()
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            notifier.stop()
+            with contextlib.suppress(OSError):
+                _flush(stager, catalog)
+            catalog.close()
+            with contextlib.suppress(OSError):
+                os.unlink(state_path(run_dir, guard_id))
+            log.info("guard of %s ended", directory)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - report, never unwind into the caller
+        message = str(e) if isinstance(e, GuardError) else f"the guard failed: {e!r}"
+        with contextlib.suppress(OSError):
+            os.write(report_fd, ("error " + message.replace("\n", " ") + "\n").encode())
+        with contextlib.suppress(Exception):
+            log.exception("guard: daemon ended with an error")
+        return 1
+
+
+async def _serve(stager: Stager, catalog: GuardCatalog) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        if not stager.sync:
+            nursery.start_soon(_flush_periodically, stager, catalog)
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("guard: signal %d, unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+async def _flush_periodically(stager: Stager, catalog: GuardCatalog) -> None:
+    """Group durability: what was staged since the last round reaches the disk together
+    (the staging filesystem and the catalog's), at most FLUSH_INTERVAL after the reply."""
+    while True:
+        await trio.sleep(FLUSH_INTERVAL)
+        if stager.dirty:
+            stager.dirty = False
+            try:
+                await trio.to_thread.run_sync(_flush, stager, catalog)
+            except OSError as e:
+                log.error("guard: flushing staged items failed: %s", e)
+                stager.dirty = True
+
+
+def _flush(stager: Stager, catalog: GuardCatalog) -> None:
+    stager.staging.flush()
+    fd = os.open(os.path.dirname(catalog.path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_state(run_dir: str, guard: GuardRecord, staging: StagingDir,
+                 config: GuardConfig) -> None:
+    state = {"pid": os.getpid(), "staging_fd": staging.fd, "dir": os.fsdecode(guard.dir),
+             "started": time.time(), "sync": config.sync, "policy": asdict(config.policy)}
+    path = state_path(run_dir, guard.id)
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "w") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
+
+
+class Notifier:
+    """Wakes the backup daemon: coalesced messages from a thread of their own, so a FUSE
+    request never waits on the socket. Losing one is harmless: the catalog is the truth."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self._lock = threading.Lock()
+        self._ids: list[int] = []
+        self._skips: list[tuple[str, str]] = []
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
+        self._thread.start()
+
+    def backup(self, event_id: int) -> None:
+        with self._lock:
+            self._ids.append(event_id)
+        self._wake.set()
+
+    def skip(self, path: bytes, reason: str) -> None:
+        log.info("not backed up: %s: %s", os.fsdecode(path), reason)
+        with self._lock:
+            self._skips.append((os.fsdecode(path).encode("utf-8", "replace").decode(), reason))
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(0.02)  # let a burst (rm -rf) gather into one message
+            with self._lock:
+                ids, self._ids = self._ids, []
+                skips, self._skips = self._skips[:100], []
+            try:
+                if ids:
+                    request(self.socket_path, Frame(Code.BACKUP, {"ids": ids[-1000:]}), 2.0)
+                for path, reason in skips:
+                    request(self.socket_path, Frame(Code.SKIP, {"path": path, "reason": reason}),
+                            2.0)
+            except ControlError:
+                pass  # not running: it finds the items in the catalog when it starts
+
+
+def _detach_stdio(log_path: str) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    for fd in (null, out):
+        os.close(fd)
+
+
+def _raise_fd_limit() -> None:
+    """One O_PATH fd per inode the kernel holds (an rm -rf of a big tree holds many)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError, ValueError), open("/proc/sys/fs/nr_open") as f:
+            wanted = int(f.read())
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+
+
+def _detach(directory: str) -> None:
+    try:
+        unmount(directory, lazy=True)
+    except NotMounted:
+        pass
+    except UnmountFailed as e:
+        raise GuardError(str(e)) from None
+
+
+# -- stop and status ----------------------------------------------------------------------------
+
+
+def find_guard(catalog: GuardCatalog, given: str) -> GuardRecord:
+    directory = os.fsencode(os.path.realpath(given))
+    for guard in catalog.guards():
+        if guard.dir == directory:
+            return guard
+    raise GuardError(f"{given} is not guarded; `agentctl guard status` lists what is")
+
+
+def stop(home: str, given: str, timeout: float = 15.0) -> GuardRecord:
+    """Stop the guard of a directory: its daemon unmounts and exits; a dead mount is
+    detached. Staged items stay for the backup daemon."""
+    backups = Backups.of_store(home)
+    try:
+        guard = find_guard(backups.catalog, given)
+    finally:
+        backups.close()
+    directory = os.fsdecode(guard.dir)
+    run_dir = os.path.join(home, "run")
+    pid = _running_pid(run_dir, guard)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not wait_exited(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            wait_exited(pid, 5)
+    entry = mount_entry(directory)
+    if entry is not None and entry.fstype == FSTYPE:
+        _detach(directory)
+    with contextlib.suppress(OSError):
+        os.unlink(state_path(run_dir, guard.id))
+    if pid is None and entry is None:
+        raise GuardError(f"{directory} is not guarded now (no guard runs there)")
+    return guard
+
+
+def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
+    state = read_state(run_dir, guard.id)
+    pid = None if state is None else state.get("pid")
+    return pid if isinstance(pid, int) and process_alive(pid) else None
+
+
+def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[str, Any]:
+    directory = os.fsdecode(guard.dir)
+    run_dir = os.path.join(home, "run")
+    state = read_state(run_dir, guard.id) or {}
+    pid = _running_pid(run_dir, guard)
+    entry = mount_entry(directory)
+    mounted = entry is not None and entry.fstype == FSTYPE
+    if mounted and pid is not None and not is_dead(directory):
+        condition = "guarded"
+    elif mounted:
+        condition = "dead"  # ENOTCONN until `guard start` or `guard stop`
+    else:
+        condition = "stopped"
+    started = state.get("started") if condition == "guarded" else None
+    return {
+        "id": guard.id, "dir": directory, "state": condition,
+        "pid": pid if condition == "guarded" else None,
+        "started": started, "staging": os.fsdecode(guard.staging),
+        "policy": state.get("policy"), "counts": catalog.counts(guard.id),
+    }
+
+
+def processes_inside(directory: str) -> list[tuple[int, str]]:
+    """Processes whose working or root directory is inside `directory`."""
+    found: list[tuple[int, str]] = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        for link in ("cwd", "root"):
+            try:
+                target = os.readlink(f"/proc/{name}/{link}")
+            except OSError:
+                continue
+            if _within(target, directory):
+                try:
+                    with open(f"/proc/{name}/comm") as f:
+                        command = f.read().strip()
+                except OSError:
+                    command = "?"
+                found.append((int(name), command))
+                break
+    return found
