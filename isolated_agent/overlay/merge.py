@@ -95,6 +95,7 @@ class Overlay:
         self.origins: dict[Key, Key] = {}  # upper object made by a copy-up -> its origin
         self.euid, self.egid = os.geteuid(), os.getegid()
         self.generation = 0  # bumped by every change of the namespace: see the caches above
+        self.change_mark = 0  # bumped by every change at all (`changed`)
         self._readers: OrderedDict[Node, None] = OrderedDict()
         self.root = self._make_root()
 
@@ -184,6 +185,11 @@ class Overlay:
     def namespace_changed(self) -> None:
         """Some name now means something else: every cached listing and lookup is stale."""
         self.generation += 1
+        self.change_mark += 1
+
+    def changed(self) -> None:
+        """Something may have changed (data, attributes): no stat taken before is current."""
+        self.change_mark += 1
 
     def held_lookup(self, parent: Node, name: bytes) -> Node:
         """`lookup`, with a reference the caller must drop (`unref`): a node an operation
@@ -219,12 +225,12 @@ class Overlay:
                 return existing
             fd = os.open(name, _PATH_FLAGS, dir_fd=lower)
             if not stat.S_ISDIR(st.st_mode):
-                return self._new(stat.S_IFMT(st.st_mode), None, [fd], _key(st))
+                return self._new(st, None, [fd])
             deeper = parent.lowers[i + 1 :]
             lowers = [fd]
             if deeper and not is_opaque_fd(fd):
                 lowers += self._lower_dirs(deeper, name)
-            return self._new(stat.S_IFDIR, None, lowers, _key(st))
+            return self._new(st, None, lowers)
         raise oserror(errno.ENOENT, name)
 
     def _upper_node(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
@@ -233,10 +239,10 @@ class Overlay:
             return existing
         fd = os.open(name, _PATH_FLAGS, dir_fd=parent.upper)
         if not stat.S_ISDIR(st.st_mode):
-            return self._new(stat.S_IFMT(st.st_mode), fd, [], _key(st))
+            return self._new(st, fd, [])
         opaque = is_opaque_fd(fd)
         lowers = [] if opaque else self._lower_dirs(parent.lowers, name)
-        return self._new(stat.S_IFDIR, fd, lowers, _key(st), opaque)
+        return self._new(st, fd, lowers, opaque)
 
     def _lower_dirs(self, lower_fds: list[int], name: bytes) -> list[int]:
         """The lower directories merged under `name`: down to the first non-directory,
@@ -255,9 +261,15 @@ class Overlay:
         return result
 
     def _new(
-        self, file_type: int, upper: int | None, lowers: list[int], key: Key, opaque: bool = False
+        self,
+        st: os.stat_result,
+        upper: int | None,
+        lowers: list[int],
+        opaque: bool = False,
     ) -> Node:
-        node = Node(file_type, upper, lowers, key, opaque, self.origins.get(key, key))
+        key = _key(st)
+        node = Node(stat.S_IFMT(st.st_mode), upper, lowers, key, opaque, self.origins.get(key, key))
+        node.fresh, node.fresh_mark = st, self.change_mark
         self.index[key] = node
         return node
 
@@ -277,7 +289,11 @@ class Overlay:
         """The attributes the merged view shows, and the link count to report: 1 for a
         directory merged from several layers (as the kernel's overlayfs; `find` and friends
         read it as "unknown")."""
-        st = os.fstat(node.fd)
+        if node.fresh is not None and node.fresh_mark == self.change_mark:
+            st = node.fresh
+        else:
+            st = os.fstat(node.fd)
+        node.fresh = None
         layers = len(node.lowers) + (node.upper is not None)
         nlink = 1 if node.is_dir and layers > 1 else st.st_nlink
         return st, nlink
@@ -365,6 +381,7 @@ class Overlay:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)
         self.copy_up(node)
+        self.changed()
         path, follow = self._xattr_path(node)
         os.setxattr(path, name, value, flags, follow_symlinks=follow)
 
@@ -374,6 +391,7 @@ class Overlay:
         if node.upper is None:
             self.getxattr(node, name)  # ENODATA: fail before copying anything up
         self.copy_up(node)
+        self.changed()
         path, follow = self._xattr_path(node)
         os.removexattr(path, name, follow_symlinks=follow)
 
@@ -442,6 +460,7 @@ class Overlay:
                     self.on_stale_entry(other_parent, other_name)
 
     def _adopt_upper(self, node: Node, fd: int) -> None:
+        self.changed()
         self._drop_reader(node)
         node.upper = fd
         if not node.is_dir:
@@ -690,6 +709,7 @@ class Overlay:
         mtime_ns: int | None = None,
     ) -> None:
         self.copy_up(node, with_data=size != 0)
+        self.changed()
         assert node.upper is not None
         is_link = node.file_type == stat.S_IFLNK
         path = fd_path(node.upper)

@@ -46,6 +46,8 @@ class Node:
         "listing",
         "children",
         "cache_generation",
+        "fresh",
+        "fresh_mark",
         "__weakref__",
     )
 
@@ -75,6 +77,9 @@ class Node:
         self.listing: list[bytes] | None = None
         self.children: dict[bytes, weakref.ref[Node]] = {}
         self.cache_generation = -1
+        # The stat that found this node, good for its first getattr while nothing changed.
+        self.fresh: os.stat_result | None = None
+        self.fresh_mark = -1
 
     @property
     def is_dir(self) -> bool:

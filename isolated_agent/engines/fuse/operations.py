@@ -21,6 +21,8 @@ import errno
 import functools
 import logging
 import os
+import stat
+import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -37,6 +39,9 @@ from isolated_agent.overlay.rename import rename
 log = logging.getLogger("agentfs")
 
 T = TypeVar("T")
+
+# Files up to this size are pushed into the page cache at OPEN (see Operations._push).
+PUSH_MAX = 256 * 1024
 
 
 def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
@@ -89,6 +94,8 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, _Dir] = {}
         self._next_handle = 1
         self._attribute_cache: dict[int, tuple[Node, EntryAttributes]] = {}
+        self._pushed: weakref.WeakSet[Node] = weakref.WeakSet()  # content in the page cache
+        self._writers: dict[Node, int] = {}  # open writable handles per node
         self._buffer = bytearray(1 << 20)
         overlay.on_stale_entry = self._stale_entry
 
@@ -118,8 +125,10 @@ class Operations(pyfuse3.Operations):
         return attrs
 
     def _changed(self) -> None:
-        """A request may have changed attributes: forget every cached one."""
+        """A request may have changed attributes or data: forget every cached one."""
         self._attribute_cache.clear()
+        self._pushed.clear()
+        self.overlay.changed()
 
     def _entry(self, node: Node) -> EntryAttributes:
         """An entry reply for `node`: the lookup count goes up once the reply is certain."""
@@ -296,16 +305,39 @@ class Operations(pyfuse3.Operations):
         handle = self._handle()
         self._files[handle] = _File(node, fd)
         self.overlay.ref(node)
+        if fd is not None:
+            self._writers[node] = self._writers.get(node, 0) + 1
         return FileInfo(fh=handle, keep_cache=self.cache.keep_cache)
 
     @_handler
     def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self.inodes.node(inode)
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            self.overlay.reader(node)  # fails here, not at the first read, if it cannot
+            reader = self.overlay.reader(node)  # fails here, not at the first read
+            self._push(node, inode, reader)
             return self._file_info(node, None)
         self._changed()
         return self._file_info(node, self.overlay.open(node, self._open_flags(flags)))
+
+    def _push(self, node: Node, inode: int, fd: int) -> None:
+        """Hand a small file's content to the kernel's page cache along with the OPEN reply
+        (notify_store), so that reading it needs no READ round trip. Only in the cache mode
+        that keeps the page cache across opens, once per content (any change clears the
+        record), and never while a writable handle is open: a write the kernel has put in its
+        page cache but not yet sent must not be overwritten with older data."""
+        if not self.cache.keep_cache or node in self._pushed or self._writers.get(node):
+            return
+        size = self._attributes(node, inode).st_size
+        if not 0 < size <= PUSH_MAX or not stat.S_ISREG(node.file_type):
+            return
+        view = memoryview(self._buffer)[:size]
+        got = os.preadv(fd, [view], 0)
+        try:
+            pyfuse3.notify_store(inode, 0, view[:got])  # type: ignore[arg-type]  # any buffer
+        except OSError as e:  # only an optimisation: the kernel will send READs instead
+            log.debug("agentfs: notify_store(%d) failed: %s", inode, e)
+            return
+        self._pushed.add(node)
 
     @_handler
     def create(
@@ -360,6 +392,9 @@ class Operations(pyfuse3.Operations):
         try:
             if handle.fd is not None:
                 os.close(handle.fd)
+                count = self._writers.pop(handle.node, 1) - 1
+                if count:
+                    self._writers[handle.node] = count
         finally:
             self.overlay.unref(handle.node)
 
