@@ -303,23 +303,25 @@ class GuardCatalog(BackupCatalog):
     # -- items: the guard -----------------------------------------------------------------
 
     def add_item(self, event: BackupEvent, guard_id: int, staged_name: str | None,
-                 cause: str, state: str = STAGED, note: str | None = None) -> int:
+                 cause: str, state: str = STAGED, note: str | None = None,
+                 fresh: bool = False) -> int:
         """Record a guard event and its item in one transaction; returns the event id. A
-        staged name already recorded (a reconcile meeting an item twice) returns that id."""
+        staged name already recorded (a reconcile meeting an item twice) returns that id;
+        `fresh` (a name just made by the guard) skips that check — the UNIQUE constraint
+        still holds."""
         assert state in STATES
         with self._transaction() as db:
-            if staged_name is not None:
+            if staged_name is not None and not fresh:
                 row = db.execute("SELECT event_id FROM guard_items WHERE staged_name = ?",
                                  (staged_name,)).fetchone()
                 if row is not None:
                     return int(row[0])
-            db.execute(
+            (event_id,) = db.execute(
                 "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
                 "mtime_ns, sha256, env_id, env_name, commit_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL) RETURNING id",
                 (event.path, event.reason, event.time, event.kind, event.size, event.mode,
-                 event.uid, event.gid, event.mtime_ns, event.sha256))
-            (event_id,) = db.execute("SELECT last_insert_rowid()").fetchone()
+                 event.uid, event.gid, event.mtime_ns, event.sha256)).fetchone()
             db.execute(
                 "INSERT INTO guard_items (event_id, guard_id, staged_name, cause, state, "
                 "last_error) VALUES (?, ?, ?, ?, ?, ?)",

@@ -233,7 +233,8 @@ class Stager:
                 state: str | None = None, note: str | None = None) -> int:
         try:
             if state is None:
-                return self.catalog.add_item(record.event(), self.guard.id, staged, cause)
+                return self.catalog.add_item(record.event(), self.guard.id, staged, cause,
+                                             fresh=True)
             return self.catalog.add_item(record.event(), self.guard.id, staged, cause, state,
                                          note)
         except sqlite3.Error as e:
