@@ -7,13 +7,14 @@ plain Python and a reviewer has one file to check against the man pages.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
 import sys
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# glibc's soname, loaded directly: ctypes.util.find_library runs ldconfig, which costs every
+# `agentctl run` several milliseconds of start-up.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 
 # <sched.h>
 CLONE_NEWNS = 0x00020000

@@ -7,43 +7,60 @@ otherwise the job's own status, 128+N when it died of signal N; 70 an internal e
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
 import click
 
 from isolated_agent import __version__
-from isolated_agent.cli.backup_cmds import backup_group
-from isolated_agent.cli.env_cmds import discard_cmd, env_group
-from isolated_agent.cli.guard_cmds import backupd_cmd, guard_group
-from isolated_agent.cli.mount_cmds import mount_cmd, umount_cmd
-from isolated_agent.cli.review_cmds import commit_cmd, diff_cmd, finish_interrupted_commits
-from isolated_agent.cli.run_cmd import run_cmd
 from isolated_agent.errors import AgentctlError
 
 EXIT_INTERNAL_ERROR = 70
 
+# Each command's module is imported only when the command runs: `agentctl run` must not pay for
+# the diff, backup and FUSE machinery at every start (DESIGN: run -- true in under 150 ms).
+COMMANDS = {
+    "run": "isolated_agent.cli.run_cmd:run_cmd",
+    "env": "isolated_agent.cli.env_cmds:env_group",
+    "discard": "isolated_agent.cli.env_cmds:discard_cmd",
+    "diff": "isolated_agent.cli.review_cmds:diff_cmd",
+    "commit": "isolated_agent.cli.review_cmds:commit_cmd",
+    "backup": "isolated_agent.cli.backup_cmds:backup_group",
+    "mount": "isolated_agent.cli.mount_cmds:mount_cmd",
+    "umount": "isolated_agent.cli.mount_cmds:umount_cmd",
+    "guard": "isolated_agent.cli.guard_cmds:guard_group",
+    "backupd": "isolated_agent.cli.guard_cmds:backupd_cmd",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        command: click.Command = getattr(importlib.import_module(module), attribute)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agentctl")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """Run programs against your project in a private copy-on-write env; review and keep or
     drop what they changed."""
-    if ctx.invoked_subcommand != "commit":  # commit finishes them itself, with its own report
+    from isolated_agent.env.journal import pending_env_ids
+    from isolated_agent.env.store import default_home
+
+    # A commit killed half-way is finished at the first chance; commit does it itself.
+    if ctx.invoked_subcommand != "commit" and pending_env_ids(default_home()):
+        from isolated_agent.cli.review_cmds import finish_interrupted_commits
+
         finish_interrupted_commits()
-
-
-cli.add_command(env_group)
-cli.add_command(run_cmd)
-cli.add_command(discard_cmd)
-cli.add_command(diff_cmd)
-cli.add_command(commit_cmd)
-cli.add_command(backup_group)
-cli.add_command(mount_cmd)
-cli.add_command(umount_cmd)
-cli.add_command(backupd_cmd)
-cli.add_command(guard_group)
 
 
 def main(argv: list[str] | None = None) -> None:
