@@ -136,6 +136,17 @@ class GuardItem:
     purged_at: float | None
 
 
+@dataclass(frozen=True)
+class NewItem:
+    """A guard event to record, with its item."""
+
+    event: BackupEvent
+    staged_name: str | None
+    cause: str
+    state: str = STAGED
+    note: str | None = None
+
+
 _ITEM_COLUMNS = (
     "event_id, guard_id, staged_name, cause, state, attempts, next_attempt_at, last_error, "
     "uploaded_at, purged_at"
@@ -309,24 +320,35 @@ class GuardCatalog(BackupCatalog):
         staged name already recorded (a reconcile meeting an item twice) returns that id;
         `fresh` (a name just made by the guard) skips that check — the UNIQUE constraint
         still holds."""
-        assert state in STATES
+        [event_id] = self.add_items([NewItem(event, staged_name, cause, state, note)],
+                                    guard_id, fresh)
+        return event_id
+
+    def add_items(self, items: list[NewItem], guard_id: int, fresh: bool = True) -> list[int]:
+        """`add_item` for many items in one transaction (the guard's group commit)."""
+        ids: list[int] = []
         with self._transaction() as db:
-            if staged_name is not None and not fresh:
-                row = db.execute("SELECT event_id FROM guard_items WHERE staged_name = ?",
-                                 (staged_name,)).fetchone()
-                if row is not None:
-                    return int(row[0])
-            (event_id,) = db.execute(
-                "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
-                "mtime_ns, sha256, env_id, env_name, commit_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL) RETURNING id",
-                (event.path, event.reason, event.time, event.kind, event.size, event.mode,
-                 event.uid, event.gid, event.mtime_ns, event.sha256)).fetchone()
-            db.execute(
-                "INSERT INTO guard_items (event_id, guard_id, staged_name, cause, state, "
-                "last_error) VALUES (?, ?, ?, ?, ?, ?)",
-                (event_id, guard_id, staged_name, cause, state, note))
-            return int(event_id)
+            for item in items:
+                assert item.state in STATES
+                if item.staged_name is not None and not fresh:
+                    row = db.execute("SELECT event_id FROM guard_items WHERE staged_name = ?",
+                                     (item.staged_name,)).fetchone()
+                    if row is not None:
+                        ids.append(int(row[0]))
+                        continue
+                event = item.event
+                (event_id,) = db.execute(
+                    "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
+                    "mtime_ns, sha256, env_id, env_name, commit_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL) RETURNING id",
+                    (event.path, event.reason, event.time, event.kind, event.size, event.mode,
+                     event.uid, event.gid, event.mtime_ns, event.sha256)).fetchone()
+                db.execute(
+                    "INSERT INTO guard_items (event_id, guard_id, staged_name, cause, state, "
+                    "last_error) VALUES (?, ?, ?, ?, ?, ?)",
+                    (event_id, guard_id, item.staged_name, item.cause, item.state, item.note))
+                ids.append(int(event_id))
+        return ids
 
     def remove_item(self, event_id: int) -> None:
         """Undo `add_item`: the operation it was staged for failed, nothing was removed."""

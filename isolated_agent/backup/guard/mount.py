@@ -70,6 +70,7 @@ log = logging.getLogger("guard")
 
 FSTYPE = "fuse.isolated-agent-guard"
 FLUSH_INTERVAL = 1.0  # seconds between group flushes of what was staged (unless --sync)
+ROW_INTERVAL = 0.02  # seconds at most before a staged item's catalog row is committed
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,8 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         log.info("guard of %s: reconciled staging: %s", directory, report)
         notifier = Notifier(os.path.join(run_dir, "backupd.sock"))
         stager = Stager(staging, catalog, guard, config.policy, config.sync,
-                        wake=notifier.backup, skipped=notifier.skip)
+                        wake=notifier.backup, skipped=notifier.skip,
+                        defer_rows=not config.sync)
         operations = GuardOperations(root_fd, os.fsencode(directory), stager)
         options = {"default_permissions", "fsname=isolated-agent-guard",
                    "subtype=isolated-agent-guard"}
@@ -212,6 +214,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             operations.release_all()
             with contextlib.suppress(Exception):
                 pyfuse3.close(unmount=True)
+            stager.flush_rows()
             notifier.stop()
             with contextlib.suppress(OSError):
                 _flush(stager, catalog)
@@ -234,6 +237,8 @@ async def _serve(stager: Stager, catalog: GuardCatalog) -> None:
         nursery.start_soon(_terminate_on_signal)
         if not stager.sync:
             nursery.start_soon(_flush_periodically, stager, catalog)
+        if stager.defer_rows:
+            nursery.start_soon(_commit_rows_periodically, stager)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
@@ -244,6 +249,14 @@ async def _terminate_on_signal() -> None:
             log.info("guard: signal %d, unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+async def _commit_rows_periodically(stager: Stager) -> None:
+    """Deferred catalog rows are committed within ROW_INTERVAL of their operation (in the
+    FUSE thread, between requests: the Stager is never used by two at once)."""
+    while True:
+        await trio.sleep(ROW_INTERVAL)
+        stager.flush_rows()
 
 
 async def _flush_periodically(stager: Stager, catalog: GuardCatalog) -> None:

@@ -9,6 +9,15 @@ Fail closed: when staging fails (no space, the catalog cannot be written) the op
 not happen and the caller gets an OSError (ENOSPC, EIO...). Nothing is ever destroyed without
 its old content being staged and recorded first — except on purpose (policy.py), and then the
 skip itself is recorded.
+
+Catalog rows, two modes. `defer_rows=False` (`guard --sync`, and the tests that drive a Stager
+directly): the row is committed before the operation returns. `defer_rows=True` (the guard's
+default): the record that must exist before the reply is the sidecar, written next to the
+staged item on the same filesystem; the rows are committed in groups (`flush_rows`: every few
+milliseconds, and whenever `ROW_BATCH` are waiting), which costs one SQLite commit per group
+instead of one per file. A crash before a group is committed loses no row: the sidecars are
+there, and `reconcile` records them (at the guard's next start, or by the backup daemon while
+no guard holds the staging dir). The backup daemon is woken once a group is committed.
 """
 
 from __future__ import annotations
@@ -23,11 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from isolated_agent import libc
-from isolated_agent.backup.catalog import RECORDED, SKIPPED, GuardCatalog, GuardRecord
+from isolated_agent.backup.catalog import (
+    RECORDED,
+    SKIPPED,
+    STAGED,
+    GuardCatalog,
+    GuardRecord,
+    NewItem,
+)
 from isolated_agent.backup.guard.policy import Policy
 from isolated_agent.backup.guard.staging import StagedRecord, StagingDir
 
 log = logging.getLogger("guard")
+
+ROW_BATCH = 256  # deferred rows waiting before they are committed at once
 
 # Test hook: "POINT:MARKER[,POINT:MARKER]". At POINT (after-sidecar, after-stage,
 # after-record) for a path containing MARKER the guard SIGKILLs itself, to prove that a crash
@@ -47,7 +65,7 @@ def _crash_point(point: str, path: bytes) -> None:
 class Pending:
     """Old content staged and recorded for an operation not done yet."""
 
-    event_id: int
+    event_id: int | None  # None: its row is waiting for the next group commit
     staged_name: str
 
 
@@ -71,6 +89,7 @@ class Stager:
         sync: bool = False,
         wake: Callable[[int], None] = lambda event_id: None,
         skipped: Callable[[bytes, str], None] = lambda path, reason: None,
+        defer_rows: bool = False,
     ) -> None:
         self.staging = staging
         self.catalog = catalog
@@ -79,6 +98,8 @@ class Stager:
         self.sync = sync
         self.wake = wake
         self.skipped = skipped
+        self.defer_rows = defer_rows
+        self.rows: list[NewItem] = []  # deferred rows, oldest first
         self.dirty = False  # staged since the last group flush
 
     # -- unlink -----------------------------------------------------------------------------
@@ -122,7 +143,7 @@ class Stager:
             except BaseException:
                 self._unrecord(event_id, staged)
                 raise
-        self.wake(event_id)
+        self._woken(event_id)
 
     # -- rename over an existing entry, truncation, exchange --------------------------------
 
@@ -174,7 +195,7 @@ class Stager:
 
     def done(self, pending: Pending | None) -> None:
         if pending is not None:
-            self.wake(pending.event_id)
+            self._woken(pending.event_id)
 
     def undo(self, pending: Pending | None) -> None:
         """The operation failed after all: nothing was destroyed, forget the staged copy."""
@@ -230,19 +251,56 @@ class Stager:
             self.dirty = True
 
     def _record(self, record: StagedRecord, staged: str | None, cause: str,
-                state: str | None = None, note: str | None = None) -> int:
+                state: str = STAGED, note: str | None = None) -> int | None:
+        """Record the event: now (returns its id), or, deferring rows, in the next group
+        (returns None)."""
+        item = NewItem(record.event(), staged, cause, state, note)
+        if self.defer_rows:
+            self.rows.append(item)
+            if len(self.rows) >= ROW_BATCH:
+                self.flush_rows()
+            return None
         try:
-            if state is None:
-                return self.catalog.add_item(record.event(), self.guard.id, staged, cause,
-                                             fresh=True)
-            return self.catalog.add_item(record.event(), self.guard.id, staged, cause, state,
-                                         note)
+            [event_id] = self.catalog.add_items([item], self.guard.id)
         except sqlite3.Error as e:
             log.error("guard: cannot record %r in the catalog: %s", record.path, e)
             code = errno.ENOSPC if "full" in str(e) else errno.EIO
             raise OSError(code, f"backup catalog: {e}") from e
+        return event_id
 
-    def _unrecord(self, event_id: int, staged: str) -> None:
+    def flush_rows(self) -> None:
+        """Commit the deferred rows in one transaction, then wake the backup daemon. On a
+        catalog error they stay queued (their sidecars keep them safe meanwhile)."""
+        if not self.rows:
+            return
+        rows = self.rows
+        try:
+            ids = self.catalog.add_items(rows, self.guard.id)
+        except sqlite3.Error as e:
+            log.error("guard: cannot record %d staged item(s) in the catalog yet: %s",
+                      len(rows), e)
+            return
+        self.rows = []
+        for event_id, row in zip(ids, rows, strict=True):
+            if row.state == STAGED:
+                self.wake(event_id)
+
+    def _woken(self, event_id: int | None) -> None:
+        if event_id is not None:
+            self.wake(event_id)
+
+    def _unrecord(self, event_id: int | None, staged: str) -> None:
+        if event_id is None:
+            waiting = [row for row in self.rows if row.staged_name == staged]
+            if waiting:
+                self.rows.remove(waiting[0])
+                self.staging.discard(staged)
+                return
+            item = self.catalog.item_by_staged_name(staged)  # committed since
+            if item is None:
+                self.staging.discard(staged)
+                return
+            event_id = item.event_id
         try:
             self.catalog.remove_item(event_id)
         except sqlite3.Error as e:  # the row stays: an extra backup of an untouched file

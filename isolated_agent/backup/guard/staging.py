@@ -23,7 +23,9 @@ Write ordering (must), all before the guarded operation may return:
    hard-linked in (rename over an existing file: the old file stays reachable under its staged
    name while the rename replaces it), or copied in through tmp/ and renamed (several hard
    links, truncation, exchange, another filesystem);
-3. the catalog row (`GuardCatalog.add_item`);
+3. the catalog row (`GuardCatalog.add_items`) — committed before the reply with `--sync`,
+   else in a group within a few milliseconds (stage.py: the sidecar is the record that the
+   reply waits for, and reconcile turns any sidecar without a row into one);
 4. the operation itself; if it fails, the row and the item are removed again.
 So after a crash at any point: a sidecar alone is an operation that never happened (removed);
 an item with its sidecar but no row gets its row (`reconcile`); a tmp/ file is dropped. An
