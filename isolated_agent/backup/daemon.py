@@ -118,6 +118,7 @@ class Worker:
         self.catalog: GuardCatalog = self.backups.catalog
         self.blobs = self.backups.blobs
         self._staging: dict[int, StagingDir] = {}
+        self._unreachable: set[int] = set()  # guards already reported unreachable
 
     def close(self) -> None:
         for staging in self._staging.values():
@@ -153,8 +154,11 @@ class Worker:
             try:
                 _, staging = self.staging(guard.id)
             except StagingUnavailable as e:
-                log.warning("%s", e)
+                if guard.id not in self._unreachable:  # once, not at every rescan
+                    log.warning("%s", e)
+                    self._unreachable.add(guard.id)
                 continue
+            self._unreachable.discard(guard.id)
             if staging.lock(blocking=False):
                 try:
                     report = reconcile(staging, self.catalog, guard)

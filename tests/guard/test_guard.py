@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guard.conftest import Guards, agentctl_cmd, guard_mounted, upload_all
+from isolated_agent.backup.s3 import S3BlobStore
+from tests.guard.conftest import Guards, MotoServer, agentctl_cmd, guard_mounted, upload_all
 
 RAW_UNLINK_C = r"""
 #include <fcntl.h>
@@ -120,6 +121,10 @@ def test_rm_mv_truncate_and_os_replace(guarded: Path, tmp_path: Path, guards: Gu
         guarded / "notes.txt": before[guarded / "notes.txt"],
         guarded / "victim": b"os.replace replaces me\n",
     })
+    verified = agentctl_cmd(home, "backup", "verify", "--json")
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"], verified.stderr
+    shown = json.loads(agentctl_cmd(home, "backup", "show", "1", "--json").stdout)
+    assert (shown["reason"], shown["cause"], shown["state"]) == ("guard", "unlink", "purged")
     causes = {(Path(str(e["path"])).name, e["cause"]) for e in events(home)}
     assert {("README.md", "unlink"), ("b.txt", "rename"), ("notes.txt", "truncate"),
             ("victim", "rename")} <= causes
@@ -265,3 +270,36 @@ def test_refuses_the_store_and_slash(tmp_path: Path, guards: Guards) -> None:
                                (str(home / "x"), "not a directory")]:
         done = agentctl_cmd(home, "guard", "start", directory, "--no-backupd")
         assert done.returncode != 0 and message in done.stderr, done.stderr
+
+
+def test_o_rdonly_o_trunc_is_a_truncation_too(guarded: Path, guards: Guards,
+                                              tmp_path: Path) -> None:
+    before = (guarded / "notes.txt").read_bytes()
+    fd = os.open(guarded / "notes.txt", os.O_RDONLY | os.O_TRUNC)
+    os.close(fd)
+    assert (guarded / "notes.txt").read_bytes() == b""
+    assert_restores(guards.home, tmp_path / "out", {guarded / "notes.txt": before})
+
+
+def test_guarded_deletes_go_to_an_s3_bucket(guarded: Path, guards: Guards, tmp_path: Path,
+                                            moto_server: MotoServer) -> None:
+    """The whole path against a real S3-compatible server: rm under the guard, backupd
+    uploads to the bucket, restore reads it back from there."""
+    config = moto_server.config()
+    store = S3BlobStore(config, str(tmp_path / "spool"))
+    store.ensure_bucket()
+    env = moto_server.environment(config)
+    before = tree_files(guarded)
+    sh(guarded, "rm -r src README.md")
+    upload_all(guards.home, env=env)
+    expected = {sha(d) for p, d in before.items() if p.name != "notes.txt"} | {sha(b"main.py")}
+    assert set(store.list()) == expected  # the files, and the symlink's target
+    out = tmp_path / "out"
+    out.mkdir()
+    done = agentctl_cmd(guards.home, "backup", "restore", str(guarded / "src"), "--to",
+                        str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    assert {p.relative_to(out): d for p, d in tree_files(out).items()} == {
+        p.relative_to(guarded): d for p, d in before.items() if "src" in p.parts}
+    verified = agentctl_cmd(guards.home, "backup", "verify", "--json", env=env)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["checked"] == len(expected)

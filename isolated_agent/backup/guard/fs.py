@@ -347,7 +347,7 @@ class GuardOperations(pyfuse3.Operations):
         destroy it."""
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         pending = None
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+        if flags & os.O_TRUNC:  # Linux truncates even with O_RDONLY | O_TRUNC
             st = os.stat(inode.fd)
             if stat.S_ISREG(st.st_mode) and st.st_size > 0:
                 reader = os.open(inode.proc_path, os.O_RDONLY | os.O_CLOEXEC)
