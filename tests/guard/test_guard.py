@@ -303,3 +303,25 @@ def test_guarded_deletes_go_to_an_s3_bucket(guarded: Path, guards: Guards, tmp_p
         p.relative_to(guarded): d for p, d in before.items() if "src" in p.parts}
     verified = agentctl_cmd(guards.home, "backup", "verify", "--json", env=env)
     assert verified.returncode == 0 and json.loads(verified.stdout)["checked"] == len(expected)
+
+
+def test_guard_start_brings_backupd_which_uploads_on_its_own(tmp_path: Path,
+                                                             guards: Guards) -> None:
+    home = guards.home
+    directory = tmp_path / "auto"
+    directory.mkdir()
+    (directory / "a").write_bytes(b"first version")
+    done = agentctl_cmd(home, "guard", "start", str(directory))
+    guards.started.add(str(directory))
+    assert done.returncode == 0, done.stderr
+    assert "backupd pid" in done.stderr
+    sh(directory, "echo second version > a")  # O_TRUNC: the first version is staged
+    from tests.guard.conftest import wait_for
+
+    def uploaded() -> bool:
+        return any(e["state"] == "purged" for e in events(home))
+
+    wait_for(uploaded, timeout=30, what="backupd to upload without being asked")
+    status = json.loads(agentctl_cmd(home, "guard", "status", "--json").stdout)
+    assert status["backupd"]["running"] and status["guards"][0]["counts"] == {"purged": 1}
+    assert_restores(home, tmp_path / "out", {directory / "a": b"first version"})
