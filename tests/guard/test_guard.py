@@ -325,3 +325,18 @@ def test_guard_start_brings_backupd_which_uploads_on_its_own(tmp_path: Path,
     status = json.loads(agentctl_cmd(home, "guard", "status", "--json").stdout)
     assert status["backupd"]["running"] and status["guards"][0]["counts"] == {"purged": 1}
     assert_restores(home, tmp_path / "out", {directory / "a": b"first version"})
+
+
+def test_the_same_name_deleted_again_and_again_keeps_every_version(
+    guarded: Path, guards: Guards, tmp_path: Path
+) -> None:
+    """The seed staged by original name, so a second delete of the same path overwrote the
+    first one's backup. Here each staged item has a name of its own, never reused."""
+    sh(guarded, "for i in $(seq 1 25); do echo version $i > f; rm f; done; "
+                "for i in $(seq 1 5); do echo other $i > g; echo x > h; mv h g; done")
+    upload_all(guards.home)
+    versions = {f"version {i}\n".encode() for i in range(1, 26)}
+    listed = [e for e in events(guards.home) if e["path"] == str(guarded / "f")]
+    assert {e["sha256"] for e in listed} == {sha(v) for v in versions}
+    assert len({e["staged_name"] for e in listed}) == 25
+    assert_restores(guards.home, tmp_path / "g", {guarded / "g": b"other 5\n"})
