@@ -131,8 +131,8 @@ sys.exit(code)
 # (label, start event, end event); "spawn" and "exit" are taken by the benchmark itself.
 PHASES = [
     ("interpreter start-up (python + site)", "spawn", "main"),
-    ("import isolated_agent.cli.main", "main", "imported"),
-    ("CLI, store, env lookup, lock", "imported", "run_job.start"),
+    ("import the CLI and the run path (cli.main, jobs.run, launcher)", "main", "imported"),
+    ("CLI: parse, load the run command, store, env lookup, lock", "imported", "run_job.start"),
     ("launcher: cgroup, fork, unshare", "run_job.start", "unshare.end"),
     ("  of which moving it into its cgroup (cgroup.procs)", "cgroup_add.start", "cgroup_add.end"),
     ("  of which unshare(2)", "unshare.start", "unshare.end"),
@@ -174,11 +174,17 @@ def startup_phases(python: str, cwd: str, env: dict[str, str], runs: int,
     return rows
 
 
-def importtime_top(python: str, env: dict[str, str], count: int = 12) -> list[dict[str, Any]]:
-    """The modules with the largest cumulative import time under isolated_agent.cli.main."""
+RUN_TRUE_IN_PYTHON = ["-c", "from isolated_agent.cli.main import main; main()",
+                      "run", "-q", "--", "true"]
+RUN_PATH_IMPORTS = "import isolated_agent.cli.main, isolated_agent.cli.run_cmd"
+
+
+def importtime_top(python: str, cwd: str, env: dict[str, str],
+                   count: int = 12) -> list[dict[str, Any]]:
+    """The modules with the largest cumulative import time in `agentctl run -q -- true`."""
     runs = []
     for _ in range(5):
-        done = subprocess.run([python, "-X", "importtime", "-c", "import isolated_agent.cli.main"],
+        done = subprocess.run([python, "-X", "importtime", *RUN_TRUE_IN_PYTHON], cwd=cwd,
                               env=env, capture_output=True, text=True)
         table: dict[str, tuple[int, int, int]] = {}
         for line in done.stderr.splitlines():
@@ -231,10 +237,10 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
             ("agentctl run -q -- true, bytecode cached", run_true, cached),
             ("python -c pass", [python, "-c", "pass"], env),
             ("python -S -c pass (no site, no .pth files)", [python, "-S", "-c", "pass"], env),
-            ("python -c 'import isolated_agent.cli.main'",
-             [python, "-c", "import isolated_agent.cli.main"], env),
-            ("python -c 'import isolated_agent.cli.main', bytecode cached",
-             [python, "-c", "import isolated_agent.cli.main"], cached),
+            ("python -c 'import ...cli.main, ...cli.run_cmd' (the run path's imports)",
+             [python, "-c", RUN_PATH_IMPORTS], env),
+            ("python -c 'import ...cli.main, ...cli.run_cmd', bytecode cached",
+             [python, "-c", RUN_PATH_IMPORTS], cached),
             ("agentctl --version", [agentctl, "--version"], env),
             ("unshare -m -p -i -f --mount-proc true",
              ["unshare", "-m", "-p", "-i", "-f", "--mount-proc", "true"], env),
@@ -258,7 +264,7 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
             "wall": walls,
             "phases": startup_phases(python, cwd, env, runs, ctx.gate),
             "phases_bytecode_cached": startup_phases(python, cwd, cached, runs, ctx.gate),
-            "imports": importtime_top(python, env),
+            "imports": importtime_top(python, cwd, cached),
         }
     finally:
         setup.stop()
@@ -286,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-repeat", type=int, default=3,
                    help="timed runs per warm start, for workloads that leave the tree "
                         "unchanged (3)")
-    p.add_argument("--cold", type=int, default=3, help="repetitions with a cold cache (3)")
+    p.add_argument("--cold", type=int, default=5, help="repetitions with a cold cache (5)")
     p.add_argument("--startup-runs", type=int, default=30,
                    help="runs of each start-up measurement (30)")
     p.add_argument("--quiet-threshold", type=float, default=0.25,
@@ -421,7 +427,8 @@ def report_startup(startup: dict[str, Any]) -> None:
                 ["phase", "as is", "bytecode cached"], rows, left=1)
     rows = [[r["module"], f"{r['cumulative_ms']:.1f} ms", f"{r['self_ms']:.1f} ms"]
             for r in startup["imports"]]
-    print_table("slowest imports (python -X importtime, medians of 5)",
+    print_table("slowest imports of `agentctl run -q -- true` (python -X importtime, bytecode "
+                "cached, medians of 5)",
                 ["module", "cumulative", "self"], rows, left=1)
     for label in ("agentctl run -q -- true", "agentctl run -q -- true, bytecode cached"):
         total = startup["wall"][label]["median"]
