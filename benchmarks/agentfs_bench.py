@@ -1,9 +1,9 @@
 """The agentfs benchmark: native vs kernel overlayfs vs fuse-overlayfs vs agentfs, on the same
 tree as the core benchmark (the Django 5.1 sdist), in three cache states.
 
-    sudo /tmp/dev-venv/bin/python benchmarks/agentfs_bench.py                # everything
-    sudo /tmp/dev-venv/bin/python benchmarks/agentfs_bench.py --reps 1 --workload 'walk+stat'
-    sudo /tmp/dev-venv/bin/python benchmarks/agentfs_bench.py --profile 'grep -r' --state cold
+    sudo .venv/bin/python benchmarks/agentfs_bench.py                # everything
+    sudo .venv/bin/python benchmarks/agentfs_bench.py --reps 1 --workload 'walk+stat'
+    sudo .venv/bin/python benchmarks/agentfs_bench.py --profile 'grep -r' --state cold
 
 Cache states (every overlay is mounted afresh for every measurement):
 

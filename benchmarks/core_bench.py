@@ -1,8 +1,8 @@
 """The core benchmark: native disk vs a hand-mounted kernel overlayfs vs `agentctl run`
 (kernel engine) on a realistic tree, warm and cold, plus `agentctl run -- true` start-up.
 
-    sudo /tmp/dev-venv/bin/python benchmarks/core_bench.py            # Django 5.1 sdist
-    sudo /tmp/dev-venv/bin/python benchmarks/core_bench.py --tree DIR # any other tree
+    sudo .venv/bin/python benchmarks/core_bench.py            # Django 5.1 sdist
+    sudo .venv/bin/python benchmarks/core_bench.py --tree DIR # any other tree
 
 Runs as root (drop_caches, mounts). See benchmarks/README.md for the method and the results.
 """

@@ -12,8 +12,8 @@ Python's start-up is not counted. Repetitions are interleaved (native, guard, gu
 
 Run it as root (guard mounts FUSE over a directory):
 
-    sudo /tmp/dev-venv/bin/python benchmarks/guard_bench.py            # 3 repetitions
-    sudo /tmp/dev-venv/bin/python benchmarks/guard_bench.py --reps 1 --no-s3
+    sudo .venv/bin/python benchmarks/guard_bench.py            # 3 repetitions
+    sudo .venv/bin/python benchmarks/guard_bench.py --reps 1 --no-s3
 
 The JSON report goes to stdout (with --json) and to benchmarks/results/guard-<time>.json.
 """
