@@ -27,7 +27,8 @@ contract as the kernel caching mode, `engines/fuse/cache.py`): a directory's mer
 the nodes its names resolved to are kept until the namespace changes — any create, remove or
 rename anywhere bumps `generation`, which drops them all (children are held weakly: a cache
 never keeps a node alive). A node's read-only fd is kept for the next reader, at most
-`MAX_READERS` of them, and dropped when the node is copied up.
+`MAX_READERS` of them (fewer under a low RLIMIT_NOFILE), and dropped when the node is copied
+up. Non-directories' O_PATH fds are opened on demand and at most `max_path_fds` stay open.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import stat
 import weakref
 from collections import OrderedDict
@@ -97,6 +99,10 @@ class Overlay:
         self.generation = 0  # bumped by every change of the namespace: see the caches above
         self.change_mark = 0  # bumped by every change at all (`changed`)
         self._readers: OrderedDict[Node, None] = OrderedDict()
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.max_readers = max(16, min(MAX_READERS, soft_limit // 8))
+        self.max_path_fds = max(64, soft_limit // 4)
+        self._path_fds: OrderedDict[Node, None] = OrderedDict()
         self.root = self._make_root()
 
     def _make_root(self) -> Node:
@@ -138,6 +144,7 @@ class Overlay:
             return []
         node.released = True
         self._readers.pop(node, None)
+        self._path_fds.pop(node, None)
         if self.index.get(node.key) is node:
             del self.index[node.key]
         node.close_fds()
@@ -223,9 +230,9 @@ class Overlay:
             existing = self.index.get(_key(st))
             if existing is not None:
                 return existing
-            fd = os.open(name, _PATH_FLAGS, dir_fd=lower)
             if not stat.S_ISDIR(st.st_mode):
-                return self._new(st, None, [fd])
+                return self._new(st, None, [])  # its fd opens when needed (path_fd)
+            fd = os.open(name, _PATH_FLAGS, dir_fd=lower)
             deeper = parent.lowers[i + 1 :]
             lowers = [fd]
             if deeper and not is_opaque_fd(fd):
@@ -237,9 +244,9 @@ class Overlay:
         existing = self.index.get(_key(st))
         if existing is not None:
             return existing
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.upper)
         if not stat.S_ISDIR(st.st_mode):
-            return self._new(st, fd, [])
+            return self._new(st, None, [], home_upper=True)
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.upper)
         opaque = is_opaque_fd(fd)
         lowers = [] if opaque else self._lower_dirs(parent.lowers, name)
         return self._new(st, fd, lowers, opaque)
@@ -266,12 +273,61 @@ class Overlay:
         upper: int | None,
         lowers: list[int],
         opaque: bool = False,
+        home_upper: bool = False,
     ) -> Node:
         key = _key(st)
         node = Node(stat.S_IFMT(st.st_mode), upper, lowers, key, opaque, self.origins.get(key, key))
+        node.home_upper = home_upper or upper is not None
         node.fresh, node.fresh_mark = st, self.change_mark
         self.index[key] = node
         return node
+
+    # -- descriptors of non-directories -----------------------------------------------------
+
+    def path_fd(self, node: Node) -> int:
+        """The O_PATH fd of the entry's topmost object, opened through one of its names if
+        it is closed. A non-directory's fd is one of at most `max_path_fds` kept open."""
+        if node.is_dir:
+            return node.fd
+        if node.upper is not None or node.lowers:
+            if node in self._path_fds:
+                self._path_fds.move_to_end(node)
+            return node.fd
+        fd = self._reopen(node)
+        if node.home_upper:
+            node.upper = fd
+        else:
+            node.lowers = [fd]
+        self._path_fds[node] = None
+        while len(self._path_fds) > self.max_path_fds:
+            oldest = next(iter(self._path_fds))
+            if oldest is node:
+                break
+            self._close_path_fd(oldest)
+        return fd
+
+    def _reopen(self, node: Node) -> int:
+        for parent, name in node.links:
+            candidates = [parent.upper] if node.home_upper else parent.lowers
+            for layer in candidates:
+                if layer is None:
+                    continue
+                st = fstatat(layer, name)
+                if st is not None and _key(st) == node.key:
+                    return os.open(name, _PATH_FLAGS, dir_fd=layer)
+                if st is not None:
+                    break  # another object has that name: look no deeper
+        raise oserror(errno.ESTALE)  # no name reaches it any more (an unlinked file)
+
+    def _close_path_fd(self, node: Node) -> None:
+        self._path_fds.pop(node, None)
+        if not node.links:
+            return  # could not be reopened: keep it (an unlinked file still open)
+        for fd in ([node.upper] if node.upper is not None else []) + node.lowers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        node.upper = None
+        node.lowers = []
 
     def lower_entry_exists(self, parent: Node, name: bytes) -> bool:
         """Whether a lower layer shows something at `name` under `parent`: then removing or
@@ -292,7 +348,7 @@ class Overlay:
         if node.fresh is not None and node.fresh_mark == self.change_mark:
             st = node.fresh
         else:
-            st = os.fstat(node.fd)
+            st = os.fstat(self.path_fd(node))
         node.fresh = None
         layers = len(node.lowers) + (node.upper is not None)
         nlink = 1 if node.is_dir and layers > 1 else st.st_nlink
@@ -328,7 +384,7 @@ class Overlay:
     def readlink(self, node: Node) -> bytes:
         if node.file_type != stat.S_IFLNK:
             raise oserror(errno.EINVAL)
-        return os.readlink(b"", dir_fd=node.fd)
+        return os.readlink(b"", dir_fd=self.path_fd(node))
 
     def open(self, node: Node, flags: int, via: tuple[Node, bytes] | None = None) -> int:
         """A real fd for reading/writing the entry; copies up on write intent first."""
@@ -336,18 +392,17 @@ class Overlay:
             raise oserror(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
             self.copy_up(node, with_data=not flags & os.O_TRUNC, via=via)
-        reopen = (flags & ~_REOPEN_DROP) | os.O_CLOEXEC
-        if node.upper is None:
-            return open_for_reading(node.fd) if reopen & os.O_ACCMODE == os.O_RDONLY else -1
-        return os.open(fd_path(node.upper), reopen)
+        if not node.in_upper:  # read-only, not copied up: the lower file, never written
+            return open_for_reading(self.path_fd(node))
+        return os.open(fd_path(self.path_fd(node)), (flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
 
     def reader(self, node: Node) -> int:
         """A shared O_RDONLY fd of the entry as it is now (follows copy-up): for reads that
         do not need a descriptor of their own."""
         if node.reader is None:
-            node.reader = open_for_reading(node.fd)
+            node.reader = open_for_reading(self.path_fd(node))
             self._readers[node] = None
-            if len(self._readers) > MAX_READERS:
+            if len(self._readers) > self.max_readers:
                 oldest, _ = self._readers.popitem(last=False)
                 self._drop_reader(oldest)
         else:
@@ -388,7 +443,7 @@ class Overlay:
     def removexattr(self, node: Node, name: bytes) -> None:
         if is_private_xattr(name):
             raise oserror(errno.EPERM)
-        if node.upper is None:
+        if not node.in_upper:
             self.getxattr(node, name)  # ENODATA: fail before copying anything up
         self.copy_up(node)
         self.changed()
@@ -399,7 +454,7 @@ class Overlay:
         """The object itself (through its fd's magic link, which must be followed); a symlink
         through its parent directory, so the link itself is not followed."""
         if node.file_type != stat.S_IFLNK:
-            return fd_path(node.fd), True
+            return fd_path(self.path_fd(node)), True
         parent, name = self._any_link(node)
         layer_fd = self._layer_dir_holding(parent, name)
         return fd_path(layer_fd) + "/" + os.fsdecode(name), False
@@ -432,7 +487,7 @@ class Overlay:
     ) -> None:
         """Put `node` in upper (at `via` or any name it is known by). A directory is copied
         alone, and stays merged with its lowers."""
-        if node.upper is not None:
+        if node.in_upper:
             return
         parent, name = via if via is not None else self._any_link(node)
         self.ensure_upper(parent)
@@ -442,9 +497,10 @@ class Overlay:
             # Already there: a directory rename copied it up beneath a node the kernel knew.
             fd = os.open(name, _PATH_FLAGS, dir_fd=parent.upper)
         else:
-            st = os.fstat(node.fd)
+            source = self.path_fd(node)
+            st = os.fstat(source)
             parent_st = os.fstat(parent.upper)
-            fd = copy_up_object(node.fd, st, self.layers.work, parent.upper, name,
+            fd = copy_up_object(source, st, self.layers.work, parent.upper, name,
                                 with_data=with_data, fault=self.fault)
             _restore_times(parent.upper, parent_st)  # the kernel keeps the parent's times too
         self._adopt_upper(node, fd)
@@ -467,6 +523,8 @@ class Overlay:
             for lower in node.lowers:
                 os.close(lower)
             node.lowers = []
+            node.home_upper = True
+            self._path_fds[node] = None
         new_key = _key(os.fstat(fd))
         if self.index.get(node.key) is node:
             del self.index[node.key]
@@ -486,7 +544,7 @@ class Overlay:
             try:
                 if child.is_dir:
                     self.materialize(child)
-                else:
+                elif not child.in_upper:
                     self.copy_up(child, via=(directory, name))
             finally:
                 self.unref(child)
@@ -556,8 +614,7 @@ class Overlay:
             raise oserror(errno.EPERM, name)
         self._check_free(parent, name)
         self.copy_up(node)  # write intent: the new name must share the upper object
-        assert node.upper is not None
-        source = fd_path(node.upper)
+        source = fd_path(self.path_fd(node))
         self._place(parent, name, lambda dir_fd, entry: os.link(
             source, entry, dst_dir_fd=dir_fd, follow_symlinks=True))
         self._add_link(node, parent, name)
@@ -651,11 +708,11 @@ class Overlay:
         try:
             if node.is_dir:
                 raise oserror(errno.EISDIR, name)
+            # Opened while a name still reaches it: an open, unlinked file stays answerable.
+            last_name = os.fstat(self.path_fd(node)).st_nlink == 1 and node.in_upper
             self._remove(parent, name, node)
-            if node.upper is not None and not node.is_dir:
-                st = os.fstat(node.upper)
-                if st.st_nlink == 0:
-                    self.origins.pop(node.key, None)
+            if last_name:
+                self.origins.pop(node.key, None)
         finally:
             self.unref(node)
 
@@ -710,9 +767,8 @@ class Overlay:
     ) -> None:
         self.copy_up(node, with_data=size != 0)
         self.changed()
-        assert node.upper is not None
         is_link = node.file_type == stat.S_IFLNK
-        path = fd_path(node.upper)
+        path = fd_path(self.path_fd(node))
         if size is not None:
             if node.is_dir:
                 raise oserror(errno.EISDIR)
@@ -724,7 +780,7 @@ class Overlay:
         if mode is not None and not is_link:
             os.chmod(path, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
-            st = os.fstat(node.upper)
+            st = os.fstat(self.path_fd(node))
             times = (st.st_atime_ns if atime_ns is None else atime_ns,
                      st.st_mtime_ns if mtime_ns is None else mtime_ns)
             target, dir_fd = self._metadata_target(node)
@@ -732,9 +788,8 @@ class Overlay:
 
     def _metadata_target(self, node: Node) -> tuple[str | bytes, int | None]:
         """Where chown/utime must aim: the object itself, or a symlink through its parent."""
-        assert node.upper is not None
         if node.file_type != stat.S_IFLNK:
-            return fd_path(node.upper), None
+            return fd_path(self.path_fd(node)), None
         parent, name = self._any_link(node)
         assert parent.upper is not None
         return name, parent.upper

@@ -6,6 +6,12 @@ one lower file it shows until it is copied up. Descriptors follow their objects 
 renames, so a node stays valid when it or an ancestor moves; and nothing here resolves a path
 through a mount that might sit over a layer.
 
+A directory holds its descriptors for life. A non-directory's one descriptor is opened only
+when needed and may be closed again (`Overlay.path_fd`, a bounded LRU): the kernel keeps
+nodes for as long as it likes, and a tree can have more files than a process may open fds.
+`home_upper` says where such a node lives while its descriptor is closed; it is reopened
+through one of its links and checked against its `key`.
+
 Lifetime. A node is alive while `refs > 0`; its owners each hold one reference:
 
 - the kernel, while it knows the node (the FUSE inode table holds one reference while the
@@ -48,6 +54,7 @@ class Node:
         "cache_generation",
         "fresh",
         "fresh_mark",
+        "home_upper",
         "__weakref__",
     )
 
@@ -80,6 +87,7 @@ class Node:
         # The stat that found this node, good for its first getattr while nothing changed.
         self.fresh: os.stat_result | None = None
         self.fresh_mark = -1
+        self.home_upper = upper is not None  # non-directories: lives in upper
 
     @property
     def is_dir(self) -> bool:
@@ -87,14 +95,15 @@ class Node:
 
     @property
     def fd(self) -> int:
-        """The topmost object: what the merged view shows for this entry."""
+        """The topmost object of a directory, or of a non-directory whose fd is open (use
+        `Overlay.path_fd` for those): what the merged view shows for this entry."""
         if self.upper is not None:
             return self.upper
         return self.lowers[0]
 
     @property
     def in_upper(self) -> bool:
-        return self.upper is not None
+        return self.upper is not None or (not self.is_dir and self.home_upper)
 
     @property
     def merged(self) -> bool:

@@ -99,6 +99,8 @@ def _move(
     _prepare(ov, source, parent, name, new_parent, new_name)
     if target is not None and target.is_dir:
         ov.clear_whiteouts(target)  # empty in the merged view; its whiteouts must go first
+    elif target is not None:
+        ov.path_fd(target)  # while its name still reaches it: it may stay open, unlinked
     assert parent.upper is not None and new_parent.upper is not None
     leave_whiteout = ov.lower_entry_exists(parent, name)
     at_target = fstatat(new_parent.upper, new_name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -99,7 +100,9 @@ class Agentfs:
     def lower(self) -> Path:
         return self.lowers[0]
 
-    def mount(self, *options: str, env: dict[str, str] | None = None) -> Path:
+    def mount(
+        self, *options: str, env: dict[str, str] | None = None, fd_limit: int | None = None
+    ) -> Path:
         """Bind the lowers read-only (once) and start a foreground daemon; return the mount."""
         for lower in self.lowers:
             if lower not in self._bound:
@@ -115,7 +118,10 @@ class Agentfs:
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=log, env=dict(os.environ, **(env or {}))
+                args, stdout=log, stderr=log, env=dict(os.environ, **(env or {})),
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                       (fd_limit, fd_limit)))
+                if fd_limit else None,
             )
         process = self.process
         wait_for(lambda: is_mounted(self.mnt) or process.poll() is not None, what="agentfs mount")

@@ -166,3 +166,24 @@ def test_a_killed_daemon_leaves_enotconn_never_the_lower(fs: Agentfs) -> None:
     assert sorted(os.listdir(mnt)) == []  # the bare mount point again
     fs.mount()
     assert sorted(os.listdir(mnt)) == ["secret-of-the-lower", "written"]
+
+
+def test_more_files_than_the_daemon_may_open(fs: Agentfs) -> None:
+    """One fd per node the kernel holds: past its budget agentfs has the kernel forget the
+    least recently used files, so a tree bigger than RLIMIT_NOFILE still works throughout."""
+    for d in range(30):
+        (fs.lower / f"d{d}").mkdir()
+        for f in range(100):
+            (fs.lower / f"d{d}" / f"f{f}").write_text(f"{d}/{f}")
+    mnt = fs.mount(fd_limit=512)
+    inodes = {}
+    for d in range(30):
+        for f in range(100):
+            path = mnt / f"d{d}" / f"f{f}"
+            assert path.read_text() == f"{d}/{f}"
+            inodes[path] = path.stat().st_ino
+    for i in range(2000):
+        (mnt / "d0" / f"new{i}").write_text(str(i))
+    assert len(os.listdir(mnt / "d0")) == 2100
+    assert all(path.stat().st_ino == ino for path, ino in inodes.items())  # numbers are stable
+    assert "Too many open files" not in fs.log_text()
