@@ -251,9 +251,9 @@ def measure_startup(ctx: BenchContext, agentctl: str, runs: int, cache_dir: str)
         ]
         samples: dict[str, list[float]] = {label: [] for label, _, _ in commands}
         for i in range(runs + 3):
-            if i >= 3:
-                ctx.gate.wait()
             for label, argv, environ in commands:
+                if i >= 3:
+                    ctx.gate.wait()
                 elapsed = time_command(argv, 1, env=environ, cwd=cwd, warmup=0)[0]
                 if i >= 3:
                     samples[label].append(elapsed)
