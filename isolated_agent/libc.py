@@ -242,5 +242,105 @@ def ficlone(dst_fd: int, src_fd: int) -> None:
     fcntl.ioctl(dst_fd, FICLONE, src_fd)
 
 
+# <linux/landlock.h>: syscall numbers are the same on every architecture (added in 5.13).
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
+_LANDLOCK_RULE_PATH_BENEATH = 1
+
+LANDLOCK_ACCESS_FS_EXECUTE = 1 << 0
+LANDLOCK_ACCESS_FS_WRITE_FILE = 1 << 1
+LANDLOCK_ACCESS_FS_READ_FILE = 1 << 2
+LANDLOCK_ACCESS_FS_READ_DIR = 1 << 3
+LANDLOCK_ACCESS_FS_REMOVE_DIR = 1 << 4
+LANDLOCK_ACCESS_FS_REMOVE_FILE = 1 << 5
+LANDLOCK_ACCESS_FS_MAKE_CHAR = 1 << 6
+LANDLOCK_ACCESS_FS_MAKE_DIR = 1 << 7
+LANDLOCK_ACCESS_FS_MAKE_REG = 1 << 8
+LANDLOCK_ACCESS_FS_MAKE_SOCK = 1 << 9
+LANDLOCK_ACCESS_FS_MAKE_FIFO = 1 << 10
+LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
+LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12
+LANDLOCK_ACCESS_FS_REFER = 1 << 13  # ABI 2
+LANDLOCK_ACCESS_FS_TRUNCATE = 1 << 14  # ABI 3
+LANDLOCK_ACCESS_FS_IOCTL_DEV = 1 << 15  # ABI 5
+
+# Rights that only mean something on a regular file (a rule on a non-directory may hold no
+# other: the kernel answers EINVAL).
+LANDLOCK_ACCESS_FS_FILE = (
+    LANDLOCK_ACCESS_FS_EXECUTE
+    | LANDLOCK_ACCESS_FS_WRITE_FILE
+    | LANDLOCK_ACCESS_FS_READ_FILE
+    | LANDLOCK_ACCESS_FS_TRUNCATE
+    | LANDLOCK_ACCESS_FS_IOCTL_DEV
+)
+
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+LANDLOCK_SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+
+class _LandlockRulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),  # ABI 4
+        ("scoped", ctypes.c_uint64),  # ABI 6
+    ]
+
+
+class _LandlockPathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in the uapi header: 12 bytes
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers, 0 when it has none (older than 5.13, or
+    Landlock not among the enabled LSMs)."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+        None,
+        ctypes.c_size_t(0),
+        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
+    )
+    return max(int(result), 0)
+
+
+def landlock_create_ruleset(handled_access_fs: int, scoped: int = 0) -> int:
+    """A new ruleset fd (close-on-exec) handling these access rights. The attribute is passed
+    at the size of the oldest ABI that knows every field used, so older kernels accept it."""
+    attr = _LandlockRulesetAttr(handled_access_fs, 0, scoped)
+    size = 24 if scoped else 8
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET),
+        ctypes.byref(attr),
+        ctypes.c_size_t(size),
+        ctypes.c_uint32(0),
+    )
+    return _check(int(result), "landlock_create_ruleset")
+
+
+def landlock_allow_beneath(ruleset_fd: int, parent_fd: int, allowed_access: int) -> None:
+    """Allow `allowed_access` on the file or directory tree `parent_fd` (an O_PATH fd) names."""
+    attr = _LandlockPathBeneathAttr(allowed_access, parent_fd)
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_LANDLOCK_ADD_RULE),
+        ctypes.c_int(ruleset_fd),
+        ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH),
+        ctypes.byref(attr),
+        ctypes.c_uint32(0),
+    )
+    _check(int(result), "landlock_add_rule")
+
+
+def landlock_restrict_self(ruleset_fd: int) -> None:
+    """Enforce the ruleset on this thread, and on everything it forks and execs, for good.
+    Needs no_new_privs (or CAP_SYS_ADMIN). Python runs us on one thread in the job's processes
+    (forked children have a single thread), so that thread is the whole process."""
+    result = _libc.syscall(
+        ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd), ctypes.c_uint32(0)
+    )
+    _check(int(result), "landlock_restrict_self")
+
+
 def _bytes_or_none(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)

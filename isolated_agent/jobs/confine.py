@@ -1,0 +1,123 @@
+"""Confine a job that runs without namespaces (the filter engine) with Landlock.
+
+Without a mount namespace the job sees the host's whole tree, so the kernel itself must keep it
+from writing where it should not. Landlock does that for an unprivileged process, for good: the
+restriction is inherited by every descendant across fork and exec and can only be narrowed.
+
+The policy, built for whatever Landlock ABI the kernel offers:
+
+    - every filesystem right the ABI knows is handled, so nothing is allowed by omission;
+    - read, list and execute everywhere: the job runs the host's programs and reads its files;
+    - every right beneath each write path: the managed roots (filter mounts by then, where the
+      filter daemon decides what a write does), the user's --allow paths, and what a shell, git
+      or python needs to work at all (DEFAULT_WRITE_PATHS);
+    - ABI >= 6: signals and abstract unix sockets are scoped to the job's own domain, so the job
+      cannot kill the filter daemon, the launcher or its keeper, or talk to host services over
+      abstract sockets. Landlock always forbids ptrace of a process outside the domain, and
+      every mount operation, at any ABI.
+
+Call it in the process that will exec the command, after capabilities are dropped and
+no_new_privs is set, with every fd it keeps already in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Sequence
+
+from isolated_agent import libc
+from isolated_agent.errors import IsolationError
+
+STEP = "confining the job"
+
+# Beyond the managed roots and --allow paths, a job needs these writable: a shared /tmp (there
+# is no private one without a mount namespace), the harmless devices, its terminal, and its own
+# /proc entries (resolved at confinement time, so they are the command's process's own).
+# Missing ones are skipped.
+DEFAULT_WRITE_PATHS = (
+    "/tmp",
+    "/dev/shm",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/tty",
+    "/dev/pts",
+    "/dev/ptmx",
+    "/proc/self",
+)
+
+_READ = (
+    libc.LANDLOCK_ACCESS_FS_EXECUTE
+    | libc.LANDLOCK_ACCESS_FS_READ_FILE
+    | libc.LANDLOCK_ACCESS_FS_READ_DIR
+)
+
+# The rights each ABI added (ABI 4 added network rights, 7 only logging flags).
+_RIGHTS_BY_ABI = {
+    1: (libc.LANDLOCK_ACCESS_FS_MAKE_SYM << 1) - 1,
+    2: libc.LANDLOCK_ACCESS_FS_REFER,
+    3: libc.LANDLOCK_ACCESS_FS_TRUNCATE,
+    5: libc.LANDLOCK_ACCESS_FS_IOCTL_DEV,
+}
+
+_NOT_AVAILABLE_HINT = (
+    "the filter engine needs Linux >= 5.13 with Landlock enabled (lsm=...,landlock)"
+)
+
+
+def handled_rights(abi: int) -> int:
+    """Every filesystem access right Landlock ABI `abi` knows."""
+    rights = 0
+    for version, added in _RIGHTS_BY_ABI.items():
+        if abi >= version:
+            rights |= added
+    return rights
+
+
+def confine_job(write_paths: Sequence[str]) -> None:
+    """Restrict this process and all it will run: read and execute anywhere, write only beneath
+    `write_paths` (which must exist) and DEFAULT_WRITE_PATHS. Raises IsolationError."""
+    abi = libc.landlock_abi()
+    if abi < 1:
+        raise IsolationError(STEP, "Landlock is not available", _NOT_AVAILABLE_HINT)
+    handled = handled_rights(abi)
+    scoped = 0
+    if abi >= 6:
+        scoped = libc.LANDLOCK_SCOPE_SIGNAL | libc.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+    rules = [("/", _READ & handled, True)]
+    rules += [(path, handled, True) for path in write_paths]
+    rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS]
+    try:
+        ruleset = libc.landlock_create_ruleset(handled, scoped)
+    except OSError as e:
+        raise IsolationError(STEP, f"landlock_create_ruleset: {os.strerror(e.errno or 0)}") from e
+    try:
+        for path, access, required in rules:
+            _allow(ruleset, path, access, required)
+        try:
+            libc.landlock_restrict_self(ruleset)
+        except OSError as e:
+            detail = f"landlock_restrict_self: {os.strerror(e.errno or 0)}"
+            raise IsolationError(STEP, detail, "no_new_privs must be set first") from e
+    finally:
+        os.close(ruleset)
+
+
+def _allow(ruleset: int, path: str, access: int, required: bool) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as e:
+        if not required:
+            return
+        raise IsolationError(STEP, f"{path}: {os.strerror(e.errno or 0)}") from e
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= libc.LANDLOCK_ACCESS_FS_FILE  # directory rights are refused on a file
+        libc.landlock_allow_beneath(ruleset, fd, access)
+    except OSError as e:
+        raise IsolationError(STEP, f"{path}: {os.strerror(e.errno or 0)}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
