@@ -14,6 +14,19 @@ the launcher, even with SIGKILL, ends the whole job and its mounts, which only e
 the job's own mount namespace. When a writable cgroup v2 subtree exists the job is also put in
 its own group (killed and removed at the end); otherwise the launcher is a child subreaper.
 
+Without namespaces (`JobSpec.namespaces=False`, the filter engine: the view is a filter mount
+on the host, and the daemon tells the job's processes apart by identity, not by namespace):
+
+    launcher (agentctl, host)
+     └─ A                              nothing to unshare; the job's anchor (`Job.pid`)
+         └─ B  the job's keeper        a child subreaper: every orphan of the job lands here
+             └─ C  the command          as above, then confined by Landlock (confine.py), then
+                                        released; changes to the caller's directory; execs CMD
+
+B stands in for the pid namespace: when the command exits it kills every process left below
+it (all of them are, being a subreaper), and when A dies (the launcher was killed, A with it)
+a catchable death signal makes B kill them all before it exits.
+
 Messages from A, B and C travel to the launcher on one pipe, one JSON object per line; C's copy
 closes on a successful exec, so end-of-file after "ready" means the command is running.
 """
@@ -39,6 +52,7 @@ from isolated_agent.errors import (
     IsolationError,
 )
 from isolated_agent.jobs.cgroup import JobCgroup
+from isolated_agent.jobs.confine import confine_job
 from isolated_agent.jobs.sandbox import SandboxSpec, build_view
 
 EXIT_SETUP_FAILED = 125
@@ -55,6 +69,9 @@ class JobSpec:
     keep_running: bool = False
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     cgroup_label: str = "job"
+    # False: no namespaces, no view built here; the job is confined by Landlock and kept by a
+    # subreaper instead (the filter engine). The engine's mount_root is then never called.
+    namespaces: bool = True
 
 
 @dataclass
@@ -196,6 +213,8 @@ def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) ->
         return EXIT_SETUP_FAILED  # the launcher died before we could arm the death signal
     if os.read(release, 1) != b"1":
         return EXIT_SETUP_FAILED
+    if not spec.namespaces:
+        return _fork_and_wait(_process_b, spec, messages, release)
     uid, gid = os.getuid(), os.getgid()
     try:
         flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
@@ -211,10 +230,15 @@ def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) ->
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
+    return _fork_and_wait(_process_b, spec, messages, release)
+
+
+def _fork_and_wait(body: Callable[..., int], spec: JobSpec, messages: int, release: int) -> int:
     _install_forwarding()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child_main(_process_b, spec, messages, release)
+        _child_main(body, spec, messages, release, parent)
     os.close(messages)
     os.close(release)
     _CHILD[0] = pid
@@ -235,8 +259,11 @@ def _map_ids(uid: int, gid: int) -> None:
         raise IsolationError("user namespace id mapping", os.strerror(e.errno or 0)) from e
 
 
-def _process_b(spec: JobSpec, messages: int, release: int) -> int:
-    """pid 1 of the job's pid namespace: build the view, start C, then be the init."""
+def _process_b(spec: JobSpec, messages: int, release: int, parent: int) -> int:
+    """pid 1 of the job's pid namespace: build the view, start C, then be the init. Without
+    namespaces: the job's keeper, which kills what the command leaves behind."""
+    if not spec.namespaces:
+        return _keeper(spec, messages, release, parent)
     libc.set_parent_death_signal(signal.SIGKILL)
     try:
         build_view(spec.sandbox, spec.engine)
@@ -260,6 +287,84 @@ def _process_b(spec: JobSpec, messages: int, release: int) -> int:
     return _exit_code(raw_status)  # returning ends the pid namespace: the kernel kills the rest
 
 
+# B's death signal without namespaces: catchable, so that B can kill the job before it dies, and
+# one that nobody forwards (the job cannot signal B at all: Landlock scopes its signals).
+_KEEPER_DEATH_SIGNAL = signal.SIGRTMIN
+
+
+def _keeper(spec: JobSpec, messages: int, release: int, parent: int) -> int:
+    """B without namespaces: a child subreaper holding the whole job below it. It reaps orphans
+    while the command runs and kills every process left when the command exits, or when A dies
+    (the launcher was killed), so no job process outlives the job's containment."""
+
+    def parent_died(signum: int, frame: object) -> None:
+        _kill_descendants()
+        os._exit(128 + signal.SIGKILL)
+
+    signal.signal(_KEEPER_DEATH_SIGNAL, parent_died)
+    libc.set_parent_death_signal(_KEEPER_DEATH_SIGNAL)
+    if os.getppid() != parent:  # A died before the death signal was armed
+        return EXIT_SETUP_FAILED
+    try:
+        libc.set_child_subreaper()
+    except OSError as e:
+        _send(messages, kind="setup_failed", step="child subreaper", detail=str(e))
+        return EXIT_SETUP_FAILED
+    pid = os.fork()
+    if pid == 0:
+        _child_main(_process_c, spec, messages, release)
+    os.close(messages)
+    os.close(release)
+    _CHILD[0] = pid
+    try:
+        while True:  # reap every orphan as it dies, until the command itself exits
+            reaped, raw_status = os.wait()
+            if reaped == pid:
+                break
+        if spec.keep_running:  # wait for the daemons the command left behind
+            with contextlib.suppress(ChildProcessError):
+                while True:
+                    os.wait()
+    finally:
+        _kill_descendants()
+    return _exit_code(raw_status)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process below us, until none is left. As a subreaper we inherit each
+    orphan, so whatever a dying process forked meanwhile shows up as our child next round."""
+    me = os.getpid()
+    while True:
+        children = _children(me)
+        if not children:
+            return
+        pending = list(children)
+        while pending:
+            pid = pending.pop()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # before reading its children: it forks no more
+            pending.extend(_children(pid))
+        for child in children:  # killed: each wait ends soon; its orphans come to us
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+
+
+def _children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (empty when it is gone)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(child) for child in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
 def _process_c(spec: JobSpec, messages: int, release: int) -> int:
     for signum in range(1, signal.NSIG):  # the command starts with default dispositions
         with contextlib.suppress(OSError, ValueError, RuntimeError):
@@ -272,9 +377,23 @@ def _process_c(spec: JobSpec, messages: int, release: int) -> int:
         _send(messages, kind="setup_failed", step="dropping privileges", detail=str(e))
         return EXIT_SETUP_FAILED
     _close_inherited_fds(keep=(messages, release))
+    if not spec.namespaces:
+        try:
+            confine_job([*(root.path for root in spec.sandbox.roots), *spec.sandbox.allow])
+        except IsolationError as e:
+            _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+            return EXIT_SETUP_FAILED
     _send(messages, kind="ready")
     if os.read(release, 1) != b"2":  # the launcher died or gave up: never run the command
         return EXIT_SETUP_FAILED
+    if not spec.namespaces:
+        # Only now, registered with the filter: the path is looked up in the job's own view.
+        try:
+            os.chdir(spec.sandbox.cwd)
+        except OSError as e:
+            step = f"working directory {spec.sandbox.cwd}"
+            _send(messages, kind="setup_failed", step=step, detail=os.strerror(e.errno or 0))
+            return EXIT_SETUP_FAILED
     try:
         os.execvpe(spec.argv[0], spec.argv, spec.env)
     except OSError as e:
