@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import stat
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
@@ -49,6 +48,7 @@ from isolated_agent import libc
 from isolated_agent.backup.guard.inodes import ROOT, Inode, InodeTable
 from isolated_agent.backup.guard.stage import Pending, Stager
 from isolated_agent.backup.guard.staging import STAGING_NAME
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
 
 log = logging.getLogger("guard")
 
@@ -56,29 +56,7 @@ TIMEOUT = 1.0
 T = TypeVar("T")
 
 
-def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
-    """The one place an exception becomes an errno."""
-    operation = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self: GuardOperations, *args: Any) -> T:
-        try:
-            return fn(self, *args)
-        except FUSEError:
-            raise
-        except OSError as e:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("guard: %s%r: %s", operation, _brief(args), e)
-            raise FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("guard: %s%r failed; answered EIO", operation, _brief(args))
-            raise FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a for a in args if isinstance(a, (int, bytes)))
+_handler = errno_handler(log)
 
 
 @dataclass
@@ -105,14 +83,7 @@ class GuardOperations(pyfuse3.Operations):
 
     def _attributes(self, inode: Inode, st: os.stat_result | None = None) -> EntryAttributes:
         st = st if st is not None else os.stat(inode.fd)
-        attrs = EntryAttributes()
-        attrs.st_ino = inode.number
-        attrs.generation = 0
-        attrs.entry_timeout = TIMEOUT
-        attrs.attr_timeout = TIMEOUT
-        for field in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
-                      "st_blksize", "st_blocks", "st_atime_ns", "st_mtime_ns", "st_ctime_ns"):
-            setattr(attrs, field, getattr(st, field))
+        attrs = entry_attributes(st, inode.number, TIMEOUT, TIMEOUT)
         return attrs
 
     def _entry(self, parent: Inode, name: bytes) -> EntryAttributes:

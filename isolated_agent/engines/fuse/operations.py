@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import os
 import stat
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent.engines.fuse.cache import CacheMode
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
 from isolated_agent.overlay.rename import rename
@@ -44,29 +44,7 @@ T = TypeVar("T")
 PUSH_MAX = 256 * 1024
 
 
-def _handler(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
-    """The one place an exception becomes an errno."""
-    operation = fn.__name__
-
-    @functools.wraps(fn)
-    async def wrapper(self: Operations, *args: Any) -> T:
-        try:
-            return fn(self, *args)
-        except FUSEError:
-            raise
-        except OSError as e:
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("agentfs: %s%r: %s", operation, _brief(args), e, exc_info=True)
-            raise FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("agentfs: %s%r failed; answered EIO", operation, _brief(args))
-            raise FUSEError(errno.EIO) from None
-
-    return wrapper
-
-
-def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(a for a in args if isinstance(a, (int, bytes)))
+_handler = errno_handler(log)
 
 
 @dataclass
@@ -106,21 +84,8 @@ class Operations(pyfuse3.Operations):
         if cached is not None and cached[0] is node:
             return cached[1]
         st, nlink = self.overlay.getattr(node)
-        attrs = EntryAttributes()
-        attrs.st_ino = inode
-        attrs.entry_timeout = self.cache.entry_timeout
-        attrs.attr_timeout = self.cache.attr_timeout
-        attrs.st_mode = st.st_mode
-        attrs.st_nlink = nlink
-        attrs.st_uid = st.st_uid
-        attrs.st_gid = st.st_gid
-        attrs.st_rdev = st.st_rdev
-        attrs.st_size = st.st_size
-        attrs.st_blksize = st.st_blksize
-        attrs.st_blocks = st.st_blocks
-        attrs.st_atime_ns = st.st_atime_ns
-        attrs.st_mtime_ns = st.st_mtime_ns
-        attrs.st_ctime_ns = st.st_ctime_ns
+        attrs = entry_attributes(st, inode, self.cache.entry_timeout, self.cache.attr_timeout,
+                                 nlink)
         self._attribute_cache[inode] = (node, attrs)
         return attrs
 

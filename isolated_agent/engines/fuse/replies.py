@@ -1,0 +1,75 @@
+"""What every pyfuse3 file system of ours shares: the one place an exception becomes an errno,
+and the conversion of a stat result into an entry reply.
+
+Used by agentfs (`operations.py`), its filter mount (`engines/filter/fs.py`) and the guard
+(`backup/guard/fs.py`).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from pyfuse3 import EntryAttributes, FUSEError
+
+T = TypeVar("T")
+
+_STAT_FIELDS = ("st_mode", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
+                "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+
+def errno_handler(
+    log: logging.Logger,
+) -> Callable[[Callable[..., T]], Callable[..., Coroutine[Any, Any, T]]]:
+    """Decorate a synchronous request handler as the async one pyfuse3 calls.
+
+    An `OSError` is answered with its errno; anything else is a bug — logged with its
+    traceback and answered with EIO — and the daemon goes on serving.
+    """
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., Coroutine[Any, Any, T]]:
+        operation = fn.__name__
+
+        @functools.wraps(fn)
+        async def wrapper(self: Any, *args: Any) -> T:
+            try:
+                return fn(self, *args)
+            except FUSEError:
+                raise
+            except OSError as e:
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("%s%r: %s", operation, _brief(args), e, exc_info=True)
+                raise FUSEError(e.errno or errno.EIO) from None
+            except Exception:
+                log.exception("%s%r failed; answered EIO", operation, _brief(args))
+                raise FUSEError(errno.EIO) from None
+
+        return wrapper
+
+    return decorate
+
+
+def _brief(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a for a in args if isinstance(a, (int, bytes)))
+
+
+def entry_attributes(
+    st: os.stat_result,
+    inode: int,
+    entry_timeout: float,
+    attr_timeout: float,
+    nlink: int | None = None,
+) -> EntryAttributes:
+    """An entry/attribute reply for `st` under inode number `inode` (also its st_ino)."""
+    attrs = EntryAttributes()
+    attrs.st_ino = inode
+    attrs.entry_timeout = entry_timeout
+    attrs.attr_timeout = attr_timeout
+    attrs.st_nlink = st.st_nlink if nlink is None else nlink
+    for field in _STAT_FIELDS:
+        setattr(attrs, field, getattr(st, field))
+    return attrs
