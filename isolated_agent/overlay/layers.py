@@ -34,14 +34,20 @@ class Layers:
     lowers: tuple[int, ...]
 
     @classmethod
-    def open(cls, upper: str, work: str, lowers: Sequence[str]) -> Layers:
-        if not lowers:
+    def open(
+        cls, upper: str, work: str, lowers: Sequence[str], lower_fds: Sequence[int] = ()
+    ) -> Layers:
+        """`lower_fds` (duplicated, not taken) come after the `lowers` opened by path: the
+        filter mount opened its lower before mounting over it, and must never open it by
+        path again."""
+        if not lowers and not lower_fds:
             raise LayerError("at least one lower directory is needed")
         opened: list[int] = []
         try:
             upper_fd = _open_dir(upper, "upper", opened)
             work_top = _open_dir(work, "work", opened)
-            lower_fds = tuple(_open_dir(path, "lower", opened) for path in lowers)
+            lower_layers = tuple(_open_dir(path, "lower", opened) for path in lowers) + tuple(
+                _dup_dir(fd, opened) for fd in lower_fds)
             upper_st, work_st = os.fstat(upper_fd), os.fstat(work_top)
             if upper_st.st_dev != work_st.st_dev:
                 raise LayerError(f"work dir {work} must be on the same filesystem as upper {upper}")
@@ -58,7 +64,7 @@ class Layers:
             os.close(work_top)
             opened.remove(work_top)
             _sweep_temporaries(work_fd)
-            return cls(upper_fd, work_fd, lower_fds)
+            return cls(upper_fd, work_fd, lower_layers)
         except BaseException:
             for fd in opened:
                 with contextlib.suppress(OSError):
@@ -69,6 +75,11 @@ class Layers:
         for fd in (self.upper, self.work, *self.lowers):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _dup_dir(fd: int, opened: list[int]) -> int:
+    opened.append(os.dup(fd))
+    return opened[-1]
 
 
 def _open_dir(path: str, role: str, opened: list[int]) -> int:

@@ -35,6 +35,7 @@ class Code(enum.Enum):
     REGISTER_ENV = b"E"
     UNREGISTER_ENV = b"e"
     REGISTER_JOB = b"J"
+    UNREGISTER_JOB = b"j"
     QUERY = b"Q"
     ACK = b"A"
     ERROR = b"!"

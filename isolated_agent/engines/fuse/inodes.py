@@ -38,8 +38,11 @@ _FALLBACK_BASE = 1 << 63
 
 
 class InodeTable:
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, first_slot: int = 1) -> None:
+        """`first_slot=0` numbers the first layer's files (upper's) by their own st_ino: the
+        filter mount's host view shows the host's inode numbers unchanged."""
         self.overlay = overlay
+        self._first_slot = first_slot
         self._nodes: dict[int, Node] = {ROOT_INODE: overlay.root}
         self._counts: dict[int, int] = {}
         self._slots: dict[int, int] = {}
@@ -108,12 +111,27 @@ class InodeTable:
     def _stable_number(self, node: Node) -> int:
         dev, ino = node.origin
         slot = self._slot(dev)
-        if slot > _MAX_SLOT or ino > _INO_MASK or ino == 0:
+        if slot > _MAX_SLOT or ino > _INO_MASK or ino == 0 or (slot << _INO_BITS | ino) == 1:
             return _FALLBACK_BASE - 1 - (ino & _INO_MASK)  # still deterministic, below fallbacks
         return (slot << _INO_BITS) | ino
 
     def _slot(self, dev: int) -> int:
         slot = self._slots.get(dev)
         if slot is None:
-            slot = self._slots[dev] = len(self._slots) + 1
+            slot = self._slots[dev] = len(self._slots) + self._first_slot
         return slot
+
+
+class RangeInodeTable(InodeTable):
+    """Numbers counted up from `base` instead of derived from origins: the inode numbers of a
+    filter-mount env view, which must never collide with the host view's (a separate range
+    per view) while sharing the root (inode 1)."""
+
+    def __init__(self, overlay: Overlay, base: int) -> None:
+        super().__init__(overlay)
+        self._next = base
+
+    def _stable_number(self, node: Node) -> int:
+        number = self._next
+        self._next += 1
+        return number
