@@ -31,6 +31,7 @@ COMMANDS = {
     "umount": "isolated_agent.cli.mount_cmds:umount_cmd",
     "guard": "isolated_agent.cli.guard_cmds:guard_group",
     "backupd": "isolated_agent.cli.guard_cmds:backupd_cmd",
+    "filter": "isolated_agent.cli.filter_cmds:filter_group",
 }
 
 

@@ -7,21 +7,27 @@ at a given path. An engine that needs processes on the host side while the job r
 engine's daemons) also has `start()` / `stop()` (`HostSide`), which `serving()` calls around the
 job.
 
-`auto` picks the kernel engine whenever its check passes (native speed), else the fuse engine.
+`auto` picks the kernel engine whenever namespaces can be made and overlayfs exists (native
+speed), else the fuse engine; where namespaces cannot be made at all, the filter engine
+(agentfs mounted over each root on the host, telling processes apart by identity).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from isolated_agent.env.store import Root
+from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError, UsageError
+
+if TYPE_CHECKING:
+    from isolated_agent.jobs.launcher import Job
 
 
 class Engine(Protocol):
     name: str
+    namespaces: bool  # False: the job runs on the host, without namespaces (filter engine)
 
     def check(self, rootless: bool) -> None:
         """Raise IsolationError when this engine cannot work on this machine."""
@@ -33,50 +39,73 @@ class Engine(Protocol):
 
 @runtime_checkable
 class HostSide(Protocol):
-    def start(self, roots: Sequence[Root], log_dir: str) -> None:
-        """On the host, before the job starts: start what serves the roots."""
+    def start(self, env: Env, log_dir: str) -> None:
+        """On the host, before the job starts: start what serves the env's roots."""
 
     def stop(self) -> None:
         """On the host, after the job ended (or failed to start): stop it all."""
 
+    def job_started(self, pid: int, cgroup_dir: str | None) -> None:
+        """The job exists (suspended): `pid` is its outermost process, `cgroup_dir` its
+        cgroup v2 group (or None). Runs before the command is released."""
 
-ENGINE_NAMES = ("auto", "kernel", "fuse")
+
+ENGINE_NAMES = ("auto", "kernel", "fuse", "filter")
 
 
-def select_engine(name: str, rootless: bool) -> Engine:
+def select_engine(name: str, rootless: bool, store: Store) -> Engine:
+    """The engine called `name`, checked; for `auto`: the kernel engine when namespaces can be
+    made (native speed), else the fuse engine (no overlayfs), else — namespaces unavailable,
+    as under Ubuntu's AppArmor default or in many containers — the filter engine."""
+    from isolated_agent.engines.filter.engine import FilterEngine
     from isolated_agent.engines.fuse.engine import FuseEngine
-    from isolated_agent.engines.kernel import KernelEngine
+    from isolated_agent.engines.kernel import KernelEngine, check_namespaces
 
     if name not in ENGINE_NAMES:
         raise UsageError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
-    if name == "fuse":
-        fuse = FuseEngine()
-        fuse.check(rootless)
-        return fuse
-    kernel = KernelEngine()
-    if name == "kernel":
-        kernel.check(rootless)
-        return kernel
+    candidates: dict[str, Callable[[], Engine]] = {
+        "kernel": KernelEngine, "fuse": FuseEngine, "filter": lambda: FilterEngine(store),
+    }
+    if name != "auto":
+        engine = candidates[name]()
+        if engine.name != "filter":
+            check_namespaces(rootless)
+        engine.check(rootless)
+        return engine
     try:
-        kernel.check(rootless)
-        return kernel
-    except IsolationError as kernel_problem:
-        fuse = FuseEngine()
+        check_namespaces(rootless)
+    except IsolationError as no_namespaces:
         try:
-            fuse.check(rootless)
+            return _checked(candidates["filter"](), rootless)
+        except IsolationError:
+            raise no_namespaces from None
+    try:
+        return _checked(candidates["kernel"](), rootless)
+    except IsolationError as kernel_problem:
+        try:
+            return _checked(candidates["fuse"](), rootless)
         except IsolationError:
             raise kernel_problem from None  # neither works: the kernel's reason is the usual one
-        return fuse
+
+
+def _checked(engine: Engine, rootless: bool) -> Engine:
+    engine.check(rootless)
+    return engine
 
 
 @contextmanager
-def serving(engine: Engine, roots: Sequence[Root], log_dir: str) -> Iterator[None]:
-    """Run the engine's host side (if it has one) around a job."""
+def serving(engine: Engine, env: Env, log_dir: str) -> Iterator[Callable[[Job], None]]:
+    """Run the engine's host side (if it has one) around a job; yield what the launcher calls
+    once the job exists, before it is released."""
     if not isinstance(engine, HostSide):
-        yield
+        yield lambda job: None
         return
+
+    def job_started(job: Job) -> None:
+        engine.job_started(job.pid, job.cgroup.path if job.cgroup is not None else None)
+
     try:
-        engine.start(roots, log_dir)
-        yield
+        engine.start(env, log_dir)
+        yield job_started
     finally:
         engine.stop()

@@ -23,8 +23,34 @@ def _escape(path: str) -> str:
     return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
 
 
+def check_namespaces(rootless: bool) -> None:
+    """Whether the namespaces a job needs can be made here: tried for real in a child (a
+    millisecond), since the reasons they cannot are many (user.max_user_namespaces=0, an
+    AppArmor or seccomp policy, a container without CAP_SYS_ADMIN)."""
+    flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
+    if rootless:
+        flags |= libc.CLONE_NEWUSER
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc.unshare(flags)
+            os._exit(0)
+        except OSError as e:
+            os._exit(min(e.errno or 1, 255))
+        finally:
+            os._exit(255)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise IsolationError(
+            "creating namespaces", os.strerror(code) if 0 < code < 255 else "failed",
+            "run as root, or enable user namespaces (sysctl user.max_user_namespaces)",
+        )
+
+
 class KernelEngine:
     name = "kernel"
+    namespaces = True
 
     def check(self, rootless: bool) -> None:
         try:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from isolated_agent.engines import select_engine, serving
 from isolated_agent.env.store import Env, Store, is_within
-from isolated_agent.errors import EnvNotFound, UsageError
+from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
 from isolated_agent.jobs.launcher import JobSpec, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
@@ -101,15 +101,30 @@ def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ..
     return tuple(allows)
 
 
+def check_store_out_of_reach(store: Store, allows: tuple[str, ...]) -> None:
+    """Without namespaces the store cannot be hidden from the job, and the job may write where
+    Landlock lets it: the store must not be there, or the job could rewrite its own env (and
+    every other one) behind the filter's back."""
+    from isolated_agent.jobs.confine import DEFAULT_WRITE_PATHS
+
+    for path in (*DEFAULT_WRITE_PATHS, *allows):
+        if is_within(store.home, path):
+            raise IsolationError(
+                "filter engine", f"the store {store.home} is under {path}, which the job may "
+                "write to", "keep the store elsewhere (ISOLATED_AGENT_HOME)")
+
+
 def run(store: Store, request: RunRequest, notify: Notify) -> int:
     if not request.argv:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
     sweep_stale_groups()
     rootless = os.geteuid() != 0
-    engine = select_engine(request.engine, rootless)
+    engine = select_engine(request.engine, rootless, store)
     env = resolve_env(store, request.env_name, request.roots, notify)
     store.resolve_roots([r.path for r in env.roots])  # every root must still exist
     allows = resolve_allows(store, env, request)
+    if not engine.namespaces:
+        check_store_out_of_reach(store, allows)
     staging = os.path.join(store.run_dir, "views", env.id)
     os.makedirs(staging, mode=0o700, exist_ok=True)
     cwd = os.getcwd()
@@ -128,8 +143,9 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         keep_running=request.keep_running,
         env=job_env,
         cgroup_label=env.id,
+        namespaces=engine.namespaces,
     )
     with store.lock(env, purpose="run in it"):
         notify(f"env {env.name}, {engine.name} engine")
-        with serving(engine, env.roots, store.run_dir):
-            return run_job(spec)
+        with serving(engine, env, store.run_dir) as on_ready:
+            return run_job(spec, on_ready)

@@ -28,10 +28,9 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Sequence
 
 from isolated_agent import libc
-from isolated_agent.env.store import Root
+from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
 
 _ANSWER_TIMEOUT = 30.0
@@ -39,6 +38,7 @@ _ANSWER_TIMEOUT = 30.0
 
 class FuseEngine:
     name = "fuse"
+    namespaces = True
 
     def __init__(self) -> None:
         self._links: dict[int, socket.socket] = {}
@@ -63,9 +63,9 @@ class FuseEngine:
 
     # -- host side ------------------------------------------------------------------------------
 
-    def start(self, roots: Sequence[Root], log_dir: str) -> None:
+    def start(self, env: Env, log_dir: str) -> None:
         """Fork one daemon per root; they wait for their /dev/fuse fd."""
-        for root in roots:
+        for root in env.roots:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             key = hashlib.sha256(os.fsencode(root.upper)).hexdigest()[:12]
             log_path = os.path.join(log_dir, f"agentfs-{key}.log")  # one per env root
@@ -79,6 +79,9 @@ class FuseEngine:
             theirs.close()
             self._links[root.index] = ours
             self._daemons.append(pid)
+
+    def job_started(self, pid: int, cgroup_dir: str | None) -> None:
+        pass  # each daemon serves its own mount, in the job's namespace: nobody to tell
 
     def stop(self) -> None:
         for link in self._links.values():

@@ -1,0 +1,11 @@
+"""The filter engine: agentfs mounted in place over a managed root, a view per process
+(DESIGN §4.2, §6, §8; the seed's minifilter model).
+
+    fs.py        the file system: views, per-name inode numbers and cache lifetimes
+    daemon.py    one daemon per root: mount, control port, record, idle stop
+    control.py   the CLI's and the launcher's side: find, start, stop, register
+    engine.py    the `filter` engine of `agentctl run`
+
+Who belongs to which job is `isolated_agent.jobs.identity`; how a job without namespaces is
+confined, `isolated_agent.jobs.confine` and the launcher's namespace-less mode.
+"""

@@ -1,0 +1,359 @@
+"""The filter daemon: agentfs mounted in place over one managed root, plus its control port.
+
+Life of a daemon (one per root):
+
+    open the root (an fd, before anything covers it)  ->  mount agentfs over the root
+    ->  bind the control socket, write the record  ->  ready
+    ->  serve FUSE requests and control requests (one trio loop, one thread: the file system
+        and the registrations never change under each other)
+    ->  SIGTERM, or idle (started on demand, no job for IDLE_SECONDS): unmount, remove the
+        record and the socket, exit
+
+The control port (DESIGN §8) takes REGISTER_ENV / UNREGISTER_ENV, REGISTER_JOB /
+UNREGISTER_JOB and QUERY from the user who started it (or root) — never from a process that is
+in a job, whether the kernel engine's or ours (`Identity`). A job whose processes are all gone
+(its launcher was killed before it could unregister) is dropped by a periodic sweep.
+
+The record (`run/filters/<digest>.json` in the store) names the root, the pid, the socket and
+the log: `filter status`, `filter stop` and `run` find daemons through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyfuse3
+import trio  # type: ignore[import-untyped]
+
+from isolated_agent.engines.filter.fs import FilterOperations
+from isolated_agent.engines.fuse import fastloop
+from isolated_agent.engines.fuse.daemon import MountFailed, fault_hook_from_env, setup_logging
+from isolated_agent.jobs.identity import Identity, JobRecord, Unclassifiable, start_time
+from isolated_agent.protocol.frames import Code, Frame, error_frame
+from isolated_agent.protocol.peer import PeerCred, refusal
+from isolated_agent.protocol.server import serve as serve_control
+
+log = logging.getLogger("agentfs.filter")
+
+IDLE_SECONDS = 30.0  # an on-demand daemon with no job for this long stops
+SWEEP_SECONDS = 2.0
+
+
+@dataclass
+class FilterRecord:
+    root: str
+    pid: int
+    socket: str
+    log: str
+    on_demand: bool
+
+
+def records_dir(run_dir: str) -> str:
+    path = os.path.join(run_dir, "filters")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def _digest(root: str) -> str:
+    return hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
+
+
+def record_path(run_dir: str, root: str) -> str:
+    return os.path.join(records_dir(run_dir), f"{_digest(root)}.json")
+
+
+def socket_path(run_dir: str, root: str) -> str:
+    return os.path.join(records_dir(run_dir), f"{_digest(root)}.sock")
+
+
+def read_record(run_dir: str, root: str) -> FilterRecord | None:
+    return _load(record_path(run_dir, root))
+
+
+def all_records(run_dir: str) -> list[FilterRecord]:
+    found = []
+    for name in sorted(os.listdir(records_dir(run_dir))):
+        if name.endswith(".json"):
+            record = _load(os.path.join(records_dir(run_dir), name))
+            if record is not None:
+                found.append(record)
+    return found
+
+
+def _load(path: str) -> FilterRecord | None:
+    try:
+        with open(path) as f:
+            return FilterRecord(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+class FilterDaemon:
+    """The state behind the control port: which envs and jobs the file system serves."""
+
+    def __init__(self, root: str, operations: FilterOperations, identity: Identity,
+                 on_demand: bool) -> None:
+        self.root = root
+        self.operations = operations
+        self.identity = identity
+        self.on_demand = on_demand
+        self.env_jobs: dict[str, set[str]] = {}  # env id -> its registered jobs
+        self.pinned: set[str] = set()  # envs registered on their own (REGISTER_ENV)
+        self.idle_since = time.monotonic()
+
+    def refuse(self, peer: PeerCred) -> str | None:
+        reason = refusal(peer)
+        if reason is not None:
+            return reason
+        try:
+            if self.identity.view_of(peer.pid) is not None:
+                return "processes inside a job may not use the control port"
+        except Unclassifiable:
+            return "the caller could not be identified"
+        return None
+
+    async def handle(self, frame: Frame, peer: PeerCred) -> Frame:
+        body = frame.body
+        if frame.code is Code.QUERY:
+            return Frame(Code.ACK, self.describe())
+        if frame.code is Code.REGISTER_ENV:
+            self._add_env(body)
+            self.pinned.add(str(body["env"]))
+            return Frame(Code.ACK)
+        if frame.code is Code.UNREGISTER_ENV:
+            env = str(body["env"])
+            self.pinned.discard(env)
+            if self.env_jobs.get(env):
+                return error_frame(f"env {env} still has running jobs here")
+            self._drop_env(env)
+            return Frame(Code.ACK)
+        if frame.code is Code.REGISTER_JOB:
+            self._add_env(body)
+            job = JobRecord(
+                job_id=str(body["job"]),
+                view=str(body["env"]),
+                cgroup=body.get("cgroup"),
+                anchor=_anchor(body.get("anchor")),
+            )
+            self.identity.register(job)
+            self.env_jobs.setdefault(job.view, set()).add(job.job_id)
+            return Frame(Code.ACK)
+        if frame.code is Code.UNREGISTER_JOB:
+            self._drop_job(str(body["job"]))
+            return Frame(Code.ACK)
+        return error_frame(f"the filter daemon does not take {frame.code.name}")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "pid": os.getpid(),
+            "envs": sorted(set(self.env_jobs) | self.pinned),
+            "jobs": [asdict(job) for job in self.identity.jobs()],
+        }
+
+    def _add_env(self, body: dict[str, Any]) -> None:
+        env, upper, work = str(body["env"]), str(body["upper"]), str(body["work"])
+        for path in (upper, work):
+            if not os.path.isabs(path) or os.path.commonpath([path, self.root]) == self.root:
+                raise ValueError(f"{path} must be an absolute path outside {self.root}")
+        self.operations.add_env(env, upper, work)
+        self.env_jobs.setdefault(env, set())
+
+    def _drop_job(self, job_id: str) -> None:
+        self.identity.unregister(job_id)
+        for env, jobs in list(self.env_jobs.items()):
+            jobs.discard(job_id)
+            if not jobs and env not in self.pinned:
+                self._drop_env(env)
+
+    def _drop_env(self, env: str) -> None:
+        self.env_jobs.pop(env, None)
+        self.operations.remove_env(env)
+        if not self.env_jobs:
+            self.idle_since = time.monotonic()
+
+    def sweep(self) -> None:
+        """Drop jobs none of whose processes is left (a launcher killed before it could
+        unregister): their cgroup is gone or empty and their anchor is dead."""
+        for job in self.identity.jobs():
+            if not _job_alive(job):
+                log.info("job %s ended without unregistering; dropped", job.job_id)
+                self._drop_job(job.job_id)
+
+    def idle(self) -> bool:
+        return (self.on_demand and not self.env_jobs
+                and time.monotonic() - self.idle_since > IDLE_SECONDS)
+
+
+def _anchor(value: Any) -> tuple[int, int] | None:
+    if not value:
+        return None
+    pid, started = value
+    return int(pid), int(started)
+
+
+def _job_alive(job: JobRecord) -> bool:
+    if job.anchor is not None:
+        pid, started = job.anchor
+        with contextlib.suppress(OSError, ValueError):
+            if start_time(pid) == started:
+                return True
+    if job.cgroup is not None:
+        from isolated_agent.jobs.cgroup import v2_mount_point
+
+        mount = v2_mount_point()
+        if mount is not None:
+            procs = os.path.join(mount, job.cgroup.lstrip("/"), "cgroup.procs")
+            with contextlib.suppress(OSError), open(procs) as f:
+                return bool(f.read().strip())
+    return False
+
+
+def serve(root: str, run_dir: str, log_path: str, on_demand: bool,
+          on_ready: Callable[[], None] | None = None) -> None:
+    """Mount over `root` and serve until stopped. Raises MountFailed when it cannot mount."""
+    os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
+    try:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountFailed(f"cannot open {root}: {e.strerror}") from None
+    identity = Identity()
+    operations = FilterOperations(root_fd, identity, fault_hook_from_env())
+    daemon = FilterDaemon(root, operations, identity, on_demand)
+    options = {"default_permissions", "fsname=agentfs-filter", "subtype=agentfs"}
+    if os.geteuid() == 0 or _user_allow_other():
+        options.add("allow_other")  # every user keeps reaching the project, as before
+    try:
+        pyfuse3.init(operations, root, options)
+    except RuntimeError as e:
+        operations.close()
+        raise MountFailed(f"cannot mount the filter over {root}: {e}") from None
+    record = FilterRecord(root, os.getpid(), socket_path(run_dir, root), log_path, on_demand)
+    try:
+        fastloop.install()
+        trio.run(_main, daemon, record, record_path(run_dir, root), on_ready)
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        operations.close()
+        with contextlib.suppress(OSError):
+            os.close(root_fd)
+        for path in (record_path(run_dir, root), record.socket):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _user_allow_other() -> bool:
+    with contextlib.suppress(OSError), open("/etc/fuse.conf") as f:
+        return any(line.strip() == "user_allow_other" for line in f)
+    return False
+
+
+async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
+                on_ready: Callable[[], None] | None) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_control, record.socket, daemon.handle, daemon.refuse)
+        _write_record(record, record_file)
+        nursery.start_soon(_housekeeping, daemon)
+        nursery.start_soon(_stop_on_signal)
+        if on_ready is not None:
+            on_ready()
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+
+
+def _write_record(record: FilterRecord, path: str) -> None:
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(asdict(record), f)
+    os.replace(temporary, path)
+
+
+async def _housekeeping(daemon: FilterDaemon) -> None:
+    while True:
+        await trio.sleep(SWEEP_SECONDS)
+        daemon.sweep()
+        if daemon.idle():
+            log.info("idle: unmounting %s", daemon.root)
+            pyfuse3.terminate()
+            return
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def start_background(root: str, run_dir: str, log_path: str, on_demand: bool) -> int:
+    """Start a detached daemon; return its pid once it serves. Raises MountFailed.
+
+    The daemon is a fresh interpreter (`python -m isolated_agent.engines.filter`), never a fork
+    of the caller: a fork would inherit the caller's threads' state (trio's thread cache of a
+    process that ran trio before, locks held by threads that do not exist in the child), its
+    descriptors (a run's env lock) and its command line."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "isolated_agent.engines.filter", root, run_dir, log_path,
+               str(write_end), *(["--on-demand"] if on_demand else [])]
+    try:
+        child = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd="/")
+    finally:
+        os.close(write_end)
+    child.wait()  # it forks the daemon and exits at once: not our child, not our zombie
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read().decode(errors="replace").strip()
+    if answer.startswith("ok"):
+        record = read_record(run_dir, root)
+        return record.pid if record is not None else 0
+    raise MountFailed(answer.removeprefix("error ").strip() or "the filter daemon died")
+
+
+def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand: bool) -> None:
+    """The body of `python -m isolated_agent.engines.filter`: fork once more (so that the
+    caller can wait for its child at once), then serve; "ok" or "error ..." on `ready_fd`."""
+    if os.fork() != 0:
+        os._exit(0)
+    code = 1
+    try:
+        _detach_stdio(log_path)
+        setup_logging()
+
+        def ready() -> None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+        serve(root, run_dir, log_path, on_demand, on_ready=ready)
+        code = 0
+    except BaseException as e:  # noqa: BLE001 - report, never a traceback on a terminal
+        message = str(e) if isinstance(e, MountFailed) else f"filter daemon failed: {e!r}"
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, ("error " + message.replace("\n", " ") + "\n").encode())
+        with contextlib.suppress(Exception):
+            log.exception("filter daemon ended with an error")
+    finally:
+        os._exit(code)
+
+
+def _detach_stdio(log_path: str) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(null)
+    os.close(out)

@@ -1,0 +1,834 @@
+"""The filter mount's file system: one agentfs mount over a managed root, a view per process.
+
+Every request that names something is served in the view of the process that sent it
+(`Identity.view_of`): the host's (pass-through to the real files) or the env of the job the
+process belongs to; a process that cannot be placed with certainty is refused (EACCES), never
+given the host view. Each view is an `Overlay`: the host's has the root itself as its only
+layer (its "upper"), an env's has the env's upper over the root. All layers were opened before
+the mount covered the root, so nothing here ever resolves a path through its own mount.
+
+The hard part is the kernel's caches, which are per mount, not per process: a dentry, an
+inode's attributes and its page cache are shared by every process. So inode numbers and cache
+lifetimes are decided per *name* (DESIGN §4.2, issue 5):
+
+- a name that every view resolves to the same object (no env has touched it) is *shared*: one
+  inode number (the host's), cached for long — host and jobs alike walk it at kernel speed;
+- a name that is a directory in every view, but some env has an upper copy of it, keeps the
+  shared number (its children are still decided name by name) with attributes never cached;
+- a name that some view resolves differently *diverges*: each view gets its own inode number
+  for it (the host's own, or one from the env's private range), and nothing about the name is
+  cached, so every access revalidates and gets its own view's answer.
+
+Names start shared and diverge when an env first changes them. Changes that go through a
+shared inode would leak through the shared kernel caches, so an env process that tries one
+(open for writing, truncate, chmod, xattrs, link, or renaming it away) on a shared non-directory
+gets ESTALE once, after the name is marked *forced* (diverged for that env) and its cached entry
+dropped: the kernel's path-based system calls then retry with a fresh lookup (LOOKUP_REVAL),
+which now returns the env's own inode, and the change happens there. fd-based calls on a
+shared inode (fchmod on a read-only fd) have no retry: they fail with ESTALE, never leak.
+
+Changes the host makes are seen by every env that has not diverged the name (lower layer
+semantics), and drop the env overlays' caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pyfuse3
+from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
+
+from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable, RangeInodeTable
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
+from isolated_agent.jobs.identity import Identity, Unclassifiable
+from isolated_agent.overlay.copyup import FaultHook
+from isolated_agent.overlay.layers import Layers
+from isolated_agent.overlay.merge import Overlay
+from isolated_agent.overlay.node import Key, Node
+from isolated_agent.overlay.rename import RENAME_EXCHANGE, rename
+
+log = logging.getLogger("agentfs.filter")
+_handler = errno_handler(log)
+
+LONG = 24 * 3600.0  # cache lifetime of what every view sees alike (invalidated explicitly)
+
+# Env views number their private inodes in [2^62, 2^62 + 2^61): 2^40 numbers per view.
+_PRIVATE_BASE = 1 << 62
+_PRIVATE_END = _PRIVATE_BASE + (1 << 61)
+_VIEW_SHIFT = 40
+
+
+@dataclass(frozen=True)
+class Policy:
+    entry_timeout: float
+    attr_timeout: float
+
+
+CACHED = Policy(LONG, LONG)  # the same object in every view
+ATTRS_PER_VIEW = Policy(LONG, 0.0)  # a directory in every view, an upper copy in some
+PER_VIEW = Policy(0.0, 0.0)  # resolves differently in some view
+
+
+def _estale() -> OSError:
+    return OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+
+@dataclass
+class View:
+    """One way of seeing the root: the host's, or one env's."""
+
+    key: str | None  # env id; None: the host
+    overlay: Overlay
+    inodes: InodeTable
+    # env views: host node of a shared inode -> this view's node for it, valid in one epoch
+    shadows: dict[Node, Node] = field(default_factory=dict)
+    shadows_epoch: int = -1
+    # env views: (key of a shared parent directory, name) that must have a private inode
+    forced: set[tuple[Key, bytes]] = field(default_factory=set)
+
+    @property
+    def is_host(self) -> bool:
+        return self.key is None
+
+
+@dataclass
+class _Handle:
+    view: View
+    node: Node
+    fd: int | None  # its own fd when opened for writing; None: reads use the node's reader
+
+
+@dataclass
+class _DirHandle:
+    view: View
+    node: Node
+    kernel_inode: int
+    names: list[bytes] | None = None
+
+
+class FilterOperations(pyfuse3.Operations):
+    supports_dot_lookup = False  # no NFS export: the kernel never asks for ".."
+    enable_writeback_cache = False
+
+    def __init__(self, root_fd: int, identity: Identity, fault: FaultHook | None = None) -> None:
+        super().__init__()
+        self.root_fd = root_fd
+        self.identity = identity
+        self.fault = fault
+        work = os.dup(root_fd)  # never used: the host view has no lower to copy up from
+        host_overlay = Overlay(Layers(upper=os.dup(root_fd), work=work, lowers=()), fault)
+        self.host = View(None, host_overlay, InodeTable(host_overlay, first_slot=0))
+        self.envs: dict[str, View] = {}
+        self._by_index: dict[int, View] = {}
+        self._next_index = 0
+        self.epoch = 0  # bumped by every namespace change in any view: shadows go stale
+        self._files: dict[int, _Handle] = {}
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_handle = 1
+        self._buffer = bytearray(1 << 20)
+        host_overlay.on_stale_entry = self._host_stale_entry
+
+    # -- envs -----------------------------------------------------------------------------------
+
+    def add_env(self, env_id: str, upper: str, work: str) -> None:
+        """Serve env `env_id` (its upper and work dirs, by path: they are in the store, never
+        under the root) to the processes the identity places in it."""
+        if env_id in self.envs:
+            return
+        layers = Layers.open(upper, work, [], lower_fds=[self.root_fd])
+        overlay = Overlay(layers, self.fault)
+        index = self._next_index
+        self._next_index += 1
+        base = _PRIVATE_BASE + (index << _VIEW_SHIFT)
+        view = View(env_id, overlay, RangeInodeTable(overlay, base))
+        overlay.on_stale_entry = lambda parent, name: self._env_stale_entry(view, parent, name)
+        self.envs[env_id] = view
+        self._by_index[index] = view
+        self._namespace_changed(None)
+        self._invalidate_upper_names(view)
+
+    def remove_env(self, env_id: str) -> None:
+        """Stop serving an env (its jobs have ended). Inodes the kernel still holds for it
+        answer ESTALE; names it diverged revalidate to the host's answer."""
+        view = self.envs.pop(env_id, None)
+        if view is None:
+            return
+        for index, candidate in list(self._by_index.items()):
+            if candidate is view:
+                del self._by_index[index]
+        for handle in list(self._files.values()):
+            if handle.view is view and handle.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(handle.fd)
+                handle.fd = None
+        view.overlay.close()
+        view.overlay.layers.close()
+        self._namespace_changed(None)
+
+    def _invalidate_upper_names(self, view: View) -> None:
+        """A new env: what the kernel cached as the same in every view was decided without
+        it, and its upper may already hold changes (a second run in an env). Drop the cached
+        entry of every name its upper has, and the attributes of every directory there."""
+        upper = view.overlay.layers.upper
+        for directory, dirnames, filenames, _ in os.fwalk(".", dir_fd=upper):
+            host = self.host.overlay.root
+            for name in os.fsencode(directory).split(b"/")[1:]:
+                found = _lookup_or_none(self.host.overlay, host, name)
+                if found is None:
+                    break
+                host = found
+            else:
+                if host.nodeid or host is self.host.overlay.root:
+                    inode = host.nodeid or ROOT_INODE
+                    for entry in (*dirnames, *filenames):
+                        pyfuse3.invalidate_entry_async(inode, os.fsencode(entry),
+                                                       ignore_enoent=True)
+                    self._invalidate_attributes_later(inode)
+                continue
+            dirnames.clear()  # the host has nothing here: the kernel cached nothing below
+
+    # -- which view, which node -----------------------------------------------------------------
+
+    def _view(self, ctx: RequestContext) -> View:
+        if not self.envs:
+            return self.host
+        try:
+            key = self.identity.view_of(ctx.pid)
+        except Unclassifiable as e:
+            log.warning("refused a request from pid %d: %s", ctx.pid, e)
+            raise FUSEError(errno.EACCES) from None
+        if key is None:
+            return self.host
+        view = self.envs.get(key)
+        if view is None:  # registered as a job, but its env is gone: never the host view
+            raise FUSEError(errno.EACCES)
+        return view
+
+    def _owner(self, inode: int) -> View:
+        """The view whose table numbered `inode`: an env's private range, else the host."""
+        if _PRIVATE_BASE <= inode < _PRIVATE_END:
+            view = self._by_index.get((inode - _PRIVATE_BASE) >> _VIEW_SHIFT)
+            if view is None:
+                raise _estale()
+            return view
+        return self.host
+
+    def _node(self, view: View, inode: int) -> Node:
+        """`view`'s node behind kernel inode `inode`; ESTALE when that inode shows another
+        view's object (a stale dentry: path-based calls retry with a fresh lookup)."""
+        owner = self._owner(inode)
+        if owner is view:
+            return view.inodes.node(inode)
+        if owner.is_host:
+            return self._shadow(view, self.host.inodes.node(inode))
+        raise _estale()
+
+    def _shadow(self, view: View, target: Node) -> Node:
+        """An env view's node for a shared host node, found by walking the host node's path
+        in the env view; ESTALE if the env no longer sees it as shared."""
+        if target is self.host.overlay.root:
+            return view.overlay.root
+        self._expire_shadows(view)
+        cached = view.shadows.get(target)
+        if cached is not None:
+            return cached
+        path = _path_of(self.host.overlay, target)
+        if path is None:
+            raise _estale()
+        host_node, node = self.host.overlay.root, view.overlay.root
+        for name in path:
+            host_child = _lookup_or_none(self.host.overlay, host_node, name)
+            child = _lookup_or_none(view.overlay, node, name)
+            if host_child is None or child is None:
+                raise _estale()
+            if not self._same(view, host_node, name, host_child, child):
+                raise _estale()
+            host_node, node = host_child, child
+        if host_node is not target:
+            raise _estale()
+        self._remember_shadow(view, target, node)
+        return node
+
+    def _remember_shadow(self, view: View, host: Node, node: Node) -> None:
+        """Keep `node` (and with it its parents) alive while it stands for `host`: the
+        kernel holds the host's inode, not this view's node."""
+        self._expire_shadows(view)
+        if host not in view.shadows:
+            view.overlay.ref(node)
+            view.shadows[host] = node
+
+    def _expire_shadows(self, view: View) -> None:
+        if view.shadows_epoch == self.epoch:
+            return
+        shadows = list(view.shadows.values())
+        view.shadows.clear()
+        view.shadows_epoch = self.epoch
+        for node in shadows:
+            if not node.released:
+                view.overlay.unref(node)
+
+    def _same(
+        self, view: View, host_parent: Node, name: bytes, host: Node | None, other: Node | None
+    ) -> bool:
+        """Whether an env view may share the host's inode for `name` under a shared dir."""
+        if (host_parent.key, name) in view.forced:
+            return False
+        if host is None or other is None:
+            return host is None and other is None
+        if other.key == host.key:
+            return True  # the very same object: the env never touched it
+        return host.is_dir and other.is_dir
+
+    def _policy(self, host_parent: Node, name: bytes, host: Node | None) -> Policy:
+        """How long the kernel may cache `name` under a shared directory: decided over every
+        env view, since a cached entry answers any process."""
+        policy = CACHED
+        for view in self.envs.values():
+            try:
+                parent = self._shadow(view, host_parent)
+            except OSError:
+                continue  # this env does not reach the directory through the shared inode
+            other = _lookup_or_none(view.overlay, parent, name)
+            if not self._same(view, host_parent, name, host, other):
+                return PER_VIEW
+            if host is not None and other is not None and other.key != host.key:
+                policy = ATTRS_PER_VIEW
+        return policy
+
+    def _policy_of(self, inode: int) -> Policy:
+        """The cache policy of an inode the kernel holds (for attribute replies)."""
+        if not self._owner(inode).is_host:
+            return PER_VIEW
+        if not self.envs:
+            return CACHED
+        host = self.host.inodes.node(inode)
+        if host is self.host.overlay.root or not host.links:
+            return PER_VIEW  # every env has an upper root; a detached node: ask each time
+        parent, name = host.links[0]
+        return self._policy(parent, name, host)
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _attributes(self, view: View, node: Node, inode: int, policy: Policy) -> EntryAttributes:
+        st, nlink = view.overlay.getattr(node)
+        return entry_attributes(st, inode, policy.entry_timeout, policy.attr_timeout, nlink)
+
+    def _entry(self, view: View, node: Node, policy: Policy) -> EntryAttributes:
+        """An entry reply numbered by `view`'s table; the lookup count goes up once the reply
+        is certain."""
+        inode = view.inodes.number(node)
+        try:
+            attrs = self._attributes(view, node, inode, policy)
+        except BaseException:
+            view.inodes.unused(node)
+            raise
+        view.inodes.entry(node)
+        return attrs
+
+    def _resolve_entry(
+        self, view: View, parent_inode: int, name: bytes
+    ) -> tuple[View, Node | None, Policy]:
+        """Who answers for `name` in `parent_inode`, as `view` sees it: (the view whose
+        table numbers the answer, the node or None, the cache policy)."""
+        owner = self._owner(parent_inode)
+        if not owner.is_host:  # a private directory: everything below it is private too
+            if owner is not view:
+                raise _estale()
+            parent = view.inodes.node(parent_inode)
+            return view, _lookup_or_none(view.overlay, parent, name), PER_VIEW
+        host_parent = self.host.inodes.node(parent_inode)
+        host = _lookup_or_none(self.host.overlay, host_parent, name)
+        policy = self._policy(host_parent, name, host) if self.envs else CACHED
+        if view.is_host:
+            return self.host, host, policy
+        parent = self._shadow(view, host_parent)
+        other = _lookup_or_none(view.overlay, parent, name)
+        if self._same(view, host_parent, name, host, other):
+            if host is not None and other is not None:
+                self._remember_shadow(view, host, other)
+            return self.host, host, policy
+        return view, other, PER_VIEW
+
+    def _handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    # -- keeping the kernel's caches honest -----------------------------------------------------
+
+    def _namespace_changed(self, by: View | None) -> None:
+        self.epoch += 1
+        if by is not None and by.is_host:  # the envs' lower changed under them
+            for view in self.envs.values():
+                view.overlay.namespace_changed()
+
+    def _data_changed(self, by: View) -> None:
+        if by.is_host:
+            for view in self.envs.values():
+                view.overlay.changed()
+
+    def _host_stale_entry(self, parent: Node, name: bytes) -> None:
+        if parent.nodeid:
+            pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
+
+    def _env_stale_entry(self, view: View, parent: Node, name: bytes) -> None:
+        """An env's change made `name` mean something else (a broken hard link): its cached
+        entry, whichever inode shows it to the kernel, must go."""
+        inode = parent.nodeid or self._shared_inode_of(view, parent)
+        if inode:
+            pyfuse3.invalidate_entry_async(inode, name, ignore_enoent=True)
+
+    def _shared_inode_of(self, view: View, node: Node) -> int:
+        if node is view.overlay.root:
+            return ROOT_INODE
+        if view.shadows_epoch == self.epoch:
+            for host, shadow in view.shadows.items():
+                if shadow is node:
+                    return host.nodeid
+        return 0
+
+    def _diverge(self, view: View, inode: int) -> OSError:
+        """`view` is about to change the object behind shared inode `inode`: give the env its
+        own inode for every name of it, drop the kernel's entries, and answer ESTALE so that
+        the system call retries with a fresh lookup (see the module docstring)."""
+        host = self.host.inodes.node(inode)
+        for parent, name in host.links:
+            view.forced.add((parent.key, name))
+            if parent.nodeid:
+                pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
+        self._namespace_changed(view)
+        return _estale()
+
+    def _diverge_name(self, view: View, parent_inode: int, name: bytes) -> bool:
+        """Before an env renames `name` away: if the kernel shows it through a shared inode,
+        force it private (and answer ESTALE, by the caller). True when it did."""
+        if view.is_host or not self._owner(parent_inode).is_host:
+            return False
+        host_parent = self.host.inodes.node(parent_inode)
+        host = _lookup_or_none(self.host.overlay, host_parent, name)
+        other = _lookup_or_none(view.overlay, self._shadow(view, host_parent), name)
+        if other is None or not self._same(view, host_parent, name, host, other):
+            return False
+        view.forced.add((host_parent.key, name))
+        pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
+        self._namespace_changed(view)
+        return True
+
+    def _shared_non_directory(self, view: View, inode: int, node: Node) -> bool:
+        return not view.is_host and self._owner(inode).is_host and not node.is_dir
+
+    def _invalidate_attributes(self, inode: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as e:  # the kernel dropped it already
+            log.debug("invalidate_inode(%d): %s", inode, e)
+
+    # -- lookups and attributes -----------------------------------------------------------------
+
+    @_handler
+    def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        view = self._view(ctx)
+        owner, node, policy = self._resolve_entry(view, parent_inode, name)
+        if node is None:
+            if policy is CACHED:
+                attrs = EntryAttributes()
+                attrs.st_ino = 0  # remembered as missing, for every view alike
+                attrs.entry_timeout = LONG
+                return attrs
+            raise FUSEError(errno.ENOENT)
+        return self._entry(owner, node, policy)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            try:
+                self._owner(inode).inodes.forget(inode, count)
+            except OSError:
+                pass  # an env view that is gone: its inodes went with it
+            except Exception:  # must not fail: log the bug and go on
+                log.exception("forget(%d, %d) failed", inode, count)
+
+    @_handler
+    def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        view = self._view(ctx)
+        return self._attributes(view, self._node(view, inode), inode, self._policy_of(inode))
+
+    @_handler
+    def setattr(
+        self,
+        inode: int,
+        attr: EntryAttributes,
+        fields: SetattrFields,
+        fh: int | None,
+        ctx: RequestContext,
+    ) -> EntryAttributes:
+        if fh is not None and fh in self._files:  # ftruncate: the handle knows its view
+            handle = self._files[fh]
+            view, node = handle.view, handle.node
+        else:
+            view = self._view(ctx)
+            node = self._node(view, inode)
+            if self._shared_non_directory(view, inode, node):
+                raise self._diverge(view, inode)
+        view.overlay.setattr(
+            node,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        self._data_changed(view)
+        if not view.is_host and self._owner(inode).is_host:
+            self._invalidate_attributes_later(inode)
+        return self._attributes(view, node, inode, self._policy_of(inode))
+
+    def _invalidate_attributes_later(self, inode: int) -> None:
+        """Invalidating from inside the request that changed the inode would wait for that
+        request: hand it to a thread (pyfuse3's async invalidation only covers entries)."""
+        import threading
+
+        threading.Thread(target=self._invalidate_attributes, args=(inode,), daemon=True).start()
+
+    @_handler
+    def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+        view = self._view(ctx)
+        return view.overlay.readlink(self._node(view, inode))
+
+    @_handler
+    def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
+        st = os.statvfs(self.root_fd)
+        data = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(data, name, getattr(st, name))
+        return data
+
+    @_handler
+    def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
+        return True  # mounted with default_permissions: the kernel checks the mode bits
+
+    # -- creating and removing ------------------------------------------------------------------
+
+    def _parent(self, view: View, inode: int) -> Node:
+        node = self._node(view, inode)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        return node
+
+    def _created(self, view: View, parent_inode: int, name: bytes, node: Node) -> EntryAttributes:
+        """The entry reply for something `view` just made at `name`."""
+        self._namespace_changed(view)
+        if view.is_host and self._owner(parent_inode).is_host:
+            policy = self._policy(self.host.inodes.node(parent_inode), name, node)
+            return self._entry(self.host, node, policy)
+        return self._entry(view, node, PER_VIEW)
+
+    def _create_with(
+        self, parent_inode: int, name: bytes, ctx: RequestContext,
+        make: Callable[[Overlay, Node, tuple[int, int]], Node],
+    ) -> EntryAttributes:
+        view = self._view(ctx)
+        parent = self._parent(view, parent_inode)
+        node = make(view.overlay, parent, (ctx.uid, ctx.gid))
+        return self._created(view, parent_inode, name, node)
+
+    @_handler
+    def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        return self._create_with(parent_inode, name, ctx,
+                                 lambda ov, p, owner: ov.mknod(p, name, mode, rdev, owner))
+
+    @_handler
+    def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
+    ) -> EntryAttributes:
+        return self._create_with(parent_inode, name, ctx,
+                                 lambda ov, p, owner: ov.mkdir(p, name, mode, owner))
+
+    @_handler
+    def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        return self._create_with(parent_inode, name, ctx,
+                                 lambda ov, p, owner: ov.symlink(p, name, target, owner))
+
+    @_handler
+    def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext
+    ) -> EntryAttributes:
+        view = self._view(ctx)
+        node = self._node(view, inode)
+        if self._shared_non_directory(view, inode, node):
+            raise self._diverge(view, inode)
+        parent = self._parent(view, new_parent_inode)
+        return self._created(view, new_parent_inode, new_name,
+                             view.overlay.link(node, parent, new_name))
+
+    @_handler
+    def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        view = self._view(ctx)
+        view.overlay.unlink(self._parent(view, parent_inode), name)
+        self._namespace_changed(view)
+
+    @_handler
+    def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+        view = self._view(ctx)
+        view.overlay.rmdir(self._parent(view, parent_inode), name)
+        self._namespace_changed(view)
+
+    @_handler
+    def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: RequestContext,
+    ) -> None:
+        view = self._view(ctx)
+        # The kernel moves the source's dentry (both, for an exchange): it must not be one
+        # that other views share.
+        moved = self._diverge_name(view, parent_inode_old, name_old)
+        if flags & RENAME_EXCHANGE:
+            moved = self._diverge_name(view, parent_inode_new, name_new) or moved
+        if moved:
+            raise _estale()
+        rename(view.overlay, self._parent(view, parent_inode_old), name_old,
+               self._parent(view, parent_inode_new), name_new, flags)
+        self._namespace_changed(view)
+        if view.is_host and self.envs:
+            # The moved dentry keeps the source's cache lifetime; if an env sees something
+            # else at the new name, the kernel must ask again.
+            pyfuse3.invalidate_entry_async(parent_inode_new, name_new, ignore_enoent=True)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def _file_info(self, view: View, node: Node, fd: int | None, private: bool) -> FileInfo:
+        handle = self._handle()
+        self._files[handle] = _Handle(view, node, fd)
+        view.overlay.ref(node)
+        # The page cache belongs to the kernel inode: keep it across opens unless the inode
+        # is an env's private view of a host file the host may change behind it.
+        keep = not (private and not node.in_upper)
+        return FileInfo(fh=handle, keep_cache=keep)
+
+    @_handler
+    def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        view = self._view(ctx)
+        node = self._node(view, inode)
+        private = not view.is_host and not self._owner(inode).is_host
+        if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
+            view.overlay.reader(node)  # fails here, not at the first read
+            return self._file_info(view, node, None, private)
+        if self._shared_non_directory(view, inode, node):
+            raise self._diverge(view, inode)
+        fd = view.overlay.open(node, flags)
+        self._data_changed(view)
+        return self._file_info(view, node, fd, private)
+
+    @_handler
+    def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
+    ) -> tuple[FileInfo, EntryAttributes]:
+        view = self._view(ctx)
+        parent = self._parent(view, parent_inode)
+        node, fd = view.overlay.create(parent, name, mode, flags, (ctx.uid, ctx.gid))
+        try:
+            attrs = self._created(view, parent_inode, name, node)
+        except BaseException:
+            os.close(fd)
+            raise
+        private = not view.is_host
+        return self._file_info(view, node, fd, private), attrs
+
+    @_handler
+    def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+        handle = self._files[fh]
+        fd = handle.fd if handle.fd is not None else handle.view.overlay.reader(handle.node)
+        if len(self._buffer) < size:
+            self._buffer = bytearray(size)
+        view = memoryview(self._buffer)[:size]
+        return view[: os.preadv(fd, [view], off)]
+
+    @_handler
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files[fh]
+        if handle.fd is None:
+            raise FUSEError(errno.EBADF)
+        written = os.pwrite(handle.fd, buf, off)
+        handle.view.overlay.changed()
+        self._data_changed(handle.view)
+        return written
+
+    @_handler
+    def flush(self, fh: int) -> None:
+        raise FUSEError(errno.ENOSYS)  # writes go straight to the file: no FLUSH round trips
+
+    @_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._files[fh]
+        if handle.fd is not None:
+            (os.fdatasync if datasync else os.fsync)(handle.fd)
+
+    @_handler
+    def release(self, fh: int) -> None:
+        handle = self._files.pop(fh)
+        try:
+            if handle.fd is not None:
+                os.close(handle.fd)
+        finally:
+            if not handle.node.released:
+                handle.view.overlay.unref(handle.node)
+
+    # -- directories ----------------------------------------------------------------------------
+
+    @_handler
+    def opendir(self, inode: int, ctx: RequestContext) -> int:
+        view = self._view(ctx)
+        node = self._parent(view, inode)
+        handle = self._handle()
+        self._dirs[handle] = _DirHandle(view, node, inode)
+        view.overlay.ref(node)
+        return handle
+
+    @_handler
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Offsets are positions in a listing taken when the stream starts, as in agentfs;
+        each entry is numbered and cached by the same per-name rules as a lookup."""
+        handle = self._dirs[fh]
+        view, directory = handle.view, handle.node
+        if handle.names is None or start_id == 0:
+            handle.names = [b".", b"..", *view.overlay.listdir(directory)]
+        names = handle.names
+        for position in range(start_id, len(names)):
+            name = names[position]
+            if name in (b".", b".."):  # not linked by the kernel: type and number only
+                inode = handle.kernel_inode if name == b"." else self._parent_inode(handle)
+                attrs = self._attributes(view, directory, inode, PER_VIEW)
+                if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
+                    return
+                continue
+            try:
+                owner, node, policy = self._resolve_entry(view, handle.kernel_inode, name)
+            except OSError:
+                continue
+            if node is None:
+                continue  # removed since the listing was taken
+            inode = owner.inodes.number(node)
+            try:
+                attrs = self._attributes(owner, node, inode, policy)
+                reply = pyfuse3.readdir_reply(token, name, attrs, position + 1)
+            except BaseException:
+                owner.inodes.unused(node)
+                raise
+            if reply:
+                owner.inodes.entry(node)
+            else:
+                owner.inodes.unused(node)
+                return
+
+    def _parent_inode(self, handle: _DirHandle) -> int:
+        """The number `..` shows in a listing (the kernel itself never asks for it)."""
+        view, inode = handle.view, handle.kernel_inode
+        if self._owner(inode).is_host:
+            parent = self.host.overlay.parent_of(self.host.inodes.node(inode))
+            number = self.host.inodes.number(parent)
+            self.host.inodes.unused(parent)
+            return number
+        parent = view.overlay.parent_of(handle.node)
+        return parent.nodeid or self._shared_inode_of(view, parent) or inode
+
+    @_handler
+    def releasedir(self, fh: int) -> None:
+        handle = self._dirs.pop(fh)
+        if not handle.node.released:
+            handle.view.overlay.unref(handle.node)
+
+    @_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        node = self._dirs[fh].node
+        if node.upper is not None:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    # -- xattrs ---------------------------------------------------------------------------------
+
+    @_handler
+    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        view = self._view(ctx)
+        return view.overlay.getxattr(self._node(view, inode), name)
+
+    @_handler
+    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
+        view = self._view(ctx)
+        return view.overlay.listxattr(self._node(view, inode))
+
+    def _xattr_target(self, inode: int, ctx: RequestContext) -> tuple[View, Node]:
+        view = self._view(ctx)
+        node = self._node(view, inode)
+        if self._shared_non_directory(view, inode, node):
+            raise self._diverge(view, inode)
+        return view, node
+
+    @_handler
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+        view, node = self._xattr_target(inode, ctx)
+        view.overlay.setxattr(node, name, value)
+        if not view.is_host and self._owner(inode).is_host:
+            self._invalidate_attributes_later(inode)
+
+    @_handler
+    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        view, node = self._xattr_target(inode, ctx)
+        view.overlay.removexattr(node, name)
+
+    # -- end ------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """After the session ended: close everything."""
+        for handle in self._files.values():
+            if handle.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(handle.fd)
+        self._files.clear()
+        self._dirs.clear()
+        for view in [self.host, *self.envs.values()]:
+            view.overlay.close()
+            view.overlay.layers.close()
+
+
+def _lookup_or_none(overlay: Overlay, parent: Node, name: bytes) -> Node | None:
+    try:
+        return overlay.lookup(parent, name)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def _path_of(overlay: Overlay, node: Node) -> list[bytes] | None:
+    """The names from the root down to `node` (by its first link), or None if detached."""
+    path: list[bytes] = []
+    current = node
+    while current is not overlay.root:
+        if not current.links:
+            return None
+        parent, name = current.links[0]
+        path.append(name)
+        current = parent
+        if len(path) > 4096:
+            return None
+    path.reverse()
+    return path
+
