@@ -75,10 +75,13 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
     try:
         check_namespaces(rootless)
     except IsolationError as no_namespaces:
+        filter_engine = FilterEngine(store)
         try:
-            return _checked(candidates["filter"](), rootless)
+            filter_engine.check(rootless)
         except IsolationError:
             raise no_namespaces from None
+        filter_engine.fallback_from = no_namespaces  # said too if the filter cannot start
+        return filter_engine
     try:
         return _checked(candidates["kernel"](), rootless)
     except IsolationError as kernel_problem:

@@ -6,6 +6,7 @@ private one), and `run` refuses a store the job could write to.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,12 +33,10 @@ def home() -> Iterator[Path]:
     finally:
         for record in (path / "store" / "run" / "filters").glob("*.json"):
             data = json.loads(record.read_text())
-            with_pid = int(data["pid"])
-            try:
-                os.kill(with_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            mounts.wait_exited(with_pid, timeout=5)
+            pid = int(data["pid"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            mounts.wait_exited(pid, timeout=5)
             force_unmount(Path(data["root"]))
         shutil.rmtree(path, ignore_errors=True)
 
@@ -92,6 +91,29 @@ def test_run_keeps_changes_in_the_env_and_the_host_untouched(home: Path, tree: P
     assert snapshot(tree) == before
 
 
+def test_two_runs_in_two_envs_share_one_filter(home: Path, tree: Path) -> None:
+    """Each job sees its own env on the same paths at the same time; the host sees neither."""
+    script = ("echo {name} > a.txt; echo ready; read go; cat a.txt; ls")
+    jobs = {}
+    for name in ("first", "second"):
+        jobs[name] = subprocess.Popen(
+            [sys.executable, "-m", "isolated_agent", "run", "-q", "--engine", "filter",
+             "--env", name, "--", "sh", "-c", script.format(name=name)],
+            cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "ISOLATED_AGENT_HOME": str(home)},
+        )
+    for job in jobs.values():
+        assert job.stdout is not None
+        assert job.stdout.readline() == "ready\n"
+    assert (tree / "a.txt").read_text() == "host\n"
+    assert len(filter_state(home)[0]["jobs"]) == 2  # type: ignore[arg-type]
+    for name, job in jobs.items():
+        out, err = job.communicate("go\n", timeout=30)
+        assert job.returncode == 0, err
+        assert out == f"{name}\na.txt\nsrc\n"
+    assert (tree / "a.txt").read_text() == "host\n"
+
+
 def test_the_job_cannot_undo_its_isolation(home: Path, tree: Path) -> None:
     outside = home.parent / "outside.txt"
     script = f"""
@@ -110,7 +132,8 @@ for path in glob.glob("{home}/run/filters/*.sock"):
         except OSError as e:
             print("REFUSED", e.errno)
 EOF
-        for pid in $(cat {home}/run/filters/*.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])'); do
+        for record in {home}/run/filters/*.json; do
+            pid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["pid"])' $record)
             kill -9 $pid 2>/dev/null && echo KILLED
         done
         cat a.txt
@@ -200,6 +223,19 @@ def test_killing_the_filter_daemon_fails_closed_and_start_recovers(
     stopped = agentctl(home, "filter", "stop", str(tree))
     assert stopped.returncode == 0, stopped.stderr
     assert not mounts.is_fuse_mount(mounts.mount_entry(str(tree)))
+
+
+def test_an_on_demand_filter_stops_when_idle(home: Path, tree: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "isolated_agent", "run", "--engine", "filter", "--", "true"],
+        cwd=tree, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "ISOLATED_AGENT_HOME": str(home), "ISOLATED_AGENT_FILTER_IDLE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(filter_state(home)[0]["pid"])  # type: ignore[call-overload]
+    assert mounts.wait_exited(pid, timeout=15)
+    assert mounts.mount_entry(str(tree)) is None
+    assert filter_state(home) == []
 
 
 def test_store_the_job_could_write_is_refused(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ FUSE mount answers ENOTCONN, never the host files, and `filter start` recovers f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 from typing import Any
@@ -82,7 +83,17 @@ def _recover_dead_mount(root: str) -> None:
 
 def start(store: Store, root: str, on_demand: bool) -> FilterRecord:
     """The daemon serving `root`: the running one, or a new one (after cleaning up what a
-    killed one left: its record, its dead mount)."""
+    killed one left: its record, its dead mount). Two runs starting at once get one daemon."""
+    lock = os.open(record_path(store.run_dir, os.path.realpath(root)) + ".lock",
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start_locked(store, root, on_demand)
+    finally:
+        os.close(lock)
+
+
+def _start_locked(store: Store, root: str, on_demand: bool) -> FilterRecord:
     record = live_record(store, os.path.realpath(root))
     if record is not None:
         return record

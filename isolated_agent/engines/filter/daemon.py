@@ -46,7 +46,8 @@ from isolated_agent.protocol.server import serve as serve_control
 
 log = logging.getLogger("agentfs.filter")
 
-IDLE_SECONDS = 30.0  # an on-demand daemon with no job for this long stops
+# An on-demand daemon with no job for this long stops (the variable is for tests).
+IDLE_SECONDS = float(os.environ.get("ISOLATED_AGENT_FILTER_IDLE", "30"))
 SWEEP_SECONDS = 2.0
 
 

@@ -17,11 +17,14 @@ import contextlib
 import os
 import shutil
 import uuid
+from typing import TYPE_CHECKING
 
 from isolated_agent import libc
-from isolated_agent.engines.filter.daemon import FilterRecord
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError
+
+if TYPE_CHECKING:  # the daemon's module imports pyfuse3: only when the engine is used
+    from isolated_agent.engines.filter.daemon import FilterRecord
 
 
 class FilterEngine:
@@ -34,6 +37,8 @@ class FilterEngine:
         self.job_id = f"job-{uuid.uuid4().hex[:12]}"
         self._served: list[tuple[FilterRecord, Root]] = []
         self._registered: list[FilterRecord] = []
+        # Why `auto` fell back to this engine (namespaces cannot be made), if it did.
+        self.fallback_from: IsolationError | None = None
 
     def check(self, rootless: bool) -> None:
         if not os.path.exists("/dev/fuse") or not os.access("/dev/fuse", os.R_OK | os.W_OK):
@@ -67,7 +72,11 @@ class FilterEngine:
             try:
                 record = start(self.store, root.path, on_demand=True)
             except FilterError as e:
-                raise IsolationError("filter engine", str(e)) from None
+                reason = self.fallback_from
+                if reason is None:
+                    raise IsolationError("filter engine", str(e)) from None
+                raise IsolationError(reason.step, reason.detail, f"{reason.hint}; the filter "
+                                     f"engine could not start either: {e}") from None
             self._served.append((record, root))
 
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:

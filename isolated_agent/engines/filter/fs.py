@@ -37,6 +37,8 @@ import contextlib
 import errno
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -131,6 +133,7 @@ class FilterOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_handle = 1
         self._buffer = bytearray(1 << 20)
+        self._attribute_invalidations: queue.SimpleQueue[int] | None = None
         host_overlay.on_stale_entry = self._host_stale_entry
 
     # -- envs -----------------------------------------------------------------------------------
@@ -422,12 +425,6 @@ class FilterOperations(pyfuse3.Operations):
     def _shared_non_directory(self, view: View, inode: int, node: Node) -> bool:
         return not view.is_host and self._owner(inode).is_host and not node.is_dir
 
-    def _invalidate_attributes(self, inode: int) -> None:
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
-        except OSError as e:  # the kernel dropped it already
-            log.debug("invalidate_inode(%d): %s", inode, e)
-
     # -- lookups and attributes -----------------------------------------------------------------
 
     @_handler
@@ -490,10 +487,12 @@ class FilterOperations(pyfuse3.Operations):
 
     def _invalidate_attributes_later(self, inode: int) -> None:
         """Invalidating from inside the request that changed the inode would wait for that
-        request: hand it to a thread (pyfuse3's async invalidation only covers entries)."""
-        import threading
-
-        threading.Thread(target=self._invalidate_attributes, args=(inode,), daemon=True).start()
+        request: a thread does it (pyfuse3's async invalidation only covers entries)."""
+        if self._attribute_invalidations is None:
+            self._attribute_invalidations = queue.SimpleQueue()
+            threading.Thread(target=_invalidate_attributes, args=(self._attribute_invalidations,),
+                             name="invalidate-attributes", daemon=True).start()
+        self._attribute_invalidations.put(inode)
 
     @_handler
     def readlink(self, inode: int, ctx: RequestContext) -> bytes:
@@ -806,6 +805,15 @@ class FilterOperations(pyfuse3.Operations):
         for view in [self.host, *self.envs.values()]:
             view.overlay.close()
             view.overlay.layers.close()
+
+
+def _invalidate_attributes(inodes: queue.SimpleQueue[int]) -> None:
+    while True:
+        inode = inodes.get()
+        try:
+            pyfuse3.invalidate_inode(inode, attr_only=True)
+        except OSError as e:  # the kernel has forgotten it already
+            log.debug("invalidate_inode(%d): %s", inode, e)
 
 
 def _lookup_or_none(overlay: Overlay, parent: Node, name: bytes) -> Node | None:
