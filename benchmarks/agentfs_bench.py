@@ -257,8 +257,8 @@ def run_state(setup: Setup, ctx: BenchContext, workload: Workload, state: str,
 
 
 def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],
-            states: list[str], reps: int) -> list[Measurement]:
-    results: list[Measurement] = []
+            states: list[str], reps: int, results: list[Measurement]) -> list[Measurement]:
+    """Appends each finished cell to `results` at once: a failure later keeps them."""
     started: list[Setup] = []
     try:
         for setup in setups:
@@ -275,10 +275,10 @@ def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],
                         cells[setup.name].seconds.extend(result["seconds"])
                         cells[setup.name].checks.append([result["check"], result["verify"]])
                 results.extend(cells.values())
-            # A journaled scratch filesystem: deleting between workloads costs nothing later
-            # (harness.Trash explains why the core benchmark waits), and 36 copies of the
-            # tree would not fit.
-            ctx.trash.empty()
+                # A journaled scratch filesystem: deleting between cells costs nothing later
+                # (harness.Trash explains why the core benchmark waits), and what one cell
+                # leaves would not fit many times over (seq write: 2.5 GiB per repetition).
+                ctx.trash.empty()
     finally:
         for setup in reversed(started):
             setup.stop()
@@ -434,13 +434,18 @@ def run(args: argparse.Namespace, source: str, workdir: str) -> int:
     tree_workloads = [w for w in TREE_WORKLOADS if w.name in chosen]
     seq_workloads = [w for w in SEQ_WORKLOADS if w.name in chosen]
     began = time.monotonic()
-    if tree_workloads:
-        results += run_all(ctx, make_setups(args.setup), tree_workloads, states, args.reps)
-    if seq_workloads:
-        seq_ctx = BenchContext(workdir=os.path.join(workdir, "seq"), source=big, gate=gate)
-        os.makedirs(seq_ctx.workdir)
-        seq_ctx.lower = big
-        results += run_all(seq_ctx, make_setups(args.setup), seq_workloads, states, args.reps)
+    failure: BenchError | None = None
+    try:
+        if tree_workloads:
+            run_all(ctx, make_setups(args.setup), tree_workloads, states, args.reps, results)
+        if seq_workloads:
+            seq_ctx = BenchContext(workdir=os.path.join(workdir, "seq"), source=big, gate=gate)
+            os.makedirs(seq_ctx.workdir)
+            seq_ctx.lower = big
+            run_all(seq_ctx, make_setups(args.setup), seq_workloads, states, args.reps, results)
+    except BenchError as e:  # report (and save) the cells measured so far, then fail
+        failure = e
+        payload["failure"] = str(e)
     payload["results"] = [m.as_dict() for m in results]
     payload["inconsistent_checks"] = inconsistent_checks(results)
     payload["quiet_gate"] = gate.summary()
@@ -449,6 +454,8 @@ def run(args: argparse.Namespace, source: str, workdir: str) -> int:
     report(results, [s.name for s in make_setups(args.setup)], payload)
     if args.json is not None:
         print(f"JSON: {write_json('agentfs', payload, args.json or None)}")
+    if failure is not None:
+        raise failure
     return 0
 
 
