@@ -66,12 +66,8 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
     candidates: dict[str, Callable[[], Engine]] = {
         "kernel": KernelEngine, "fuse": FuseEngine, "filter": lambda: FilterEngine(store),
     }
-    if name != "auto":
-        engine = candidates[name]()
-        if engine.name != "filter":
-            check_namespaces(rootless)
-        engine.check(rootless)
-        return engine
+    if name != "auto":  # a job that cannot make its namespaces fails with the reason (125)
+        return _checked(candidates[name](), rootless)
     try:
         check_namespaces(rootless)
     except IsolationError as no_namespaces:

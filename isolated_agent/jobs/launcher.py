@@ -270,21 +270,28 @@ def _process_b(spec: JobSpec, messages: int, release: int, parent: int) -> int:
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
+    # Returning ends the pid namespace: the kernel kills the rest.
+    return _run_command(spec, messages, release)
+
+
+def _run_command(spec: JobSpec, messages: int, release: int) -> int:
+    """Start C and reap every orphan as it dies until the command itself exits (then, with
+    --keep-running, until the daemons it left behind exit too); return its status."""
     pid = os.fork()
     if pid == 0:
         _child_main(_process_c, spec, messages, release)
     os.close(messages)
     os.close(release)
     _CHILD[0] = pid
-    while True:  # as init, reap every orphan as it dies, until the command itself exits
+    while True:
         reaped, raw_status = os.wait()
         if reaped == pid:
             break
-    if spec.keep_running:  # wait for the daemons the command left behind
+    if spec.keep_running:
         with contextlib.suppress(ChildProcessError):
             while True:
                 os.wait()
-    return _exit_code(raw_status)  # returning ends the pid namespace: the kernel kills the rest
+    return _exit_code(raw_status)
 
 
 # B's death signal without namespaces: catchable, so that B can kill the job before it dies, and
@@ -310,24 +317,10 @@ def _keeper(spec: JobSpec, messages: int, release: int, parent: int) -> int:
     except OSError as e:
         _send(messages, kind="setup_failed", step="child subreaper", detail=str(e))
         return EXIT_SETUP_FAILED
-    pid = os.fork()
-    if pid == 0:
-        _child_main(_process_c, spec, messages, release)
-    os.close(messages)
-    os.close(release)
-    _CHILD[0] = pid
     try:
-        while True:  # reap every orphan as it dies, until the command itself exits
-            reaped, raw_status = os.wait()
-            if reaped == pid:
-                break
-        if spec.keep_running:  # wait for the daemons the command left behind
-            with contextlib.suppress(ChildProcessError):
-                while True:
-                    os.wait()
+        return _run_command(spec, messages, release)
     finally:
         _kill_descendants()
-    return _exit_code(raw_status)
 
 
 def _kill_descendants() -> None:

@@ -416,6 +416,16 @@ class Overlay:
             node.reader = None
         self._readers.pop(node, None)
 
+    def fsync_dir(self, node: Node) -> None:
+        """fsync a directory's upper part (the only part the overlay writes)."""
+        if node.upper is None:
+            return
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.layers.upper)
 

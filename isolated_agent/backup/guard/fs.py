@@ -48,7 +48,7 @@ from isolated_agent import libc
 from isolated_agent.backup.guard.inodes import ROOT, Inode, InodeTable
 from isolated_agent.backup.guard.stage import Pending, Stager
 from isolated_agent.backup.guard.staging import STAGING_NAME
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
 
 log = logging.getLogger("guard")
 
@@ -202,12 +202,7 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self._root.proc_path)
-        data = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, field, getattr(st, field))
-        return data
+        return statfs_reply(os.statvfs(self._root.proc_path))
 
     @_handler
     def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:

@@ -46,7 +46,7 @@ import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable, RangeInodeTable
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
 from isolated_agent.jobs.identity import Identity, Unclassifiable
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import Layers
@@ -501,12 +501,7 @@ class FilterOperations(pyfuse3.Operations):
 
     @_handler
     def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        st = os.statvfs(self.root_fd)
-        data = pyfuse3.StatvfsData()
-        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                     "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, name, getattr(st, name))
-        return data
+        return statfs_reply(os.statvfs(self.root_fd))
 
     @_handler
     def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
@@ -753,13 +748,8 @@ class FilterOperations(pyfuse3.Operations):
 
     @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        node = self._dirs[fh].node
-        if node.upper is not None:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        handle = self._dirs[fh]
+        handle.view.overlay.fsync_dir(handle.node)
 
     # -- xattrs ---------------------------------------------------------------------------------
 

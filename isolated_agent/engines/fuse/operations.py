@@ -31,7 +31,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from isolated_agent.engines.fuse.cache import CacheMode
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler
+from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
 from isolated_agent.overlay.rename import rename
@@ -182,12 +182,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        st = self.overlay.statfs()
-        data = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
-                      "f_ffree", "f_favail", "f_namemax"):
-            setattr(data, field, getattr(st, field))
-        return data
+        return statfs_reply(self.overlay.statfs())
 
     @_handler
     def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
@@ -424,13 +419,7 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        node = self._dirs[fh].node
-        if node.upper is not None:
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.upper)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self.overlay.fsync_dir(self._dirs[fh].node)
 
     # -- xattrs ---------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """What every pyfuse3 file system of ours shares: the one place an exception becomes an errno,
-and the conversion of a stat result into an entry reply.
+and the conversion of stat results into replies.
 
 Used by agentfs (`operations.py`), its filter mount (`engines/filter/fs.py`) and the guard
 (`backup/guard/fs.py`).
@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
 T = TypeVar("T")
@@ -73,3 +74,11 @@ def entry_attributes(
     for field in _STAT_FIELDS:
         setattr(attrs, field, getattr(st, field))
     return attrs
+
+
+def statfs_reply(st: os.statvfs_result) -> pyfuse3.StatvfsData:
+    data = pyfuse3.StatvfsData()
+    for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                 "f_favail", "f_namemax"):
+        setattr(data, name, getattr(st, name))
+    return data
