@@ -4,6 +4,7 @@ parameterised SQL only, and a schema versioned with PRAGMA user_version and migr
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -14,10 +15,26 @@ def connect(path: str, *, durable: bool = False, any_thread: bool = False) -> sq
     committed transaction is on disk (synchronous=FULL), not only safe from a process crash.
     `any_thread`: the connection may be handed to another thread (never used by two at once)."""
     db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=not any_thread)
-    db.execute("PRAGMA journal_mode=WAL")
+    _use_wal(db)
     db.execute("PRAGMA foreign_keys=ON")
     db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
     return db
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Switch a new database to WAL (it stays so). The switch needs an exclusive lock and
+    SQLite does not wait for it (no busy handler): two processes creating the catalog at once
+    would see "database is locked", so retry for as long as the connection timeout."""
+    for _ in range(600):
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA journal_mode=WAL")  # one last time: its error is the one to report
 
 
 @contextmanager

@@ -103,8 +103,9 @@ def test_two_runs_in_two_envs_share_one_filter(home: Path, tree: Path) -> None:
             text=True, env={**os.environ, "ISOLATED_AGENT_HOME": str(home)},
         )
     for job in jobs.values():
-        assert job.stdout is not None
-        assert job.stdout.readline() == "ready\n"
+        assert job.stdout is not None and job.stderr is not None
+        line = job.stdout.readline()
+        assert line == "ready\n", job.stderr.read() if not line else line
     assert (tree / "a.txt").read_text() == "host\n"
     assert len(filter_state(home)[0]["jobs"]) == 2  # type: ignore[arg-type]
     for name, job in jobs.items():

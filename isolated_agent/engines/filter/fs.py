@@ -11,21 +11,24 @@ The hard part is the kernel's caches, which are per mount, not per process: a de
 inode's attributes and its page cache are shared by every process. So inode numbers and cache
 lifetimes are decided per *name* (DESIGN §4.2, issue 5):
 
-- a name that every view resolves to the same object (no env has touched it) is *shared*: one
-  inode number (the host's), cached for long — host and jobs alike walk it at kernel speed;
-- a name that is a directory in every view, but some env has an upper copy of it, keeps the
-  shared number (its children are still decided name by name) with attributes never cached;
+- a name that every view resolves to the same object (no env has touched it), or to a
+  directory in every view, is *shared*: one inode number (the host's), with the host's
+  attributes, cached for long — host and jobs alike walk it at kernel speed (its children are
+  still decided name by name, so a directory an env created entries in stays shared; it shows
+  the host's times and link count to the env too);
 - a name that some view resolves differently *diverges*: each view gets its own inode number
   for it (the host's own, or one from the env's private range), and nothing about the name is
   cached, so every access revalidates and gets its own view's answer.
 
 Names start shared and diverge when an env first changes them. Changes that go through a
 shared inode would leak through the shared kernel caches, so an env process that tries one
-(open for writing, truncate, chmod, xattrs, link, or renaming it away) on a shared non-directory
-gets ESTALE once, after the name is marked *forced* (diverged for that env) and its cached entry
-dropped: the kernel's path-based system calls then retry with a fresh lookup (LOOKUP_REVAL),
-which now returns the env's own inode, and the change happens there. fd-based calls on a
-shared inode (fchmod on a read-only fd) have no retry: they fail with ESTALE, never leak.
+(open for writing, truncate, chmod/chown/utimes, xattrs, link, or renaming it away) on a shared
+inode gets ESTALE once, after the name is marked *forced* (diverged for that env) and its cached
+entry dropped: the kernel's path-based system calls then retry with a fresh lookup
+(LOOKUP_REVAL), which now returns the env's own inode, and the change happens there. fd-based
+calls on a shared inode (fchmod on a read-only fd) have no retry: they fail with ESTALE, never
+leak. The root cannot diverge: an env's chmod or utimes of the root itself stays in its upper
+(a commit carries it) but its view keeps showing the host's attributes of the root.
 
 Changes the host makes are seen by every env that has not diverged the name (lower layer
 semantics), and drop the env overlays' caches.
@@ -37,8 +40,6 @@ import contextlib
 import errno
 import logging
 import os
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -71,8 +72,7 @@ class Policy:
     attr_timeout: float
 
 
-CACHED = Policy(LONG, LONG)  # the same object in every view
-ATTRS_PER_VIEW = Policy(LONG, 0.0)  # a directory in every view, an upper copy in some
+CACHED = Policy(LONG, LONG)  # the same object in every view (or a directory in every view)
 PER_VIEW = Policy(0.0, 0.0)  # resolves differently in some view
 
 
@@ -133,7 +133,6 @@ class FilterOperations(pyfuse3.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_handle = 1
         self._buffer = bytearray(1 << 20)
-        self._attribute_invalidations: queue.SimpleQueue[int] | None = None
         host_overlay.on_stale_entry = self._host_stale_entry
 
     # -- envs -----------------------------------------------------------------------------------
@@ -176,7 +175,7 @@ class FilterOperations(pyfuse3.Operations):
     def _invalidate_upper_names(self, view: View) -> None:
         """A new env: what the kernel cached as the same in every view was decided without
         it, and its upper may already hold changes (a second run in an env). Drop the cached
-        entry of every name its upper has, and the attributes of every directory there."""
+        entry of every name its upper has."""
         upper = view.overlay.layers.upper
         for directory, dirnames, filenames, _ in os.fwalk(".", dir_fd=upper):
             host = self.host.overlay.root
@@ -191,7 +190,6 @@ class FilterOperations(pyfuse3.Operations):
                     for entry in (*dirnames, *filenames):
                         pyfuse3.invalidate_entry_async(inode, os.fsencode(entry),
                                                        ignore_enoent=True)
-                    self._invalidate_attributes_later(inode)
                 continue
             dirnames.clear()  # the host has nothing here: the kernel cached nothing below
 
@@ -285,12 +283,17 @@ class FilterOperations(pyfuse3.Operations):
             return host is None and other is None
         if other.key == host.key:
             return True  # the very same object: the env never touched it
-        return host.is_dir and other.is_dir
+        if not (host.is_dir and other.is_dir):
+            return False
+        # A directory in both: shared unless the env's copy differs in what the host's
+        # attributes would misreport (an earlier run changed its mode or owner).
+        mine, theirs = self.host.overlay.getattr(host)[0], view.overlay.getattr(other)[0]
+        return (mine.st_mode, mine.st_uid, mine.st_gid) == (
+            theirs.st_mode, theirs.st_uid, theirs.st_gid)
 
     def _policy(self, host_parent: Node, name: bytes, host: Node | None) -> Policy:
         """How long the kernel may cache `name` under a shared directory: decided over every
         env view, since a cached entry answers any process."""
-        policy = CACHED
         for view in self.envs.values():
             try:
                 parent = self._shadow(view, host_parent)
@@ -299,19 +302,17 @@ class FilterOperations(pyfuse3.Operations):
             other = _lookup_or_none(view.overlay, parent, name)
             if not self._same(view, host_parent, name, host, other):
                 return PER_VIEW
-            if host is not None and other is not None and other.key != host.key:
-                policy = ATTRS_PER_VIEW
-        return policy
+        return CACHED
 
     def _policy_of(self, inode: int) -> Policy:
         """The cache policy of an inode the kernel holds (for attribute replies)."""
         if not self._owner(inode).is_host:
             return PER_VIEW
-        if not self.envs:
-            return CACHED
         host = self.host.inodes.node(inode)
-        if host is self.host.overlay.root or not host.links:
-            return PER_VIEW  # every env has an upper root; a detached node: ask each time
+        if not self.envs or host is self.host.overlay.root:
+            return CACHED
+        if not host.links:
+            return PER_VIEW  # detached (unlinked while open): ask each time
         parent, name = host.links[0]
         return self._policy(parent, name, host)
 
@@ -320,6 +321,15 @@ class FilterOperations(pyfuse3.Operations):
     def _attributes(self, view: View, node: Node, inode: int, policy: Policy) -> EntryAttributes:
         st, nlink = view.overlay.getattr(node)
         return entry_attributes(st, inode, policy.entry_timeout, policy.attr_timeout, nlink)
+
+    def _attributes_of(self, inode: int, view: View, node: Node) -> EntryAttributes:
+        """The attributes of kernel inode `inode` as `view` may see them: a shared inode shows
+        the host's (its one set of cached attributes serves every view; a directory an env
+        merely created entries in shows the host's times), a private one the view's own."""
+        if self._owner(inode).is_host:
+            return self._attributes(self.host, self.host.inodes.node(inode), inode,
+                                    self._policy_of(inode))
+        return self._attributes(view, node, inode, PER_VIEW)
 
     def _entry(self, view: View, node: Node, policy: Policy) -> EntryAttributes:
         """An entry reply numbered by `view`'s table; the lookup count goes up once the reply
@@ -422,8 +432,11 @@ class FilterOperations(pyfuse3.Operations):
         self._namespace_changed(view)
         return True
 
-    def _shared_non_directory(self, view: View, inode: int, node: Node) -> bool:
-        return not view.is_host and self._owner(inode).is_host and not node.is_dir
+    def _changes_shared(self, view: View, inode: int) -> bool:
+        """Whether an env is about to change the object behind a shared inode (whose data,
+        attributes and page cache every view shares in the kernel). The root cannot become
+        private: an env's change to its attributes stays in the env's upper, unseen."""
+        return not view.is_host and self._owner(inode).is_host and inode != ROOT_INODE
 
     # -- lookups and attributes -----------------------------------------------------------------
 
@@ -452,7 +465,7 @@ class FilterOperations(pyfuse3.Operations):
     @_handler
     def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
         view = self._view(ctx)
-        return self._attributes(view, self._node(view, inode), inode, self._policy_of(inode))
+        return self._attributes_of(inode, view, self._node(view, inode))
 
     @_handler
     def setattr(
@@ -469,7 +482,7 @@ class FilterOperations(pyfuse3.Operations):
         else:
             view = self._view(ctx)
             node = self._node(view, inode)
-            if self._shared_non_directory(view, inode, node):
+            if self._changes_shared(view, inode):
                 raise self._diverge(view, inode)
         view.overlay.setattr(
             node,
@@ -481,18 +494,7 @@ class FilterOperations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
         self._data_changed(view)
-        if not view.is_host and self._owner(inode).is_host:
-            self._invalidate_attributes_later(inode)
-        return self._attributes(view, node, inode, self._policy_of(inode))
-
-    def _invalidate_attributes_later(self, inode: int) -> None:
-        """Invalidating from inside the request that changed the inode would wait for that
-        request: a thread does it (pyfuse3's async invalidation only covers entries)."""
-        if self._attribute_invalidations is None:
-            self._attribute_invalidations = queue.SimpleQueue()
-            threading.Thread(target=_invalidate_attributes, args=(self._attribute_invalidations,),
-                             name="invalidate-attributes", daemon=True).start()
-        self._attribute_invalidations.put(inode)
+        return self._attributes_of(inode, view, node)
 
     @_handler
     def readlink(self, inode: int, ctx: RequestContext) -> bytes:
@@ -559,7 +561,7 @@ class FilterOperations(pyfuse3.Operations):
     ) -> EntryAttributes:
         view = self._view(ctx)
         node = self._node(view, inode)
-        if self._shared_non_directory(view, inode, node):
+        if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
         parent = self._parent(view, new_parent_inode)
         return self._created(view, new_parent_inode, new_name,
@@ -622,7 +624,7 @@ class FilterOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
             view.overlay.reader(node)  # fails here, not at the first read
             return self._file_info(view, node, None, private)
-        if self._shared_non_directory(view, inode, node):
+        if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
         fd = view.overlay.open(node, flags)
         self._data_changed(view)
@@ -766,7 +768,7 @@ class FilterOperations(pyfuse3.Operations):
     def _xattr_target(self, inode: int, ctx: RequestContext) -> tuple[View, Node]:
         view = self._view(ctx)
         node = self._node(view, inode)
-        if self._shared_non_directory(view, inode, node):
+        if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
         return view, node
 
@@ -774,8 +776,6 @@ class FilterOperations(pyfuse3.Operations):
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
         view, node = self._xattr_target(inode, ctx)
         view.overlay.setxattr(node, name, value)
-        if not view.is_host and self._owner(inode).is_host:
-            self._invalidate_attributes_later(inode)
 
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
@@ -795,15 +795,6 @@ class FilterOperations(pyfuse3.Operations):
         for view in [self.host, *self.envs.values()]:
             view.overlay.close()
             view.overlay.layers.close()
-
-
-def _invalidate_attributes(inodes: queue.SimpleQueue[int]) -> None:
-    while True:
-        inode = inodes.get()
-        try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
-        except OSError as e:  # the kernel has forgotten it already
-            log.debug("invalidate_inode(%d): %s", inode, e)
 
 
 def _lookup_or_none(overlay: Overlay, parent: Node, name: bytes) -> Node | None:

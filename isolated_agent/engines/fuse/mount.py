@@ -41,9 +41,10 @@ def is_fuse_mount(entry: MountEntry | None) -> bool:
 
 
 def is_dead(path: str) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    """A FUSE mount whose daemon is gone answers ENOTCONN. Asked with statfs, which always
+    reaches the daemon: a stat may be answered from the attributes the kernel cached."""
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as e:
         return e.errno == errno.ENOTCONN
     return False
