@@ -308,6 +308,17 @@ def prepare_lowers(ctx: BenchContext, source: str) -> str:
     return big
 
 
+OPERATIONS_FILE = os.path.join("engines", "fuse", "operations.py")
+FUSE_HANDLERS = frozenset({
+    "lookup", "forget", "getattr", "setattr", "readlink", "statfs", "access", "mknod", "mkdir",
+    "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read", "write", "flush",
+    "fsync", "release", "opendir", "readdir", "releasedir", "fsyncdir", "getxattr", "listxattr",
+    "setxattr", "removexattr"})
+# Where the daemon waits for the next request (fastloop's poll, trio's epoll).
+IDLE_FUNCTIONS = frozenset({"<method 'poll' of 'select.poll' objects>",
+                            "<method 'poll' of 'select.epoll' objects>"})
+
+
 def profile(ctx: BenchContext, workload: Workload, state: str, top: int) -> dict[str, Any]:
     """One run of `workload` on agentfs with the daemon under cProfile."""
     import pstats
@@ -329,8 +340,19 @@ def profile(ctx: BenchContext, workload: Workload, state: str, top: int) -> dict
             rows.append({"function": f"{where}:{line}({function})", "calls": calls,
                          "self_s": own, "cumulative_s": cumulative})
         rows.sort(key=lambda r: r["self_s"], reverse=True)
+        # One call of an Operations method per FUSE request (`_handler` wraps each in a
+        # coroutine of the same code object, listed apart): the requests the kernel sent.
+        handlers = [{"handler": function, "calls": calls, "cumulative_s": cumulative}
+                    for (filename, _, function), (_, calls, _, cumulative, _) in raw.items()
+                    if filename.endswith(OPERATIONS_FILE) and function in FUSE_HANDLERS]
+        handlers.sort(key=lambda r: r["cumulative_s"], reverse=True)
+        idle = sum(own for (_, _, function), (_, _, own, _, _) in raw.items()
+                   if function in IDLE_FUNCTIONS)
         return {"workload": workload.name, "state": state, "seconds": result["seconds"],
-                "total_s": stats.total_tt, "top": rows[:top]}  # type: ignore[attr-defined]
+                "total_s": stats.total_tt, "idle_s": idle,  # type: ignore[attr-defined]
+                "requests": sum(h["calls"] for h in handlers),
+                "handlers_s": sum(h["cumulative_s"] for h in handlers),
+                "handlers": handlers, "top": rows[:top]}
     finally:
         setup.stop()
 
@@ -411,9 +433,17 @@ def run(args: argparse.Namespace, source: str, workdir: str) -> int:
         if workload in SEQ_WORKLOADS:
             ctx.lower = big
         found = profile(ctx, workload, states[0], 30)
+        requests, busy = found["requests"], found["total_s"] - found["idle_s"]
         print(f"agentfs, {found['workload']} ({found['state']}): "
               f"{format_seconds(found['seconds'][0])} (under the profiler); daemon "
-              f"{found['total_s']:.2f} s in Python functions")
+              f"{found['total_s']:.2f} s profiled, of which {found['idle_s']:.2f} s waiting "
+              f"for requests; {requests} requests, {requests / found['seconds'][0]:.0f}/s; "
+              f"per request {busy / max(1, requests) * 1e6:.0f} µs busy, "
+              f"{found['handlers_s'] / max(1, requests) * 1e6:.0f} µs in the handlers")
+        rows = [[h["handler"], str(h["calls"]), f"{h['cumulative_s'] * 1000:.0f} ms",
+                 f"{h['cumulative_s'] / h['calls'] * 1e6:.0f} µs"] for h in found["handlers"]]
+        print_table("agentfs requests by handler (time inside the handler, profiled)",
+                    ["handler", "requests", "total", "per request"], rows, left=1)
         rows = [[r["function"], str(r["calls"]), f"{r['self_s'] * 1000:.0f} ms",
                  f"{r['cumulative_s'] * 1000:.0f} ms"] for r in found["top"]]
         print_table("agentfs daemon profile, by own time", ["function", "calls", "self",
