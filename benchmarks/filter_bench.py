@@ -315,13 +315,13 @@ def next_segment(*_):
     segments[-1][0].enable()
 signal.signal(signal.SIGUSR1, next_segment)
 policy_of = fs.FilterOperations._policy_of
-names = {id(fs.CACHED): "CACHED", id(fs.ATTRS_PER_VIEW): "ATTRS_PER_VIEW",
-         id(fs.PER_VIEW): "PER_VIEW"}
+names = {id(getattr(fs, name)): name for name in ("CACHED", "ATTRS_PER_VIEW", "PER_VIEW")
+         if hasattr(fs, name)}
 def counted_policy_of(self, inode):  # called by getattr (and setattr) only
     policy = policy_of(self, inode)
     kind = "the root" if inode == 1 else "a name"
     if segments:
-        segments[-1][1][f"{kind}, {names[id(policy)]}"] += 1
+        segments[-1][1][f"{kind}, {names.get(id(policy), policy)}"] += 1
     return policy
 fs.FilterOperations._policy_of = counted_policy_of
 def on_ready():
