@@ -273,8 +273,11 @@ class Operations(pyfuse3.Operations):
     def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         node = self.inodes.node(inode)
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            reader = self.overlay.reader(node)  # fails here, not at the first read
-            self._push(node, inode, reader)
+            # Pushed and unchanged since: it opened then, and its content is in the page
+            # cache; a READ (after the kernel dropped that) opens the reader itself. Else
+            # open it now: failing here, not at the first read.
+            if node not in self._pushed:
+                self._push(node, inode, self.overlay.reader(node))
             return self._file_info(node, None)
         self._changed()
         return self._file_info(node, self.overlay.open(node, self._open_flags(flags)))
