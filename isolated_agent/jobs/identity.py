@@ -33,7 +33,11 @@ Single-threaded by design: the daemon calls it from one trio thread.
 
 from __future__ import annotations
 
+import errno
 import os
+import resource
+import signal
+from collections import OrderedDict
 from dataclasses import dataclass
 
 # Beyond this many cached verdicts, entries of processes that are gone are dropped.
@@ -99,6 +103,7 @@ class Identity:
         self._anchors: dict[_Key, str] = {}
         self._members: dict[_Key, str] = {}  # sticky: (pid, start) -> job id
         self._host: set[_Key] = set()
+        self._recent = _Recent()
         self._cache_limit = cache_limit
         self._next_prune = cache_limit
         self._own_line = _own_ancestry()
@@ -113,6 +118,7 @@ class Identity:
             self._anchors[job.anchor] = job.job_id
         # A process judged before now may be this job's suspended process: judge again.
         self._host.clear()
+        self._recent.clear()
 
     def unregister(self, job_id: str) -> None:
         """Forget the job and its members. Call it once the job's processes are gone: one
@@ -123,6 +129,7 @@ class Identity:
         if job.anchor is not None:
             self._anchors.pop(job.anchor, None)
         self._members = {k: v for k, v in self._members.items() if v != job_id}
+        self._recent.clear()
 
     def jobs(self) -> list[JobRecord]:
         return list(self._jobs.values())
@@ -141,6 +148,9 @@ class Identity:
         """The id of the job `pid` belongs to, or None for a host process."""
         if pid <= 0:
             raise Unclassifiable(f"pid {pid}: a process outside our pid namespace, or the kernel")
+        known, recent = self._recent.get(pid)
+        if known:
+            return recent
         try:
             ppid, start = _read_stat(pid)
         except (OSError, ValueError) as e:
@@ -152,6 +162,7 @@ class Identity:
         job_id = self._classify(pid, key, ppid)
         self._remember(key, job_id)
         self._maybe_prune()
+        self._recent.add(key, job_id)
         return job_id
 
     def _cached(self, key: _Key) -> tuple[bool, str | None]:
@@ -254,6 +265,67 @@ class Identity:
             self._host.clear()  # host verdicts are cheap to reach again; members are sticky
         # Live members can outgrow the limit; prune again only after as many new entries.
         self._next_prune = max(self._cache_limit, 2 * len(self._members))
+
+
+class _Recent:
+    """The verdicts of the processes that asked lately, each held with a pidfd: one syscall
+    (`pidfd_send_signal(fd, 0)`: is *this* process still there?) instead of reading and parsing
+    /proc/PID/stat on every request. A pidfd names one process, never a successor that got its
+    pid, so this keeps the (pid, start time) guarantee. Where pidfds of threads are not
+    supported (Linux < 6.9) nothing is remembered here and every request reads /proc."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[int, tuple[int, str | None]] = OrderedDict()
+        self._supported = True
+        # A small share of the descriptors we may hold: the overlays need theirs.
+        self._limit = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 16))
+
+    def get(self, pid: int) -> tuple[bool, str | None]:
+        entry = self._entries.get(pid)
+        if entry is None:
+            return False, None
+        fd, job_id = entry
+        try:
+            signal.pidfd_send_signal(fd, 0)
+        except PermissionError:
+            pass  # it exists; it is only not ours to signal
+        except OSError:  # it exited: its pid may be someone else's next time
+            self._drop(pid)
+            return False, None
+        self._entries.move_to_end(pid)
+        return True, job_id
+
+    def add(self, key: _Key, job_id: str | None) -> None:
+        pid, start = key
+        if not self._supported or pid in self._entries:
+            return
+        try:
+            fd = os.pidfd_open(pid, _PIDFD_THREAD)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                self._supported = False
+            return
+        try:
+            same = _read_stat(pid)[1] == start  # the pidfd names the process we judged
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            os.close(fd)
+            return
+        self._entries[pid] = (fd, job_id)
+        while len(self._entries) > self._limit:
+            self._drop(next(iter(self._entries)))
+
+    def clear(self) -> None:
+        for pid in list(self._entries):
+            self._drop(pid)
+
+    def _drop(self, pid: int) -> None:
+        fd, _ = self._entries.pop(pid)
+        os.close(fd)
+
+
+_PIDFD_THREAD = os.O_EXCL  # pidfd_open(2): the pid may be a thread's (Linux 6.9)
 
 
 def _read_stat(pid: int) -> tuple[int, int]:

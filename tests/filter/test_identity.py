@@ -399,6 +399,21 @@ def test_unclassifiable(spawn: Callable[[str], Script]) -> None:
         identity.view_of(gone.pid)
 
 
+def test_a_remembered_verdict_dies_with_its_process(spawn: Callable[[str], Script]) -> None:
+    """Verdicts of recent callers are kept with a pidfd, not by pid: once the process is gone
+    its pid gets no verdict from the cache — whoever has that pid next is judged afresh."""
+    job = spawn(TREE)
+    identity = Identity()
+    identity.register(JobRecord("j1", "env-a", None, anchor_of(job.pid)))
+    member = subprocess.Popen(["sleep", "60"])  # a host process, judged and remembered
+    assert identity.view_of(member.pid) is None
+    assert identity.view_of(member.pid) is None  # from the cache now
+    member.kill()
+    member.wait()
+    with pytest.raises(Unclassifiable):
+        identity.view_of(member.pid)
+
+
 def test_caches_stay_bounded(spawn: Callable[[str], Script]) -> None:
     job = spawn(TREE)
     identity = Identity(cache_limit=20)

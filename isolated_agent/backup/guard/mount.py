@@ -29,7 +29,6 @@ import errno
 import json
 import logging
 import os
-import resource
 import signal
 import sys
 import threading
@@ -54,6 +53,7 @@ from isolated_agent.backup.guard.staging import (
     reconcile,
     state_path,
 )
+from isolated_agent.engines.fuse.daemon import raise_fd_limit
 from isolated_agent.engines.fuse.mount import (
     NotMounted,
     UnmountFailed,
@@ -183,7 +183,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                             format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
         os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
-        _raise_fd_limit()
+        raise_fd_limit()
         staging.lock(blocking=True)
         catalog = GuardCatalog(os.path.join(home, "backup", "catalog.sqlite"),
                                durable=config.sync)
@@ -351,17 +351,6 @@ def _detach_stdio(log_path: str) -> None:
     os.dup2(out, 2)
     for fd in (null, out):
         os.close(fd)
-
-
-def _raise_fd_limit() -> None:
-    """One O_PATH fd per inode the kernel holds (an rm -rf of a big tree holds many)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(OSError, ValueError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    if os.geteuid() == 0:
-        with contextlib.suppress(OSError, ValueError), open("/proc/sys/fs/nr_open") as f:
-            wanted = int(f.read())
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
 
 
 def _detach(directory: str) -> None:

@@ -38,7 +38,12 @@ import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.filter.fs import FilterOperations
 from isolated_agent.engines.fuse import fastloop
-from isolated_agent.engines.fuse.daemon import MountFailed, fault_hook_from_env, setup_logging
+from isolated_agent.engines.fuse.daemon import (
+    MountFailed,
+    fault_hook_from_env,
+    raise_fd_limit,
+    setup_logging,
+)
 from isolated_agent.jobs.identity import Identity, JobRecord, Unclassifiable, start_time
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred, refusal
@@ -225,6 +230,7 @@ def serve(root: str, run_dir: str, log_path: str, on_demand: bool,
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount over `root` and serve until stopped. Raises MountFailed when it cannot mount."""
     os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
+    raise_fd_limit()  # before the overlays size their fd caches on it
     try:
         root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:

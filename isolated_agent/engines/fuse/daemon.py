@@ -103,7 +103,7 @@ def serve(
     already mounted by someone else (the job's namespace); then there is nothing to unmount.
     """
     os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
-    _raise_fd_limit()
+    raise_fd_limit()
     for signum in _STOP_SIGNALS:  # until trio listens: remembered, not fatal (see below)
         signal.signal(signum, _remember_signal)
     overlay = Overlay(layers, fault_hook_from_env())
@@ -171,7 +171,7 @@ async def _terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> N
             return
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     """One O_PATH fd per node the kernel holds: allow as many as the system lets us."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard
