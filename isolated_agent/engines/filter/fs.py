@@ -622,7 +622,8 @@ class FilterOperations(pyfuse3.Operations):
         node = self._node(view, inode)
         private = not view.is_host and not self._owner(inode).is_host
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
-            view.overlay.reader(node)  # fails here, not at the first read
+            # Nothing to open yet: the kernel checked the permissions, and a second open of a
+            # file is usually served from the page cache; the first READ opens the reader.
             return self._file_info(view, node, None, private)
         if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
