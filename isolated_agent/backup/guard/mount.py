@@ -53,7 +53,7 @@ from isolated_agent.backup.guard.staging import (
     reconcile,
     state_path,
 )
-from isolated_agent.engines.fuse.daemon import raise_fd_limit
+from isolated_agent.engines.fuse.daemon import detach_stdio, raise_fd_limit, terminate_on_signal
 from isolated_agent.engines.fuse.mount import (
     NotMounted,
     UnmountFailed,
@@ -179,7 +179,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
     run_dir = os.path.join(home, "run")
     try:
         os.setsid()
-        _detach_stdio(os.path.join(run_dir, f"guard-{guard_id}.log"))
+        detach_stdio(os.path.join(run_dir, f"guard-{guard_id}.log"))
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                             format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
         os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
@@ -234,21 +234,13 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
 
 async def _serve(stager: Stager, catalog: GuardCatalog) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_terminate_on_signal)
+        await nursery.start(terminate_on_signal)
         if not stager.sync:
             nursery.start_soon(_flush_periodically, stager, catalog)
         if stager.defer_rows:
             nursery.start_soon(_commit_rows_periodically, stager)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
-
-
-async def _terminate_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("guard: signal %d, unmounting", signum)
-            pyfuse3.terminate()
-            return
 
 
 async def _commit_rows_periodically(stager: Stager) -> None:
@@ -341,16 +333,6 @@ class Notifier:
                             2.0)
             except ControlError:
                 pass  # not running: it finds the items in the catalog when it starts
-
-
-def _detach_stdio(log_path: str) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for fd in (null, out):
-        os.close(fd)
 
 
 def _detach(directory: str) -> None:

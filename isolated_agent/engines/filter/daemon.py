@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,9 +39,11 @@ from isolated_agent.engines.filter.fs import FilterOperations
 from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.daemon import (
     MountFailed,
+    detach_stdio,
     fault_hook_from_env,
     raise_fd_limit,
     setup_logging,
+    terminate_on_signal,
 )
 from isolated_agent.jobs.identity import Identity, JobRecord, Unclassifiable, start_time
 from isolated_agent.protocol.frames import Code, Frame, error_frame
@@ -273,7 +274,7 @@ async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
         await nursery.start(serve_control, record.socket, daemon.handle, daemon.refuse)
         _write_record(record, record_file)
         nursery.start_soon(_housekeeping, daemon)
-        nursery.start_soon(_stop_on_signal)
+        await nursery.start(terminate_on_signal)
         if on_ready is not None:
             on_ready()
         await pyfuse3.main(min_tasks=1, max_tasks=1)
@@ -293,14 +294,6 @@ async def _housekeeping(daemon: FilterDaemon) -> None:
         daemon.sweep()
         if daemon.idle():
             log.info("idle: unmounting %s", daemon.root)
-            pyfuse3.terminate()
-            return
-
-
-async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
             pyfuse3.terminate()
             return
 
@@ -337,7 +330,7 @@ def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand
         os._exit(0)
     code = 1
     try:
-        _detach_stdio(log_path)
+        detach_stdio(log_path)
         setup_logging()
 
         def ready() -> None:
@@ -354,13 +347,3 @@ def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand
             log.exception("filter daemon ended with an error")
     finally:
         os._exit(code)
-
-
-def _detach_stdio(log_path: str) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)

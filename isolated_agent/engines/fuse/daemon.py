@@ -153,12 +153,12 @@ def _remember_signal(signum: int, frame: object) -> None:
 
 async def _serve_until_signalled() -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(_terminate_on_signal)
+        await nursery.start(terminate_on_signal)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 
 
-async def _terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
         task_status.started()
         if _early_signals:
@@ -210,7 +210,7 @@ def start_background(
         try:
             os.close(read_end)
             os.setsid()
-            _detach_stdio(log_path)
+            detach_stdio(log_path)
             setup_logging(debug)
             layers = open_layers(config)
 
@@ -238,7 +238,8 @@ def start_background(
     raise MountFailed(answer.removeprefix("error ").strip() or "the agentfs daemon died")
 
 
-def _detach_stdio(log_path: str | None) -> None:
+def detach_stdio(log_path: str | None) -> None:
+    """A daemon's stdin from /dev/null, its stdout and stderr to `log_path` (or nowhere)."""
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     if log_path:

@@ -158,15 +158,16 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         os.chdir("/")
-        _redirect_output(log_path)
         from isolated_agent.engines.fuse.daemon import (
             MountConfig,
             MountFailed,
+            detach_stdio,
             open_layers,
             serve,
             setup_logging,
         )
 
+        detach_stdio(log_path)
         setup_logging()
         config = MountConfig(lowers=[root.path], upper=root.upper, work=root.work)
         try:
@@ -188,13 +189,3 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
             link.send(f"error agentfs daemon failed: {e!r}".encode())
     finally:
         os._exit(code)
-
-
-def _redirect_output(log_path: str) -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(null, 0)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(null)
-    os.close(out)
