@@ -230,29 +230,32 @@ class FilterOperations(pyfuse3.Operations):
         raise _estale()
 
     def _shadow(self, view: View, target: Node) -> Node:
-        """An env view's node for a shared host node, found by walking the host node's path
-        in the env view; ESTALE if the env no longer sees it as shared."""
-        if target is self.host.overlay.root:
+        """An env view's node for a shared host node, found by walking down from its nearest
+        ancestor already known in the env view (the root at worst), each step checked to be
+        shared still; ESTALE if the env no longer sees it as shared."""
+        root = self.host.overlay.root
+        if target is root:
             return view.overlay.root
         self._expire_shadows(view)
-        cached = view.shadows.get(target)
-        if cached is not None:
-            return cached
-        path = _path_of(self.host.overlay, target)
-        if path is None:
-            raise _estale()
-        host_node, node = self.host.overlay.root, view.overlay.root
-        for name in path:
-            host_child = _lookup_or_none(self.host.overlay, host_node, name)
+        chain: list[Node] = []
+        ancestor = target
+        while ancestor is not root and ancestor not in view.shadows:
+            if not ancestor.links or len(chain) > 4096:
+                raise _estale()  # detached (unlinked while open), or no end to it
+            chain.append(ancestor)
+            ancestor = ancestor.links[0][0]
+        host_node = ancestor
+        node = view.overlay.root if ancestor is root else view.shadows[ancestor]
+        for host_child in reversed(chain):
+            name = host_child.links[0][1]
             child = _lookup_or_none(view.overlay, node, name)
-            if host_child is None or child is None:
+            if _lookup_or_none(self.host.overlay, host_node, name) is not host_child or (
+                not self._same(view, host_node, name, host_child, child)
+            ):
                 raise _estale()
-            if not self._same(view, host_node, name, host_child, child):
-                raise _estale()
+            assert child is not None
+            self._remember_shadow(view, host_child, child)
             host_node, node = host_child, child
-        if host_node is not target:
-            raise _estale()
-        self._remember_shadow(view, target, node)
         return node
 
     def _remember_shadow(self, view: View, host: Node, node: Node) -> None:
@@ -805,20 +808,3 @@ def _lookup_or_none(overlay: Overlay, parent: Node, name: bytes) -> Node | None:
         return None
     except NotADirectoryError:
         return None
-
-
-def _path_of(overlay: Overlay, node: Node) -> list[bytes] | None:
-    """The names from the root down to `node` (by its first link), or None if detached."""
-    path: list[bytes] = []
-    current = node
-    while current is not overlay.root:
-        if not current.links:
-            return None
-        parent, name = current.links[0]
-        path.append(name)
-        current = parent
-        if len(path) > 4096:
-            return None
-    path.reverse()
-    return path
-
