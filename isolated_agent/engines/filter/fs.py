@@ -294,10 +294,15 @@ class FilterOperations(pyfuse3.Operations):
         return (mine.st_mode, mine.st_uid, mine.st_gid) == (
             theirs.st_mode, theirs.st_uid, theirs.st_gid)
 
-    def _policy(self, host_parent: Node, name: bytes, host: Node | None) -> Policy:
+    def _policy(
+        self, host_parent: Node, name: bytes, host: Node | None, decided: View | None = None
+    ) -> Policy:
         """How long the kernel may cache `name` under a shared directory: decided over every
-        env view, since a cached entry answers any process."""
+        env view (but `decided`, known to share it), since a cached entry answers any
+        process."""
         for view in self.envs.values():
+            if view is decided:
+                continue
             try:
                 parent = self._shadow(view, host_parent)
             except OSError:
@@ -359,16 +364,15 @@ class FilterOperations(pyfuse3.Operations):
             return view, _lookup_or_none(view.overlay, parent, name), PER_VIEW
         host_parent = self.host.inodes.node(parent_inode)
         host = _lookup_or_none(self.host.overlay, host_parent, name)
-        policy = self._policy(host_parent, name, host) if self.envs else CACHED
         if view.is_host:
-            return self.host, host, policy
+            return self.host, host, self._policy(host_parent, name, host)
         parent = self._shadow(view, host_parent)
         other = _lookup_or_none(view.overlay, parent, name)
-        if self._same(view, host_parent, name, host, other):
-            if host is not None and other is not None:
-                self._remember_shadow(view, host, other)
-            return self.host, host, policy
-        return view, other, PER_VIEW
+        if not self._same(view, host_parent, name, host, other):
+            return view, other, PER_VIEW
+        if host is not None and other is not None:
+            self._remember_shadow(view, host, other)
+        return self.host, host, self._policy(host_parent, name, host, decided=view)
 
     def _handle(self) -> int:
         handle = self._next_handle
