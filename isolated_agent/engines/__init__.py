@@ -3,9 +3,10 @@
 Every engine serves the same on-disk format (`isolated_agent.overlay.format`). An engine has two
 halves: `check()` runs in the launcher, on the host, and says whether the engine can work here;
 `mount_root()` runs inside the job's private mount namespace and puts the merged view of one root
-at a given path. An engine that needs processes on the host side while the job runs (the fuse
-engine's daemons) also has `start()` / `stop()` (`HostSide`), which `serving()` calls around the
-job.
+at a given path (the filter engine, `namespaces = False`, has no such namespace: its view is on
+the host). An engine that needs processes on the host side while the job runs (the fuse
+engine's daemons, the filter daemons) also has `start()` / `job_started()` / `stop()`
+(`HostSide`), which `serving()` and the launcher call around the job.
 
 `auto` picks the kernel engine whenever namespaces can be made and overlayfs exists (native
 speed), else the fuse engine; where namespaces cannot be made at all, the filter engine
