@@ -105,7 +105,7 @@ def test_two_runs_in_two_envs_share_one_filter(home: Path, tree: Path) -> None:
     for job in jobs.values():
         assert job.stdout is not None and job.stderr is not None
         line = job.stdout.readline()
-        assert line == "ready\n", job.stderr.read() if not line else line
+        assert line == "ready\n", line or job.stderr.read()
     assert (tree / "a.txt").read_text() == "host\n"
     assert len(filter_state(home)[0]["jobs"]) == 2  # type: ignore[arg-type]
     for name, job in jobs.items():
@@ -264,3 +264,26 @@ def _env_upper(home: Path) -> Path:
     uppers = list((home / "envs").glob("*/roots/0/upper"))
     assert len(uppers) == 1, uppers
     return uppers[0]
+
+
+def test_filter_commands_say_what_is_wrong(home: Path, tree: Path) -> None:
+    cases = [
+        (("filter", "start", "/"), 2, "cannot cover /"),
+        (("filter", "start", str(tree / "a.txt")), 2, "is a file"),
+        (("filter", "start", str(home.parent / "missing")), 2, "is not a directory"),
+        (("filter", "stop", str(tree)), 1, "no filter runs on"),
+    ]
+    for args, code, message in cases:
+        result = agentctl(home, *args)
+        assert result.returncode == code, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert agentctl(home, "filter", "status").stderr.strip() == "agentctl: no filter runs"
+    started = agentctl(home, "filter", "start", "--json", str(tree))
+    assert started.returncode == 0, started.stderr
+    assert json.loads(started.stdout)["root"] == str(tree)
+    again = agentctl(home, "filter", "start", str(tree))  # the running one: nothing to do
+    assert again.returncode == 0 and filter_state(home)[0]["pid"] == json.loads(
+        started.stdout)["pid"]
+    stopped = agentctl(home, "filter", "stop", "--json", str(tree))
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["stopped"] is True
+    assert mounts.mount_entry(str(tree)) is None
