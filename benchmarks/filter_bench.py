@@ -117,7 +117,7 @@ class Env:
 
 
 class FilterSetup(Setup):
-    """The filter daemon over the tree, in place (`daemon.start_background`), started afresh
+    """The filter daemon over the tree, in place (`control.start_background`), started afresh
     for every measurement and stopped after it. `job`: the runner is registered as the env's
     job; otherwise a sleeping process is, and the runner is a host process. `env=None`: no env
     registered at all (the filter's own cost)."""
@@ -141,22 +141,22 @@ class FilterSetup(Setup):
         return self.ctx.lower
 
     def reset(self, workload: Workload) -> None:
-        from isolated_agent.engines.filter import daemon
+        from isolated_agent.engines.filter import control
 
         self.finish()
-        self.pid = daemon.start_background(self.ctx.lower, self.run_dir, self.log,
+        self.pid = control.start_background(self.ctx.lower, self.run_dir, self.log,
                                            on_demand=False)
         if self.env is not None and not self.job:
             self.register("sleeper", self.env.sleeper_pid())
 
     def register(self, job: str, pid: int) -> None:
-        from isolated_agent.engines.filter import daemon
+        from isolated_agent.engines.filter import records
         from isolated_agent.jobs.identity import start_time
         from isolated_agent.protocol.client import request
         from isolated_agent.protocol.frames import Code, Frame
 
         assert self.env is not None
-        request(daemon.socket_path(self.run_dir, self.ctx.lower), Frame(Code.REGISTER_JOB, {
+        request(records.socket_path(self.run_dir, self.ctx.lower), Frame(Code.REGISTER_JOB, {
             "job": job, "env": ENV_ID, "upper": self.env.upper, "work": self.env.work,
             "cgroup": None, "anchor": [pid, start_time(pid)],
         }))
@@ -349,7 +349,7 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
     spends its time on them, and what the cache policy of every getattr was."""
     import pstats
 
-    from isolated_agent.engines.filter import daemon as filter_daemon
+    from isolated_agent.engines.filter import records as filter_records
     from isolated_agent.engines.fuse import mount as mounts
 
     setup = FilterSetup("filter-host", env, job=False)
@@ -393,7 +393,7 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
         if mounts.is_fuse_mount(mounts.mount_entry(ctx.lower)):
             subprocess.run(["umount", "-l", ctx.lower], capture_output=True)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(filter_daemon.record_path(setup.run_dir, ctx.lower))
+            os.unlink(filter_records.record_path(setup.run_dir, ctx.lower))
     with open(out + ".getattr.json") as f:
         getattr_policies = json.load(f)
     found: dict[str, Any] = {"workload": workload.name, "env": env is not None,

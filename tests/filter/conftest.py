@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.engines.filter import daemon
+from isolated_agent.engines.filter import control, records
 from isolated_agent.engines.fuse import mount as mounts
 from isolated_agent.jobs.identity import start_time
 from isolated_agent.protocol.client import request
@@ -39,10 +39,10 @@ class FilterDaemon:
 
     @property
     def socket(self) -> str:
-        return daemon.socket_path(str(self.run_dir), str(self.root))
+        return records.socket_path(str(self.run_dir), str(self.root))
 
     def start(self) -> None:
-        self.pid = daemon.start_background(str(self.root), str(self.run_dir), str(self.log),
+        self.pid = control.start_background(str(self.root), str(self.run_dir), str(self.log),
                                            on_demand=False)
 
     def ask(self, code: Code, **body: object) -> dict[str, object]:

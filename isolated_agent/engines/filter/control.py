@@ -11,18 +11,18 @@ import contextlib
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 from typing import Any
 
-from isolated_agent.engines.filter.daemon import (
+from isolated_agent.engines.filter.records import (
     FilterRecord,
     all_records,
     read_record,
     record_path,
     socket_path,
-    start_background,
 )
 from isolated_agent.engines.fuse import mount as mounts
-from isolated_agent.engines.fuse.daemon import MountFailed
 from isolated_agent.env.store import Root, Store, is_within
 from isolated_agent.errors import AgentctlError, UsageError
 from isolated_agent.protocol.client import ControlError, request
@@ -102,20 +102,44 @@ def _start_locked(store: Store, root: str, on_demand: bool) -> FilterRecord:
         raise FilterError(f"{path} is a mount point already; the filter mounts over it only "
                           "when nothing else is mounted there")
     log_path = socket_path(store.run_dir, path).removesuffix(".sock") + ".log"
-    try:
-        start_background(path, store.run_dir, log_path, on_demand)
-    except MountFailed as e:
-        raise FilterError(f"cannot start the filter on {path}: {e}") from None
+    start_background(path, store.run_dir, log_path, on_demand)
     record = read_record(store.run_dir, path)
     if record is None:
         raise FilterError(f"the filter daemon for {path} did not write its record")
     return record
 
 
+def start_background(root: str, run_dir: str, log_path: str, on_demand: bool) -> int:
+    """Start a detached daemon over `root`; return its pid once it serves. Raises FilterError
+    with the daemon's reason when it cannot.
+
+    The daemon is a fresh interpreter (`python -m isolated_agent.engines.filter`), never a fork
+    of the caller: a fork would inherit the caller's threads' state (trio's thread cache of a
+    process that ran trio before, locks held by threads that do not exist in the child), its
+    descriptors (a run's env lock) and its command line."""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "isolated_agent.engines.filter", root, run_dir, log_path,
+               str(write_end), *(["--on-demand"] if on_demand else [])]
+    try:
+        child = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, cwd="/")
+    finally:
+        os.close(write_end)
+    child.wait()  # it forks the daemon and exits at once: not our child, not our zombie
+    with os.fdopen(read_end, "rb") as reader:
+        answer = reader.read().decode(errors="replace").strip()
+    if not answer.startswith("ok"):
+        reason = answer.removeprefix("error ").strip() or "the filter daemon died"
+        raise FilterError(f"cannot start the filter on {root}: {reason}")
+    record = read_record(run_dir, root)
+    return record.pid if record is not None else 0
+
+
 def serve_foreground(store: Store, root: str) -> None:
     """`filter start --foreground`: serve in this process, logging to stderr."""
     from isolated_agent.engines.filter.daemon import serve
-    from isolated_agent.engines.fuse.daemon import setup_logging
+    from isolated_agent.engines.fuse.daemon import MountFailed, setup_logging
 
     if live_record(store, os.path.realpath(root)) is not None:
         raise FilterError(f"a filter already runs on {os.path.realpath(root)}")

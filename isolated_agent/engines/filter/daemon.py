@@ -21,21 +21,19 @@ the log: `filter status`, `filter stop` and `run` find daemons through it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.filter.fs import FilterOperations
+from isolated_agent.engines.filter.records import FilterRecord, record_path, socket_path
 from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.daemon import (
     MountFailed,
@@ -55,55 +53,6 @@ log = logging.getLogger("agentfs.filter")
 # An on-demand daemon with no job for this long stops (the variable is for tests).
 IDLE_SECONDS = float(os.environ.get("ISOLATED_AGENT_FILTER_IDLE", "30"))
 SWEEP_SECONDS = 2.0
-
-
-@dataclass
-class FilterRecord:
-    root: str
-    pid: int
-    socket: str
-    log: str
-    on_demand: bool
-
-
-def records_dir(run_dir: str) -> str:
-    path = os.path.join(run_dir, "filters")
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
-
-
-def _digest(root: str) -> str:
-    return hashlib.sha256(os.fsencode(root)).hexdigest()[:16]
-
-
-def record_path(run_dir: str, root: str) -> str:
-    return os.path.join(records_dir(run_dir), f"{_digest(root)}.json")
-
-
-def socket_path(run_dir: str, root: str) -> str:
-    return os.path.join(records_dir(run_dir), f"{_digest(root)}.sock")
-
-
-def read_record(run_dir: str, root: str) -> FilterRecord | None:
-    return _load(record_path(run_dir, root))
-
-
-def all_records(run_dir: str) -> list[FilterRecord]:
-    found = []
-    for name in sorted(os.listdir(records_dir(run_dir))):
-        if name.endswith(".json"):
-            record = _load(os.path.join(records_dir(run_dir), name))
-            if record is not None:
-                found.append(record)
-    return found
-
-
-def _load(path: str) -> FilterRecord | None:
-    try:
-        with open(path) as f:
-            return FilterRecord(**json.load(f))
-    except (OSError, ValueError, TypeError):
-        return None
 
 
 class FilterDaemon:
@@ -296,31 +245,6 @@ async def _housekeeping(daemon: FilterDaemon) -> None:
             log.info("idle: unmounting %s", daemon.root)
             pyfuse3.terminate()
             return
-
-
-def start_background(root: str, run_dir: str, log_path: str, on_demand: bool) -> int:
-    """Start a detached daemon; return its pid once it serves. Raises MountFailed.
-
-    The daemon is a fresh interpreter (`python -m isolated_agent.engines.filter`), never a fork
-    of the caller: a fork would inherit the caller's threads' state (trio's thread cache of a
-    process that ran trio before, locks held by threads that do not exist in the child), its
-    descriptors (a run's env lock) and its command line."""
-    read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "isolated_agent.engines.filter", root, run_dir, log_path,
-               str(write_end), *(["--on-demand"] if on_demand else [])]
-    try:
-        child = subprocess.Popen(command, pass_fds=(write_end,), start_new_session=True,
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, cwd="/")
-    finally:
-        os.close(write_end)
-    child.wait()  # it forks the daemon and exits at once: not our child, not our zombie
-    with os.fdopen(read_end, "rb") as reader:
-        answer = reader.read().decode(errors="replace").strip()
-    if answer.startswith("ok"):
-        record = read_record(run_dir, root)
-        return record.pid if record is not None else 0
-    raise MountFailed(answer.removeprefix("error ").strip() or "the filter daemon died")
 
 
 def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand: bool) -> None:

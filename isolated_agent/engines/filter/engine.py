@@ -14,6 +14,7 @@ the wrong view.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import uuid
@@ -23,8 +24,8 @@ from isolated_agent import libc
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError
 
-if TYPE_CHECKING:  # the daemon's module imports pyfuse3: only when the engine is used
-    from isolated_agent.engines.filter.daemon import FilterRecord
+if TYPE_CHECKING:
+    from isolated_agent.engines.filter.records import FilterRecord
 
 
 class FilterEngine:
@@ -51,13 +52,10 @@ class FilterEngine:
             raise IsolationError(
                 "filter engine", "Landlock is not available",
                 "the filter engine needs Linux >= 5.13 with Landlock enabled (lsm=...,landlock)")
-        try:
-            import pyfuse3  # noqa: F401
-            import trio  # type: ignore[import-untyped]  # noqa: F401
-        except ImportError as e:
-            raise IsolationError("filter engine", f"{e.name} is not installed",
-                                 "install fuse3 and libfuse3-dev, then `pip install pyfuse3`",
-                                 ) from None
+        for module in ("pyfuse3", "trio"):  # the daemon's; found, not imported (100 ms)
+            if importlib.util.find_spec(module) is None:
+                raise IsolationError("filter engine", f"{module} is not installed",
+                                     "install fuse3 and libfuse3-dev, then `pip install pyfuse3`")
 
     def mount_root(self, root: Root, target: str, lower: str) -> None:
         raise AssertionError("the filter engine mounts nothing inside a job")
