@@ -144,7 +144,16 @@ def drop_all_capabilities() -> None:
     Order matters: the bounding set and the securebits need CAP_SETPCAP, so they go first; the
     capability sets are emptied last. SECBIT_NOROOT keeps uid 0 from regaining capabilities at
     exec (otherwise a root job would get the full set back from the kernel).
+
+    A process without CAP_SETPCAP (an unprivileged user's job with no namespace of its own,
+    the filter engine's) holds nothing to drop and may touch neither its bounding set nor its
+    securebits: it only empties its sets; no_new_privs, which the caller sets next, keeps any
+    exec (setuid, file capabilities) from granting one.
     """
+    if not _effective_capability(CAP_SETPCAP):
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        _capset_empty()
+        return
     for cap in range(last_capability() + 1):
         try:
             prctl(PR_CAPBSET_DROP, cap)
@@ -162,6 +171,21 @@ def drop_all_capabilities() -> None:
         | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED
     )
     prctl(PR_SET_SECUREBITS, bits)
+    _capset_empty()
+
+
+CAP_SETPCAP = 8
+
+
+def _effective_capability(cap: int) -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def _capset_empty() -> None:
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(_libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")

@@ -7,6 +7,7 @@ dependencies on PYTHONPATH.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pwd
 import shutil
@@ -16,10 +17,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import click
 import pytest
 
-import isolated_agent
 from tests.conftest import snapshot
 from tests.core.test_run import MANIFEST, WORKLOAD
 
@@ -38,11 +37,19 @@ def unprivileged_user() -> pwd.struct_passwd:
         return pwd.getpwnam(USER)
 
 
+# What a rootless job imports: the package, click, and for the filter engine's daemon pyfuse3 and
+# trio with trio's own dependencies.
+RUNTIME_MODULES = ("isolated_agent", "click", "pyfuse3", "trio", "outcome", "sniffio",
+                   "sortedcontainers", "attr", "attrs", "idna")
+
+
 @pytest.fixture(scope="session")
 def package_copy() -> Iterator[Path]:
-    """isolated_agent and click, copied where any user can import them."""
+    """The modules a rootless run imports, copied where any user can import them."""
     target = Path(tempfile.mkdtemp(prefix="ia-rootless-py-", dir="/var/tmp"))
-    for module in (isolated_agent, click):
+    for name in RUNTIME_MODULES:
+        module = importlib.import_module(name)
+        assert module.__file__ is not None
         source = Path(module.__file__).parent
         shutil.copytree(source, target / source.name,
                         ignore=shutil.ignore_patterns("__pycache__"))
@@ -200,3 +207,44 @@ def disk_dir_root_only() -> Iterator[Path]:
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fuse_open_to_users() -> Iterator[None]:
+    """/dev/fuse as the fuse3 package's udev rule leaves it on a normal machine (0666); some
+    VMs have it 0600."""
+    mode = os.stat("/dev/fuse").st_mode & 0o777
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def test_rootless_filter_engine(
+    run_as_user: RunAs, user_project: Path, user_dir: Path, fuse_open_to_users: None
+) -> None:
+    """No namespaces, no capabilities to drop: an unprivileged user's job through the filter
+    (fusermount3 mounts it; only that user may enter it, as without user_allow_other)."""
+    before = snapshot(user_project)
+    outside = user_dir / "outside"
+    script = (
+        "cat README.md; echo changed > README.md; cat README.md; "
+        "grep CapEff /proc/self/status; "
+        f"echo x > {outside} 2>/dev/null || echo outside-refused; "
+        "fusermount3 -u . 2>/dev/null || echo unmount-refused"
+    )
+    try:
+        done = run_as_user("run", "-q", "--engine", "filter", "--", "sh", "-c", script,
+                           cwd=user_project)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split("\n") == [
+            "# demo", "changed", "CapEff:\t0000000000000000", "outside-refused",
+            "unmount-refused", "",
+        ]
+        stopped = run_as_user("filter", "stop", str(user_project), cwd=user_dir)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(user_project)], capture_output=True)
+    assert not outside.exists()
+    assert snapshot(user_project) == before
