@@ -2,7 +2,8 @@
 (DESIGN §4.2, §6, §8; the seed's minifilter model).
 
     fs.py        the file system: views, per-name inode numbers and cache lifetimes
-    daemon.py    one daemon per root: mount, control port, record, idle stop
+    daemon.py    one daemon per root: mount, control port, idle stop (`python -m` runs it)
+    records.py   where daemons are found (one record per root in the store)
     control.py   the CLI's and the launcher's side: find, start, stop, register
     engine.py    the `filter` engine of `agentctl run`
 

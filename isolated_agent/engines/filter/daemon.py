@@ -14,8 +14,9 @@ UNREGISTER_JOB and QUERY from the user who started it (or root) — never from a
 in a job, whether the kernel engine's or ours (`Identity`). A job whose processes are all gone
 (its launcher was killed before it could unregister) is dropped by a periodic sweep.
 
-The record (`run/filters/<digest>.json` in the store) names the root, the pid, the socket and
-the log: `filter status`, `filter stop` and `run` find daemons through it.
+The record (`records.py`) names the root, the pid, the socket and the log: `filter status`,
+`filter stop` and `run` find daemons through it. `control.start_background` starts a daemon as
+`python -m isolated_agent.engines.filter`, which runs `daemon_main` here.
 """
 
 from __future__ import annotations
