@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from typing import Any
 
@@ -39,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from core_bench import django_tree, tree_stats  # noqa: E402
 from harness import (  # noqa: E402
     DEFAULT_CACHE_DIR,
-    RUNNER,
     BenchContext,
     BenchError,
     KernelOverlaySetup,
@@ -56,6 +52,7 @@ from harness import (  # noqa: E402
     print_table,
     reexec_in_private_mount_namespace,
     remove,
+    run_runner,
     scratch_filesystem,
     source_state,
     write_json,
@@ -226,34 +223,15 @@ def run_state(setup: Setup, ctx: BenchContext, workload: Workload, state: str,
     overlay mounted afresh), does the untimed prepare step and says "ready"; then the caches
     are dropped (and for fresh-warm the lower is read natively), and the runner goes on."""
     setup.reset(workload)
-    spec = {"tree": setup.tree(), "warm": state == "second", "repeat": 1, "handshake": True,
-            "workload": workload.spec()}
-    argv = setup.command([ctx.python, "-B", RUNNER, json.dumps(spec)])
-    with tempfile.TemporaryFile("w+") as errors:
-        runner = subprocess.Popen(argv, env={**setup.environ(), **(environ or {})},
-                                  cwd=ctx.workdir, text=True, stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=errors)
-        assert runner.stdin is not None and runner.stdout is not None
-        try:
-            ready = runner.stdout.readline().strip()
-            if ready == "ready":
-                ctx.gate.wait()
-                drop_caches(3)
-                if state == "fresh-warm":
-                    warm_natively(setup.tree() if isinstance(setup, NativeSetup) else ctx.lower)
-                runner.stdin.write("go\n")
-                runner.stdin.flush()
-            output, _ = runner.communicate()
-        finally:
-            if runner.poll() is None:
-                runner.kill()
-                runner.wait()
-        if runner.returncode != 0 or ready != "ready":
-            errors.seek(0)
-            raise BenchError(f"{workload.name} ({state}) in {setup.name} exited with "
-                             f"{runner.returncode}:\n{errors.read().strip()[-2000:]}")
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
+
+    def go(pid: int) -> None:
+        ctx.gate.wait()
+        drop_caches(3)
+        if state == "fresh-warm":
+            warm_natively(setup.tree() if isinstance(setup, NativeSetup) else ctx.lower)
+
+    return run_runner(setup, ctx, workload, go, warm=state == "second", environ=environ,
+                      label=f"{workload.name} ({state})")
 
 
 def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],

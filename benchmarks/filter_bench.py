@@ -29,7 +29,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +55,7 @@ from harness import (  # noqa: E402
     print_table,
     reexec_in_private_mount_namespace,
     remove,
+    run_runner,
     scratch_filesystem,
     source_state,
     write_json,
@@ -221,36 +221,17 @@ def measure(setup: Setup, ctx: BenchContext, workload: Workload,
     warm_natively(real_tree(setup, ctx))
     for tool in workload.tools:
         subprocess.run([tool, "--version"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner_started = getattr(setup, "runner_started", lambda pid: None)
+
+    def go(pid: int) -> None:
+        runner_started(pid)
+        ctx.gate.wait()
+
     try:
         setup.reset(workload)
-        spec = {"tree": setup.tree(), "warm": False, "repeat": repeat, "handshake": True,
-                "workload": workload.spec()}
-        argv = setup.command([ctx.python, "-B", RUNNER, json.dumps(spec)])
-        with tempfile.TemporaryFile("w+") as errors:
-            runner = subprocess.Popen(argv, env=setup.environ(), cwd=ctx.workdir, text=True,
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=errors)
-            assert runner.stdin is not None and runner.stdout is not None
-            try:
-                ready = runner.stdout.readline().strip()
-                if ready == "ready":
-                    getattr(setup, "runner_started", lambda pid: None)(runner.pid)
-                    ctx.gate.wait()
-                    runner.stdin.write("go\n")
-                    runner.stdin.flush()
-                output, _ = runner.communicate()
-            finally:
-                if runner.poll() is None:
-                    runner.kill()
-                    runner.wait()
-            if runner.returncode != 0 or ready != "ready":
-                errors.seek(0)
-                raise BenchError(f"{workload.name} in {setup.name} exited with "
-                                 f"{runner.returncode}:\n{errors.read().strip()[-2000:]}")
+        return run_runner(setup, ctx, workload, go, warm=False, repeat=repeat)
     finally:
         finish()
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
 
 
 def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],

@@ -519,18 +519,35 @@ def run_once(setup: Setup, ctx: BenchContext, workload: Workload, cold: bool,
     runner's warm-up pass in the mount under test (dentries and inodes stay), so no setup
     inherits cached blocks from what ran before it either."""
     setup.reset(workload)
-    spec = {"tree": setup.tree(), "warm": not cold, "repeat": repeat, "handshake": True,
+
+    def go(pid: int) -> None:
+        ctx.gate.wait()
+        drop_caches(3 if cold else 1, checkpoint=ctx.workdir)
+
+    return run_runner(setup, ctx, workload, go, warm=not cold, repeat=repeat)
+
+
+def run_runner(setup: Setup, ctx: BenchContext, workload: Workload,
+               when_ready: Callable[[int], None], *, warm: bool, repeat: int = 1,
+               environ: dict[str, str] | None = None, label: str | None = None,
+               ) -> dict[str, Any]:
+    """Start the runner in `setup` (already reset), wait until it is up and has done the
+    workload's untimed `prepare` ("ready"), call `when_ready(its pid)` — drop caches, wait for
+    a quiet machine, register it somewhere — then let it go, and return the JSON it printed.
+    Every benchmark measures through this one handshake."""
+    spec = {"tree": setup.tree(), "warm": warm, "repeat": repeat, "handshake": True,
             "workload": workload.spec()}
     argv = setup.command([ctx.python, "-B", RUNNER, json.dumps(spec)])
+    what = f"{label or workload.name} in {setup.name}"
     with tempfile.TemporaryFile("w+") as errors:
-        runner = subprocess.Popen(argv, env=setup.environ(), cwd=ctx.workdir, text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        runner = subprocess.Popen(argv, env={**setup.environ(), **(environ or {})},
+                                  cwd=ctx.workdir, text=True, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=errors)
         assert runner.stdin is not None and runner.stdout is not None
         try:
             ready = runner.stdout.readline().strip()
             if ready == "ready":
-                ctx.gate.wait()
-                drop_caches(3 if cold else 1, checkpoint=ctx.workdir)
+                when_ready(runner.pid)
                 runner.stdin.write("go\n")
                 runner.stdin.flush()
             output, _ = runner.communicate()
@@ -540,11 +557,11 @@ def run_once(setup: Setup, ctx: BenchContext, workload: Workload, cold: bool,
                 runner.wait()
         if runner.returncode != 0 or ready != "ready":
             errors.seek(0)
-            raise BenchError(f"{workload.name} in {setup.name} exited with "
+            raise BenchError(f"{what} exited with "
                              f"{runner.returncode}:\n{errors.read().strip()[-2000:]}")
     lines = output.strip().splitlines()
     if not lines:
-        raise BenchError(f"{workload.name} in {setup.name} printed nothing")
+        raise BenchError(f"{what} printed nothing")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
