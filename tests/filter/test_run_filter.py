@@ -268,9 +268,9 @@ def _env_upper(home: Path) -> Path:
 
 def test_filter_commands_say_what_is_wrong(home: Path, tree: Path) -> None:
     cases = [
-        (("filter", "start", "/"), 2, "cannot cover /"),
+        (("filter", "start", "/"), 2, "/ cannot be a managed root"),
         (("filter", "start", str(tree / "a.txt")), 2, "is a file"),
-        (("filter", "start", str(home.parent / "missing")), 2, "is not a directory"),
+        (("filter", "start", str(home.parent / "missing")), 2, "does not exist"),
         (("filter", "stop", str(tree)), 1, "no filter runs on"),
     ]
     for args, code, message in cases:

@@ -61,6 +61,7 @@ from isolated_agent.engines.fuse.mount import (
     unmount,
     wait_exited,
 )
+from isolated_agent.env.store import is_within
 from isolated_agent.errors import GuardError
 from isolated_agent.jobs.mountinfo import read_mountinfo
 from isolated_agent.protocol.client import ControlError, request
@@ -100,10 +101,6 @@ def is_dead(directory: str) -> bool:
     return False
 
 
-def _within(path: str, parent: str) -> bool:
-    return path == parent or path.startswith(parent.rstrip("/") + "/")
-
-
 def guard_mounts() -> list[str]:
     return [e.mount_point for e in read_mountinfo() if e.fstype == FSTYPE]
 
@@ -115,12 +112,13 @@ def check_directory(home: str, given: str) -> str:
     if directory == "/":
         raise GuardError("cannot guard / (guard the directories you care about)")
     home = os.path.realpath(home)
-    if _within(directory, home) or _within(home, directory):
+    if is_within(directory, home) or is_within(home, directory):
         raise GuardError(
             f"{directory} overlaps the store {home}: the guard would stage its own catalog; "
             "set ISOLATED_AGENT_HOME outside it")
     for mounted in guard_mounts():
-        if mounted != directory and (_within(directory, mounted) or _within(mounted, directory)):
+        overlaps = is_within(directory, mounted) or is_within(mounted, directory)
+        if mounted != directory and overlaps:
             raise GuardError(f"{directory} is inside or over the guarded directory {mounted}; "
                              "guard one or the other")
     return directory
@@ -422,7 +420,7 @@ def processes_inside(directory: str) -> list[tuple[int, str]]:
                 target = os.readlink(f"/proc/{name}/{link}")
             except OSError:
                 continue
-            if _within(target, directory):
+            if is_within(target, directory):
                 try:
                     with open(f"/proc/{name}/comm") as f:
                         command = f.read().strip()

@@ -23,8 +23,8 @@ from isolated_agent.engines.filter.records import (
     socket_path,
 )
 from isolated_agent.engines.fuse import mount as mounts
-from isolated_agent.env.store import Root, Store, is_within
-from isolated_agent.errors import AgentctlError, UsageError
+from isolated_agent.env.store import Root, Store
+from isolated_agent.errors import AgentctlError
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 
@@ -34,14 +34,9 @@ class FilterError(AgentctlError):
 
 
 def check_root(store: Store, root: str) -> str:
-    path = os.path.realpath(root)
-    if not os.path.isdir(path):
-        raise UsageError(f"{root} is not a directory")
-    if path == "/":
-        raise UsageError("the filter cannot cover / ; pick a project directory")
-    if is_within(path, store.home) or is_within(store.home, path):
-        raise UsageError(f"{path} overlaps the store {store.home}; pick another directory")
-    return path
+    """The filter covers a managed root: the store's rules for those apply (an existing
+    directory, not /, not overlapping the store)."""
+    return store.resolve_roots([root])[0]
 
 
 def query(record: FilterRecord, timeout: float = 5.0) -> dict[str, Any] | None:
