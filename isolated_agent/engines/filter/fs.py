@@ -414,14 +414,10 @@ class FilterOperations(pyfuse3.Operations):
 
     def _diverge(self, view: View, inode: int) -> OSError:
         """`view` is about to change the object behind shared inode `inode`: give the env its
-        own inode for every name of it, drop the kernel's entries, and answer ESTALE so that
-        the system call retries with a fresh lookup (see the module docstring)."""
-        host = self.host.inodes.node(inode)
-        for parent, name in host.links:
-            view.forced.add((parent.key, name))
-            if parent.nodeid:
-                pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
-        self._namespace_changed(view)
+        own inode for every name of it, and answer ESTALE so that the system call retries with
+        a fresh lookup (see the module docstring)."""
+        for parent, name in self.host.inodes.node(inode).links:
+            self._force(view, parent, name)
         return _estale()
 
     def _diverge_name(self, view: View, parent_inode: int, name: bytes) -> bool:
@@ -434,10 +430,15 @@ class FilterOperations(pyfuse3.Operations):
         other = _lookup_or_none(view.overlay, self._shadow(view, host_parent), name)
         if other is None or not self._same(view, host_parent, name, host, other):
             return False
-        view.forced.add((host_parent.key, name))
-        pyfuse3.invalidate_entry_async(parent_inode, name, ignore_enoent=True)
-        self._namespace_changed(view)
+        self._force(view, host_parent, name)
         return True
+
+    def _force(self, view: View, host_parent: Node, name: bytes) -> None:
+        """From now on `view` gets its own inode for `name`; the kernel's cached entry goes."""
+        view.forced.add((host_parent.key, name))
+        if host_parent.nodeid:
+            pyfuse3.invalidate_entry_async(host_parent.nodeid, name, ignore_enoent=True)
+        self._namespace_changed(view)
 
     def _changes_shared(self, view: View, inode: int) -> bool:
         """Whether an env is about to change the object behind a shared inode (whose data,
