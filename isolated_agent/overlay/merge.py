@@ -26,9 +26,10 @@ Caches, valid because the overlay is the only writer of its layers while in use 
 contract as the kernel caching mode, `engines/fuse/cache.py`): a directory's merged listing and
 the nodes its names resolved to are kept until the namespace changes — any create, remove or
 rename anywhere bumps `generation`, which drops them all (children are held weakly: a cache
-never keeps a node alive). A node's read-only fd is kept for the next reader, at most
-`MAX_READERS` of them (fewer under a low RLIMIT_NOFILE), and dropped when the node is copied
-up. Non-directories' O_PATH fds are opened on demand and at most `max_path_fds` stay open.
+never keeps a node alive). A node's fd for reading (or for reading and writing: `writer`) is
+kept for the next request, at most `MAX_READERS` of them (fewer under a low RLIMIT_NOFILE), and
+dropped when the node is copied up. Non-directories' O_PATH fds are opened on demand and at
+most `max_path_fds` stay open.
 """
 
 from __future__ import annotations
@@ -397,23 +398,41 @@ class Overlay:
         return os.open(fd_path(self.path_fd(node)), (flags & ~_REOPEN_DROP) | os.O_CLOEXEC)
 
     def reader(self, node: Node) -> int:
-        """A shared O_RDONLY fd of the entry as it is now (follows copy-up): for reads that
-        do not need a descriptor of their own."""
+        """A shared fd of the entry as it is now (follows copy-up): for reads that do not
+        need a descriptor of their own."""
         if node.reader is None:
-            node.reader = open_for_reading(self.path_fd(node))
-            self._readers[node] = None
-            if len(self._readers) > self.max_readers:
-                oldest, _ = self._readers.popitem(last=False)
-                self._drop_reader(oldest)
-        else:
-            self._readers.move_to_end(node)
+            return self._keep_reader(node, open_for_reading(self.path_fd(node)))
+        self._readers.move_to_end(node)
         return node.reader
+
+    def writer(self, node: Node) -> int:
+        """A shared O_RDWR fd of the entry in upper (copied up first): for writes that arrive
+        without a descriptor of their own (agentfs in the kernel's no-open mode). It serves
+        as the node's reader too until it is dropped."""
+        if node.reader_writes and node.reader is not None:
+            self._readers.move_to_end(node)
+            return node.reader
+        self.copy_up(node)
+        self._drop_reader(node)
+        fd = self._keep_reader(node, os.open(fd_path(self.path_fd(node)),
+                                             os.O_RDWR | os.O_CLOEXEC))
+        node.reader_writes = True
+        return fd
+
+    def _keep_reader(self, node: Node, fd: int) -> int:
+        node.reader = fd
+        self._readers[node] = None
+        if len(self._readers) > self.max_readers:
+            oldest, _ = self._readers.popitem(last=False)
+            self._drop_reader(oldest)
+        return fd
 
     def _drop_reader(self, node: Node) -> None:
         if node.reader is not None:
             with contextlib.suppress(OSError):
                 os.close(node.reader)
             node.reader = None
+            node.reader_writes = False
         self._readers.pop(node, None)
 
     def fsync_dir(self, node: Node) -> None:

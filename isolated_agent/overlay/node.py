@@ -49,6 +49,7 @@ class Node:
         "nodeid",
         "released",
         "reader",
+        "reader_writes",
         "listing",
         "children",
         "cache_generation",
@@ -77,10 +78,12 @@ class Node:
         self.refs = 0
         self.nodeid = 0  # assigned by the FUSE inode table; 0 while the kernel has none
         self.released = False
-        # Caches (see Overlay): an O_RDONLY fd of the topmost object; for a directory, its
+        # Caches (see Overlay): an fd of the topmost object — O_RDONLY, or O_RDWR on the
+        # upper object once `Overlay.writer` made it (`reader_writes`); for a directory, its
         # merged listing and the nodes its names resolved to, valid while the overlay's
         # namespace generation is `cache_generation`.
         self.reader: int | None = None
+        self.reader_writes = False
         self.listing: list[bytes] | None = None
         self.children: dict[bytes, weakref.ref[Node]] = {}
         self.cache_generation = -1
@@ -119,6 +122,7 @@ class Node:
         self.upper = None
         self.lowers = []
         self.reader = None
+        self.reader_writes = False
         self.listing = None
         self.children = {}
 

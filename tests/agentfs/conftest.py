@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from isolated_agent import libc
+from isolated_agent.engines.fuse.daemon import HANDLES_ENV
+from isolated_agent.engines.fuse.operations import handle_free_supported
 from tests.conftest import Snapshot, snapshot
 
 AT_FDCWD = -100
@@ -82,9 +84,11 @@ class Agentfs:
     """One overlay: lowers (top first), upper, work, a mount point, and the daemon serving it."""
 
     def __init__(
-        self, base: Path, lower_count: int = 1, layer_root: Path | None = None
+        self, base: Path, lower_count: int = 1, layer_root: Path | None = None,
+        handles: bool = False,
     ) -> None:
         self.base = base
+        self.handles = handles  # answer opens with file handles even where handle-free works
         self.lowers = [base / f"lower{i}" if i else base / "lower" for i in range(lower_count)]
         self.upper = (layer_root or base) / "upper"
         self.work = (layer_root or base) / "work"
@@ -118,7 +122,9 @@ class Agentfs:
         ]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                args, stdout=log, stderr=log, env=dict(os.environ, **(env or {})),
+                args, stdout=log, stderr=log,
+                env=dict(os.environ, **({HANDLES_ENV: "1"} if self.handles else {}),
+                         **(env or {})),
                 preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
                                                        (fd_limit, fd_limit)))
                 if fd_limit else None,
@@ -170,10 +176,19 @@ class Agentfs:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+@pytest.fixture(params=["handle-free", "handles"])
+def open_mode(request: pytest.FixtureRequest) -> str:
+    """How agentfs answers OPEN and OPENDIR (see engines/fuse/operations.py): every test that
+    mounts runs in both modes; handle-free needs the pyfuse3 of packaging/pyfuse3."""
+    if request.param == "handle-free" and not handle_free_supported():
+        pytest.skip("this pyfuse3 lacks the extensions of packaging/pyfuse3")
+    return str(request.param)
+
+
 @pytest.fixture
-def fs(tmp_path: Path) -> Iterator[Agentfs]:
+def fs(tmp_path: Path, open_mode: str) -> Iterator[Agentfs]:
     """An overlay with one lower. Populate `fs.lower`, then `fs.mount()`."""
-    overlay = Agentfs(tmp_path / "ovl")
+    overlay = Agentfs(tmp_path / "ovl", handles=open_mode == "handles")
     try:
         yield overlay
     finally:
@@ -199,11 +214,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
 
 
 @pytest.fixture
-def fs_factory(tmp_path: Path) -> Iterator[Callable[..., Agentfs]]:
+def fs_factory(tmp_path: Path, open_mode: str) -> Iterator[Callable[..., Agentfs]]:
     made: list[Agentfs] = []
 
     def make(name: str = "ovl", lower_count: int = 1, layer_root: Path | None = None) -> Agentfs:
-        overlay = Agentfs(tmp_path / name, lower_count, layer_root)
+        overlay = Agentfs(tmp_path / name, lower_count, layer_root, open_mode == "handles")
         made.append(overlay)
         return overlay
 

@@ -64,8 +64,7 @@ def test_copy_up_keeps_data_mode_owner_times_xattrs_and_parent_modes(fs: Agentfs
     os.setxattr(f, "user.note", b"kept")
     os.utime(f, ns=(1_000_000_000, 2_000_000_000))
     mnt = fs.mount()
-    with open(mnt / "a" / "b" / "f", "r+b") as handle:  # open for writing: copy-up, no write
-        pass
+    os.chmod(mnt / "a" / "b" / "f", 0o640)  # write intent that changes nothing: copy-up
     copied = fs.upper / "a" / "b" / "f"
     st = os.lstat(copied)
     assert copied.read_text() == "lower data"
@@ -75,7 +74,23 @@ def test_copy_up_keeps_data_mode_owner_times_xattrs_and_parent_modes(fs: Agentfs
     assert os.getxattr(copied, "user.note") == b"kept"
     assert stat.S_IMODE(os.lstat(fs.upper / "a").st_mode) == 0o751
     assert stat.S_IMODE(os.lstat(fs.upper / "a" / "b").st_mode) == 0o705
-    assert handle.closed
+
+
+def test_open_for_writing_copies_up_at_open_or_first_write(fs: Agentfs) -> None:
+    """With file handles, an open for writing copies up (the kernel's overlayfs does too);
+    handle-free, agentfs never sees the open, and the first write or truncate copies up. Either
+    way the data written lands in upper only."""
+    write(fs.lower / "f", "lower data")
+    mnt = fs.mount()
+    with open(mnt / "f", "r+b") as handle:
+        assert (fs.upper / "f").exists() == fs.handles
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"!")
+        handle.flush()
+        assert (fs.upper / "f").read_text() == "lower data!"
+    with open(mnt / "f", "rb") as handle:
+        assert handle.read() == b"lower data!"
+    assert (fs.lower / "f").read_text() == "lower data"
 
 
 @pytest.mark.parametrize(
@@ -702,3 +717,24 @@ def _getdents(path: Path, buffer_size: int = 4096) -> list[tuple[bytes, int]]:
         return _drain(fd, buffer_size)
     finally:
         os.close(fd)
+
+
+def test_lower_file_opened_for_writing_then_deleted_then_written(fs: Agentfs) -> None:
+    """With file handles the open copied it up and the write lands in that copy, as in the
+    kernel's overlayfs. Handle-free there is no copy to write to: the write fails (ESTALE),
+    loudly, and neither layer changes."""
+    write(fs.lower / "f", "lower data")
+    mnt = fs.mount()
+    fd = os.open(mnt / "f", os.O_WRONLY)
+    try:
+        os.unlink(mnt / "f")
+        if fs.handles:
+            assert os.write(fd, b"new") == 3
+        else:
+            with pytest.raises(OSError) as e:
+                os.write(fd, b"new")
+            assert e.value.errno == errno.ESTALE
+    finally:
+        os.close(fd)
+    assert not (mnt / "f").exists()
+    assert upper_tree(fs.upper) == {"f": "whiteout"}

@@ -34,6 +34,20 @@ def _remount_read_only(path: Path) -> bool:
     return True
 
 
+def _append(path: Path) -> None:
+    """Write to a file: copy-up at the open (file handles) or at the write (handle-free)."""
+    with open(path, "ab") as f:
+        f.write(b"!")
+
+
+def _forget_and_remount_read_only(path: Path) -> bool:
+    """agentfs keeps a file it wrote open until the kernel forgets the inode (handle-free) or
+    releases the file (which it does after close() returned): ask the kernel to drop unused
+    inodes, then try."""
+    Path("/proc/sys/vm/drop_caches").write_text("2")
+    return _remount_read_only(path)
+
+
 def _still_serving(mnt: Path) -> None:
     (mnt / "after-the-failure").write_text("ok")
     assert (mnt / "after-the-failure").read_text() == "ok"
@@ -48,7 +62,7 @@ def test_enospc_in_the_middle_of_a_copy_up(
     (fs.lower / "small").write_text("fits")
     mnt = fs.mount()
     with pytest.raises(OSError) as e:
-        open(mnt / "big", "ab").close()  # copy-up needs 8 MiB, upper has 2
+        _append(mnt / "big")  # copy-up needs 8 MiB, upper has 2
     assert e.value.errno == errno.ENOSPC
     assert not (fs.upper / "big").exists()
     assert _work_leftovers(fs) == []
@@ -75,11 +89,11 @@ def test_upper_made_unwritable(
     (fs.lower / "d" / "f").write_text("lower")
     mnt = fs.mount()
     (mnt / "before").write_text("written before")
-    # The kernel sends RELEASE after close() returns: retry until agentfs closed the file.
-    wait_for(lambda: _remount_read_only(layer_fs), what="a read-only remount of upper")
+    wait_for(lambda: _forget_and_remount_read_only(layer_fs),
+             what="a read-only remount of upper")
     attempts: list[Callable[[], object]] = [
         lambda: (mnt / "new").write_text("x"),
-        lambda: open(mnt / "d" / "f", "a").close(),
+        lambda: _append(mnt / "d" / "f"),
         lambda: os.unlink(mnt / "d" / "f"),
         lambda: os.mkdir(mnt / "d" / "sub"),
         lambda: os.rename(mnt / "d", mnt / "e"),
@@ -103,7 +117,7 @@ def test_injected_exceptions_become_eio_and_the_daemon_goes_on(fs: Agentfs) -> N
         (mnt / "look-boom").write_text("x")
     assert e.value.errno == errno.EIO
     with pytest.raises(OSError) as e:
-        open(mnt / "copy-boom", "a").close()
+        _append(mnt / "copy-boom")
     assert e.value.errno == errno.EIO
     assert (mnt / "copy-boom").read_text() == "lower content"
     assert upper_tree(fs.upper) == {}

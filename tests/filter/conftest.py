@@ -73,7 +73,7 @@ class FilterFs(Agentfs):
     """agentfs's fixture, served by the filter mount to this very process (the job)."""
 
     def __init__(self, base: Path) -> None:
-        super().__init__(base)
+        super().__init__(base, handles=True)  # the filter always answers opens with handles
         self.mnt = self.lowers[0]
         self.daemon = FilterDaemon(self.mnt, base)
         self._lower_fd: int | None = None

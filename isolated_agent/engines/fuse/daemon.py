@@ -43,6 +43,9 @@ FAULT_ENV = "AGENTFS_FAULTS"
 PROFILE_ENV = "AGENTFS_PROFILE"
 # Set to serve with pyfuse3's own request loop (see fastloop.py), to measure what it costs.
 PLAIN_LOOP_ENV = "AGENTFS_PLAIN_LOOP"
+# Set to answer OPEN/OPENDIR with file handles even where handle-free mode is possible (see
+# operations.py): to test and measure that mode, which is also what an unpatched pyfuse3 gets.
+HANDLES_ENV = "AGENTFS_HANDLES"
 
 
 class MountFailed(Exception):
@@ -107,7 +110,9 @@ def serve(
     for signum in _STOP_SIGNALS:  # until trio listens: remembered, not fatal (see below)
         signal.signal(signum, _remember_signal)
     overlay = Overlay(layers, fault_hook_from_env())
-    operations = Operations(overlay, config.cache)
+    operations = Operations(overlay, config.cache,
+                            handle_free=False if os.environ.get(HANDLES_ENV) else None)
+    log.info("agentfs: %s", "handle-free" if operations.handle_free else "file handles")
     try:
         pyfuse3.init(operations, mountpoint, config.libfuse_options())
     except RuntimeError as e:

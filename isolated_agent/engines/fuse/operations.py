@@ -12,6 +12,15 @@ Attributes are cached per inode between requests that change something: read-onl
 (a tree walked, grepped, read) is answered without a system call for attributes, and any
 request that may change some attribute (a write, a create, a rename, ...) drops the whole
 cache, so nothing stale is ever served.
+
+Handle-free mode (`handle_free`): where the cache mode lets the kernel keep file data and
+listings and pyfuse3 passes the inode when a request has no handle (the build in
+`packaging/pyfuse3/`), agentfs answers the first OPEN and OPENDIR with ENOSYS. The kernel then
+never sends OPEN, OPENDIR, RELEASE or RELEASEDIR again and caches every listing: a second pass
+over a tree costs no round trip at all. Reads and writes name their inode; they go through the
+node's shared fd (`Overlay.reader` / `Overlay.writer`), and a copy-up happens at the first
+write or truncate instead of at an open for writing. Atomic O_TRUNC is declined, so a
+truncating open reaches agentfs as a SETATTR.
 """
 
 from __future__ import annotations
@@ -59,15 +68,29 @@ class _Dir:
     names: list[bytes] | None = None
 
 
+def handle_free_supported() -> bool:
+    """Whether this pyfuse3 passes the inode for requests without a handle (and lets
+    atomic O_TRUNC be declined): the build in `packaging/pyfuse3/`."""
+    extensions: frozenset[str] = getattr(pyfuse3, "EXTENSIONS", frozenset())
+    return {"inode_without_handle", "atomic_o_trunc_optional"} <= extensions
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, overlay: Overlay, cache: CacheMode) -> None:
+    def __init__(self, overlay: Overlay, cache: CacheMode, handle_free: bool | None = None
+                 ) -> None:
+        """`handle_free`: None chooses it whenever the cache mode and pyfuse3 allow it."""
         super().__init__()
         self.overlay = overlay
         self.cache = cache
         self.inodes = InodeTable(overlay)
         self.enable_writeback_cache = cache.writeback
+        if handle_free is None:
+            handle_free = cache.keep_cache and handle_free_supported()
+        self.handle_free = handle_free
+        self.enable_atomic_o_trunc = not handle_free
+        self._listings: dict[int, list[bytes]] = {}  # handle-free: a directory's listing stream
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_handle = 1
@@ -147,6 +170,8 @@ class Operations(pyfuse3.Operations):
         for inode, count in inode_list:
             try:
                 self.inodes.forget(inode, count)
+                if not self.inodes.lookup_count(inode):
+                    self._listings.pop(inode, None)
             except Exception:  # must not fail: log the bug and go on
                 log.exception("agentfs: forget(%d, %d) failed", inode, count)
 
@@ -271,6 +296,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        if self.handle_free:
+            raise FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
         node = self.inodes.node(inode)
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
             # Pushed and unchanged since: it opened then, and its content is in the page
@@ -315,6 +342,9 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
+        if self.handle_free:
+            os.close(fd)  # later writes name the inode and use the node's shared fd
+            return FileInfo(fh=0, keep_cache=True), attrs
         return self._file_info(node, fd), attrs
 
     @_handler
@@ -322,8 +352,11 @@ class Operations(pyfuse3.Operations):
         """Into one reused buffer (pyfuse3 copies it into its reply before the next request
         is read): no allocation per request. A read-only handle reads through the node's
         shared reader, which follows a copy-up made through another handle."""
-        handle = self._files[fh]
-        fd = handle.fd if handle.fd is not None else self.overlay.reader(handle.node)
+        if self.handle_free:
+            fd = self.overlay.reader(self.inodes.node(fh))
+        else:
+            handle = self._files[fh]
+            fd = handle.fd if handle.fd is not None else self.overlay.reader(handle.node)
         if len(self._buffer) < size:
             self._buffer = bytearray(size)
         view = memoryview(self._buffer)[:size]
@@ -332,6 +365,8 @@ class Operations(pyfuse3.Operations):
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
         self._changed()
+        if self.handle_free:
+            return os.pwrite(self.overlay.writer(self.inodes.node(fh)), buf, off)
         fd = self._files[fh].fd
         if fd is None:
             raise FUSEError(errno.EBADF)
@@ -345,12 +380,18 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
-        handle = self._files[fh]
-        if handle.fd is not None:
-            (os.fdatasync if datasync else os.fsync)(handle.fd)
+        if self.handle_free:
+            node = self.inodes.node(fh)
+            fd = self.overlay.reader(node) if node.in_upper else None  # lower: never written
+        else:
+            fd = self._files[fh].fd
+        if fd is not None:
+            (os.fdatasync if datasync else os.fsync)(fd)
 
     @_handler
     def release(self, fh: int) -> None:
+        if self.handle_free:
+            return  # only a created file's (its handle was 0): nothing to close
         handle = self._files.pop(fh)
         try:
             if handle.fd is not None:
@@ -365,6 +406,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def opendir(self, inode: int, ctx: RequestContext) -> int:
+        if self.handle_free:
+            raise FUSEError(errno.ENOSYS)  # the kernel opens and caches listings itself
         node = self.inodes.node(inode)
         if not node.is_dir:
             raise FUSEError(errno.ENOTDIR)
@@ -376,12 +419,24 @@ class Operations(pyfuse3.Operations):
     @_handler
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Offsets are positions in a listing taken when the stream starts (offset 0), so
-        paging, seekdir and telldir see each name exactly once; `.` and `..` come first."""
-        handle = self._dirs[fh]
-        directory = handle.node
-        if handle.names is None or start_id == 0:
-            handle.names = [b".", b"..", *self.overlay.listdir(directory)]
-        names = handle.names
+        paging, seekdir and telldir see each name exactly once; `.` and `..` come first.
+        Handle-free there is no handle to keep the listing in, so it is kept per directory
+        (`fh` is the inode) until the stream ends: the kernel reads it once, from offset 0,
+        into its cache, and later readers and seeks are served from there."""
+        if self.handle_free:
+            directory = self.inodes.node(fh)
+            names = self._listings.get(fh) if start_id else None
+            if names is None:
+                names = self._listings[fh] = [b".", b"..",
+                                              *self.overlay.listdir(directory)]
+            if start_id >= len(names):
+                del self._listings[fh]  # the stream ended: the kernel has the whole listing
+        else:
+            handle = self._dirs[fh]
+            directory = handle.node
+            if handle.names is None or start_id == 0:
+                handle.names = [b".", b"..", *self.overlay.listdir(directory)]
+            names = handle.names
         for position in range(start_id, len(names)):
             name = names[position]
             if name == b".":
@@ -422,7 +477,8 @@ class Operations(pyfuse3.Operations):
 
     @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.overlay.fsync_dir(self._dirs[fh].node)
+        node = self.inodes.node(fh) if self.handle_free else self._dirs[fh].node
+        self.overlay.fsync_dir(node)
 
     # -- xattrs ---------------------------------------------------------------------------------
 
