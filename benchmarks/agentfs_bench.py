@@ -351,7 +351,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state", action="append", choices=STATES, help="only these (repeatable)")
     p.add_argument("--setup", action="append",
                    choices=["native", "overlay", "fuse-overlayfs", "agentfs",
-                            "agentfs-pyfuse3-loop"],
+                            "agentfs-handles", "agentfs-pyfuse3-loop"],
                    help="only these (repeatable; default: the first four)")
     p.add_argument("--quiet-threshold", type=float, default=0.25)
     p.add_argument("--quiet-timeout", type=float, default=20.0)
@@ -367,6 +367,8 @@ def make_setups(chosen: list[str] | None) -> list[Setup]:
         "overlay": KernelOverlaySetup(),
         "fuse-overlayfs": FuseOverlayfsSetup(),
         "agentfs": AgentfsSetup(),
+        # With an unpatched pyfuse3 (or AGENTFS_HANDLES set) agentfs answers opens with handles.
+        "agentfs-handles": AgentfsSetup("agentfs-handles", {"AGENTFS_HANDLES": "1"}),
         "agentfs-pyfuse3-loop": AgentfsSetup("agentfs-pyfuse3-loop", {"AGENTFS_PLAIN_LOOP": "1"}),
     }
     names = chosen or ["native", "overlay", "fuse-overlayfs", "agentfs"]
