@@ -12,6 +12,11 @@ Cache states (every overlay is mounted afresh for every measurement):
                 fresh mount: what the overlay itself costs when the disk is out of the way
     second      a fresh mount, one warm-up pass through it (every entry lstat'ed, every file
                 read), then the timed pass: what the kernel's caches of the mount give
+    steady      as second, with one untimed pass of the workload itself before the timed one
+                (workloads that leave the tree as they found it): what repeated passes settle
+                at. It differs from second on FUSE only: a READ, or a listing the kernel did
+                not have, marks the inode's atime stale, so the next stat of it asks the
+                daemon (one GETATTR) once
 
 Runs as root (drop_caches, mounts), in a private mount namespace, on a fresh ext4 image like the
 core benchmark. Uses the core benchmark's harness (harness.py, workloads.py) unchanged: each
@@ -67,7 +72,7 @@ from workloads import (  # noqa: E402
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STATES = ("cold", "fresh-warm", "second")
+STATES = ("cold", "fresh-warm", "second", "steady")
 RENAME_DIR, RENAME_FILES = "bench-rename", 100
 STORM_FILES = 500
 OPEN_CLOSE = 5000
@@ -230,8 +235,12 @@ def run_state(setup: Setup, ctx: BenchContext, workload: Workload, state: str,
         if state == "fresh-warm":
             warm_natively(setup.tree() if isinstance(setup, NativeSetup) else ctx.lower)
 
-    return run_runner(setup, ctx, workload, go, warm=state == "second", environ=environ,
-                      label=f"{workload.name} ({state})")
+    result = run_runner(setup, ctx, workload, go, warm=state in ("second", "steady"),
+                        repeat=2 if state == "steady" else 1, environ=environ,
+                        label=f"{workload.name} ({state})")
+    if state == "steady":
+        result["seconds"] = result["seconds"][1:]  # the first pass only settled the caches
+    return result
 
 
 def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],
@@ -244,6 +253,8 @@ def run_all(ctx: BenchContext, setups: list[Setup], workloads: list[Workload],
             started.append(setup)
         for workload in workloads:
             for state in states:
+                if state == "steady" and workload.mutates:
+                    continue
                 cells = {s.name: Measurement(workload.name, s.name, state) for s in setups}
                 for rep in range(reps):
                     order = setups[rep % len(setups):] + setups[:rep % len(setups)]
