@@ -518,6 +518,9 @@ class Overlay:
         alone, and stays merged with its lowers."""
         if node.in_upper:
             return
+        if via is None and not node.links and not node.is_dir:
+            self._copy_up_unnamed(node)
+            return
         parent, name = via if via is not None else self._any_link(node)
         self.ensure_upper(parent)
         assert parent.upper is not None
@@ -543,6 +546,18 @@ class Overlay:
                 self.namespace_changed()
                 if self.on_stale_entry is not None:
                     self.on_stale_entry(other_parent, other_name)
+
+    def _copy_up_unnamed(self, node: Node) -> None:
+        """Copy up a file no name reaches any more: deleted from the view while still open
+        for writing. agentfs in handle-free mode sees no open, so nothing copied it up then;
+        its first write does now, to a copy that has no name either (made in the work dir,
+        then unlinked: the kernel's overlayfs writes to its copy in that case too)."""
+        source = self.path_fd(node)
+        name = temp_name()
+        fd = copy_up_object(source, os.fstat(source), self.layers.work, self.layers.work, name,
+                            fault=self.fault)
+        os.unlink(name, dir_fd=self.layers.work)
+        self._adopt_upper(node, fd)
 
     def _adopt_upper(self, node: Node, fd: int) -> None:
         self.changed()

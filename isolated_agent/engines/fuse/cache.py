@@ -18,8 +18,7 @@
     kernel opens files and directories without asking and caches every listing, so a second
     pass over a tree sends no request at all. The one visible difference: an open for writing
     copies up at its first write or truncate, not at the open (an open that writes nothing
-    copies nothing up; a lower file opened for writing, then deleted, then written fails with
-    ESTALE where the kernel's overlayfs would write to its copy).
+    copies nothing up).
     Writeback caching stays off: with it, an error writing to upper (ENOSPC) would surface at
     close() instead of write(), and the kernel would take over mtime — a weaker fail-closed
     story than the kernel overlayfs gives.
