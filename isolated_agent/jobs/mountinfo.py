@@ -11,6 +11,7 @@ _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 @dataclass(frozen=True)
 class MountEntry:
     mount_id: int
+    device: str  # "major:minor" of the mounted filesystem (a FUSE mount's bdi is named so)
     mount_point: str
     options: frozenset[str]  # per-mount options: rw/ro, nosuid, nodev, noexec, *atime
     fstype: str
@@ -32,6 +33,7 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
             entries.append(
                 MountEntry(
                     mount_id=int(fields[0]),
+                    device=fields[2],
                     mount_point=_unescape(fields[4]),
                     options=frozenset(fields[5].split(",")),
                     fstype=fields[separator + 1],

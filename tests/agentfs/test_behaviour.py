@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from isolated_agent import libc
-from tests.agentfs.conftest import Agentfs, renameat2, upper_tree
+from isolated_agent.engines.fuse.mount import READAHEAD_KIB, mount_entry
+from tests.agentfs.conftest import Agentfs, renameat2, upper_tree, wait_for
 
 
 def write(path: Path, data: str | bytes) -> None:
@@ -735,3 +736,13 @@ def test_lower_file_opened_then_deleted_then_written_and_read(fs: Agentfs) -> No
     assert not (mnt / "f").exists()
     assert upper_tree(fs.upper) == {"f": "whiteout"}
     assert os.listdir(fs.work / "work") == []
+
+
+def test_the_mount_reads_ahead_a_mib(fs: Agentfs) -> None:
+    """A sequential read arrives in READs of up to 1 MiB, not FUSE's default 128 KiB (the
+    daemon raises it as soon as the kernel has its answer to FUSE_INIT)."""
+    mnt = fs.mount()
+    entry = mount_entry(str(mnt))
+    assert entry is not None
+    knob = Path(f"/sys/class/bdi/{entry.device}/read_ahead_kb")
+    wait_for(lambda: int(knob.read_text()) == READAHEAD_KIB, what="the read-ahead raised")

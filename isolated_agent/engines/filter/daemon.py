@@ -44,6 +44,7 @@ from isolated_agent.engines.fuse.daemon import (
     setup_logging,
     terminate_on_signal,
 )
+from isolated_agent.engines.fuse.mount import raise_readahead_when_initialized
 from isolated_agent.jobs.identity import Identity, JobRecord, Unclassifiable, start_time
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred, refusal
@@ -225,6 +226,8 @@ async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
         _write_record(record, record_file)
         nursery.start_soon(_housekeeping, daemon)
         await nursery.start(terminate_on_signal)
+        nursery.start_soon(raise_readahead_when_initialized, daemon.operations.initialized,
+                           daemon.root)
         if on_ready is not None:
             on_ready()
         await pyfuse3.main(min_tasks=1, max_tasks=1)

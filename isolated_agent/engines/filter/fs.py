@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
+import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable, RangeInodeTable
@@ -134,6 +135,10 @@ class FilterOperations(pyfuse3.Operations):
         self._next_handle = 1
         self._buffer = bytearray(1 << 20)
         host_overlay.on_stale_entry = self._host_stale_entry
+        self.initialized = trio.Event()  # set when FUSE_INIT arrives (its reply follows at once)
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- envs -----------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ helper must.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -28,6 +29,7 @@ import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.cache import EXCLUSIVE, CacheMode
+from isolated_agent.engines.fuse.mount import raise_readahead_when_initialized
 from isolated_agent.engines.fuse.operations import Operations
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
@@ -119,12 +121,15 @@ def serve(
         overlay.close()
         raise MountFailed(f"cannot mount agentfs at {mountpoint}: {e}") from None
     try:
+        given = mountpoint.removeprefix("/dev/fd/")
         if not os.environ.get(PLAIN_LOOP_ENV):
-            given = mountpoint.removeprefix("/dev/fd/")
             fastloop.install(int(given) if given.isdigit() else None)
         if on_ready is not None:
             on_ready()
-        _run_profiled(os.environ.get(PROFILE_ENV))
+        # The read-ahead is raised where the mount is at a path of this namespace (not in the
+        # job's, whose sysfs is not ours to write).
+        _run_profiled(os.environ.get(PROFILE_ENV), operations,
+                      None if given.isdigit() else mountpoint)
     finally:
         operations.release_all()
         with contextlib.suppress(Exception):
@@ -132,16 +137,18 @@ def serve(
         overlay.close()
 
 
-def _run_profiled(profile_path: str | None) -> None:
+def _run_profiled(profile_path: str | None, operations: Operations,
+                  readahead_path: str | None) -> None:
     """Serve; under cProfile when asked (the profile is written when the mount ends)."""
+    serve = functools.partial(_serve_until_signalled, operations, readahead_path)
     if not profile_path:
-        trio.run(_serve_until_signalled)
+        trio.run(serve)
         return
     import cProfile
 
     profiler = cProfile.Profile()
     try:
-        profiler.runcall(trio.run, _serve_until_signalled)
+        profiler.runcall(trio.run, serve)
     finally:
         profiler.dump_stats(profile_path)
 
@@ -156,9 +163,12 @@ def _remember_signal(signum: int, frame: object) -> None:
     _early_signals.append(signum)
 
 
-async def _serve_until_signalled() -> None:
+async def _serve_until_signalled(operations: Operations, readahead_path: str | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
+        if readahead_path is not None:
+            nursery.start_soon(raise_readahead_when_initialized, operations.initialized,
+                               readahead_path)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
 

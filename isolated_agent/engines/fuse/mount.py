@@ -14,12 +14,48 @@ import shutil
 import subprocess
 import time
 
+import trio  # type: ignore[import-untyped]
+
 from isolated_agent import libc
 from isolated_agent.jobs.mountinfo import MountEntry, read_mountinfo
+
+# How far the kernel reads ahead in a FUSE mount that `raise_readahead` tuned: READs of up to
+# 1 MiB instead of 128 KiB, a sequential first read of a large file in 8× fewer round trips.
+READAHEAD_KIB = 1024
 
 
 class NotMounted(Exception):
     pass
+
+
+def raise_readahead(path: str) -> bool:
+    """Raise the read-ahead of the FUSE mount at `path` to READAHEAD_KIB. FUSE_INIT can only
+    lower it below the 128 KiB default; its backing device's sysfs knob, writable by root
+    alone, can raise it, for this mount only and for as long as it exists. Read from the mount
+    table, never from the mount itself: a stat would wait for the daemon. Returns whether it
+    was raised; failing is harmless (reads just take more requests)."""
+    entry = mount_entry(path)
+    if not is_fuse_mount(entry):
+        return False
+    assert entry is not None
+    knob = f"/sys/class/bdi/{entry.device}/read_ahead_kb"
+    try:
+        with open(knob) as f:
+            if int(f.read()) >= READAHEAD_KIB:
+                return False
+        with open(knob, "w") as f:
+            f.write(str(READAHEAD_KIB))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+async def raise_readahead_when_initialized(initialized: trio.Event, path: str) -> None:
+    """`raise_readahead` once FUSE_INIT is answered (`initialized` is set by the file system's
+    `init`, and the request loop sends the reply before any other task runs): the kernel sets
+    the read-ahead from that reply, over anything set before."""
+    await initialized.wait()
+    raise_readahead(path)
 
 
 class UnmountFailed(Exception):

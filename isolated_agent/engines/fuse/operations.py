@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import pyfuse3
+import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent.engines.fuse.cache import CacheMode
@@ -91,6 +92,7 @@ class Operations(pyfuse3.Operations):
         self.handle_free = handle_free
         self.enable_atomic_o_trunc = not handle_free
         self._listings: dict[int, list[bytes]] = {}  # handle-free: a directory's listing stream
+        self.initialized = trio.Event()  # set when FUSE_INIT arrives (its reply follows at once)
         self._files: dict[int, _File] = {}
         self._dirs: dict[int, _Dir] = {}
         self._next_handle = 1
@@ -147,6 +149,9 @@ class Operations(pyfuse3.Operations):
     @staticmethod
     def _owner(ctx: RequestContext) -> tuple[int, int]:
         return ctx.uid, ctx.gid
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- lookups and attributes -----------------------------------------------------------------
 
