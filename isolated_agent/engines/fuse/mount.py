@@ -1,4 +1,5 @@
-"""Mount-table helpers for agentfs mounts: is it mounted, unmount it, even when its daemon died.
+"""Mount-table helpers for agentfs mounts: is it mounted, unmount it (even when its daemon
+died), raise its read-ahead.
 
 A daemon that dies without unmounting leaves its mount point answering ENOTCONN ("transport
 endpoint is not connected") — never the lower files: the kernel does not fall through. `unmount`
