@@ -30,7 +30,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,6 @@ from agentfs_bench import AgentfsSetup, warm_natively  # noqa: E402
 from core_bench import django_tree, tree_stats  # noqa: E402
 from harness import (  # noqa: E402
     DEFAULT_CACHE_DIR,
-    RUNNER,
     BenchContext,
     BenchError,
     Measurement,
@@ -362,7 +360,7 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
                 if as_job:
                     setup.register(job, pid)
 
-            passes.append(run_held(ctx, workload, register)["seconds"][0])
+            passes.append(run_runner(setup, ctx, workload, register, warm=False)["seconds"][0])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGTERM)
@@ -400,31 +398,6 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
             "top": rows[:top],
         }
     return found
-
-
-def run_held(ctx: BenchContext, workload: Workload,
-             on_ready: Callable[[int], None]) -> dict[str, Any]:
-    """The runner, one timed pass: held at its handshake while `on_ready(pid)` runs."""
-    spec = {"tree": ctx.lower, "warm": False, "repeat": 1, "handshake": True,
-            "workload": workload.spec()}
-    runner = subprocess.Popen([ctx.python, "-B", RUNNER, json.dumps(spec)], cwd=ctx.workdir,
-                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
-    assert runner.stdin is not None and runner.stdout is not None
-    try:
-        if runner.stdout.readline().strip() == "ready":
-            on_ready(runner.pid)
-            runner.stdin.write("go\n")
-            runner.stdin.flush()
-        output, errors = runner.communicate()
-    finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
-    if runner.returncode != 0:
-        raise BenchError(f"{workload.name}: {errors.strip()[-2000:]}")
-    result: dict[str, Any] = json.loads(output.strip().splitlines()[-1])
-    return result
 
 
 # -- main -----------------------------------------------------------------------------------------
