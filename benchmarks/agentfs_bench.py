@@ -27,7 +27,6 @@ See benchmarks/README-agentfs.md for the method and the results.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import signal
@@ -58,8 +57,8 @@ from harness import (  # noqa: E402
     reexec_in_private_mount_namespace,
     remove,
     run_runner,
-    scratch_filesystem,
     source_state,
+    work_directory,
     write_json,
 )
 from workloads import (  # noqa: E402
@@ -396,16 +395,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reexec_in_private_mount_namespace()
     source = os.path.realpath(args.tree) if args.tree else django_tree(args.cache_dir)
-    with contextlib.ExitStack() as stack:
-        if args.scratch_dir:
-            workdir = os.path.join(os.path.realpath(args.scratch_dir), "agentfs-bench")
-            stack.callback(remove, workdir)
-        else:
-            mounted = stack.enter_context(scratch_filesystem(
-                os.path.join(args.cache_dir, "agentfs-scratch.img"),
-                os.path.join(args.cache_dir, "agentfs-mnt"), args.scratch_size,
-                mkfs=("mkfs.ext4", "-q", "-F", "-i", "4096")))  # inodes for many small files
-            workdir = os.path.join(mounted, "work")
+    many_inodes = ("mkfs.ext4", "-q", "-F", "-i", "4096")  # for the many small files
+    with work_directory(args.scratch_dir, "agentfs-bench", args.cache_dir, "agentfs-",
+                        args.scratch_size, many_inodes) as workdir:
         return run(args, source, workdir)
 
 

@@ -10,7 +10,6 @@ Runs as root (drop_caches, mounts). See benchmarks/README.md for the method and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
 import os
 import re
@@ -43,10 +42,10 @@ from harness import (  # noqa: E402
     remove,
     results_table,
     run_matrix,
-    scratch_filesystem,
     sh,
     source_state,
     time_command,
+    work_directory,
     write_json,
 )
 from workloads import WORKLOADS  # noqa: E402
@@ -318,15 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reexec_in_private_mount_namespace()
     source = os.path.realpath(args.tree) if args.tree else django_tree(args.cache_dir)
-    with contextlib.ExitStack() as stack:
-        if args.scratch_dir:
-            workdir = os.path.join(os.path.realpath(args.scratch_dir), "isolated-agent-bench")
-            stack.callback(remove, workdir)
-        else:
-            mounted = stack.enter_context(scratch_filesystem(
-                os.path.join(args.cache_dir, "scratch.img"), os.path.join(args.cache_dir, "mnt"),
-                args.scratch_size))
-            workdir = os.path.join(mounted, "work")
+    with work_directory(args.scratch_dir, "isolated-agent-bench", args.cache_dir, "",
+                        args.scratch_size) as workdir:
         return run_benchmark(args, source, workdir)
 
 

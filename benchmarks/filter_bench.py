@@ -54,8 +54,8 @@ from harness import (  # noqa: E402
     reexec_in_private_mount_namespace,
     remove,
     run_runner,
-    scratch_filesystem,
     source_state,
+    work_directory,
     write_json,
 )
 from workloads import WORKLOADS, Workload, walk  # noqa: E402
@@ -442,15 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reexec_in_private_mount_namespace()
     source = os.path.realpath(args.tree) if args.tree else django_tree(args.cache_dir)
-    with contextlib.ExitStack() as stack:
-        if args.scratch_dir:
-            workdir = os.path.join(os.path.realpath(args.scratch_dir), "filter-bench")
-            stack.callback(remove, workdir)
-        else:
-            mounted = stack.enter_context(scratch_filesystem(
-                os.path.join(args.cache_dir, "filter-scratch.img"),
-                os.path.join(args.cache_dir, "filter-mnt"), args.scratch_size))
-            workdir = os.path.join(mounted, "work")
+    with work_directory(args.scratch_dir, "filter-bench", args.cache_dir, "filter-",
+                        args.scratch_size) as workdir:
         return run(args, source, workdir)
 
 

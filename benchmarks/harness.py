@@ -287,6 +287,24 @@ def scratch_filesystem(image: str, mount_point: str, size: str = "4G",
             os.rmdir(mount_point)
 
 
+@contextlib.contextmanager
+def work_directory(scratch_dir: str | None, name: str, cache_dir: str, prefix: str, size: str,
+                   mkfs: Sequence[str] = ("mkfs.ext4", "-q", "-F")) -> Iterator[str]:
+    """Where a benchmark works: `<scratch_dir>/<name>` when the user named a directory
+    (removed afterwards), else `work/` in a fresh `scratch_filesystem` whose image and mount
+    point live in `cache_dir`, their names starting with `prefix`."""
+    if scratch_dir:
+        workdir = os.path.join(os.path.realpath(scratch_dir), name)
+        try:
+            yield workdir
+        finally:
+            remove(workdir)
+        return
+    with scratch_filesystem(os.path.join(cache_dir, f"{prefix}scratch.img"),
+                            os.path.join(cache_dir, f"{prefix}mnt"), size, mkfs) as mounted:
+        yield os.path.join(mounted, "work")
+
+
 def parse_size(size: str) -> int:
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     if size[-1:].upper() in units:
