@@ -12,6 +12,7 @@ import click
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent, GuardItem
 from isolated_agent.backup.restore import (
+    Restored,
     events_for_path,
     find_event,
     parse_time,
@@ -21,7 +22,7 @@ from isolated_agent.backup.restore import (
 from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.cli.review_cmds import progress_bar
 from isolated_agent.env.store import Store
-from isolated_agent.errors import BlobCorrupt
+from isolated_agent.errors import BackupError, BlobCorrupt
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
@@ -136,7 +137,9 @@ def restore_cmd(target: str, at: str | None, to: str | None, force: bool, as_jso
     """Bring back a backed-up entry: by ID, or by PATH (with everything backed up under it).
 
     Never overwrites without --force: an entry whose place is taken is written beside it as
-    NAME.restored-<id>. Every blob is verified first; a corrupt one is refused.
+    NAME.restored-<id>. Never writes through a symlink: an entry under a directory that is now
+    a symlink is refused (exit 1; use --to DIR). Every blob is verified first; a corrupt one is
+    refused.
     """
     backups = _backups()
     if target.isdigit():
@@ -154,9 +157,12 @@ def restore_cmd(target: str, at: str | None, to: str | None, force: bool, as_jso
     if as_json:
         emit_json([
             {"id": r.event.id, "path": os.fsdecode(r.event.path),
-             "restored_to": os.fsdecode(r.target), "status": r.status}
+             "restored_to": None if r.status == "blocked" else os.fsdecode(r.target),
+             "status": r.status, **({"blocked_by": os.fsdecode(r.target), "reason": r.detail}
+                                    if r.status == "blocked" else {})}
             for r in results
         ])
+        _refuse_blocked(results)
         return
     for r in results:
         if r.status == "beside":
@@ -173,7 +179,31 @@ def restore_cmd(target: str, at: str | None, to: str | None, force: bool, as_jso
     text = f"restored {restored} entr{'ies' if restored != 1 else 'y'}"
     if same:
         text += f"; {same} already identical"
-    notice(text)
+    if restored or same or not any(r.status == "blocked" for r in results):
+        notice(text)
+    _refuse_blocked(results)
+
+
+def _refuse_blocked(results: list[Restored]) -> None:
+    """Entries under a directory that is now a symlink (or a file) were not restored: one line
+    per such directory (the last one is the error), exit status 1."""
+    blocked: dict[bytes, list[Restored]] = {}
+    for r in results:
+        if r.status == "blocked":
+            blocked.setdefault(r.target, []).append(r)
+    lines = []
+    for where, group in blocked.items():
+        what = (os.fsdecode(group[0].event.path) if len(group) == 1
+                else f"{len(group)} entries under {os.fsdecode(where)}")
+        lines.append(
+            f"did not restore {what}: {os.fsdecode(where)} is {group[0].detail}, not a "
+            "directory, and restore never writes through it; restore elsewhere with --to DIR, "
+            f"or move {os.fsdecode(where)} away and run the restore again"
+        )
+    for line in lines[:-1]:
+        notice(line)
+    if lines:
+        raise BackupError(lines[-1])
 
 
 def _kind(mode: int) -> str:
