@@ -195,6 +195,20 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+# <linux/keyctl.h>; keyctl(2) by number: glibc has no wrapper.
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine, 250)
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> None:
+    """Give this process (and what it runs) a new, empty, anonymous session keyring, so that
+    no key of the caller's session is named in it. A kernel without keyrings has nothing to
+    hide: ENOSYS is not an error."""
+    result = _libc.syscall(_SYS_KEYCTL, _KEYCTL_JOIN_SESSION_KEYRING, None)
+    if result == -1 and ctypes.get_errno() != errno.ENOSYS:
+        _check(result, "keyctl(JOIN_SESSION_KEYRING)")
+
+
 def set_parent_death_signal(signum: int) -> None:
     prctl(PR_SET_PDEATHSIG, signum)
 

@@ -27,6 +27,12 @@ B stands in for the pid namespace: when the command exits it kills every process
 it (all of them are, being a subreaper), and when A dies (the launcher was killed, A with it)
 a catchable death signal makes B kill them all before it exits.
 
+The command runs in a session of its own, never in the caller's: on a pty of its own when the
+caller has a terminal, relayed by the launcher (terminal.py). A starts a new session too, so the
+terminal's Ctrl-C (when the caller's terminal is not relayed) reaches only the launcher, which
+passes it down to the command's process group exactly once. Before exec, C also gets a fresh
+session keyring and the seccomp baseline (syscall_filter.py), on every engine.
+
 Messages from A, B and C travel to the launcher on one pipe, one JSON object per line; C's copy
 closes on a successful exec, so end-of-file after "ready" means the command is running.
 """
@@ -38,11 +44,8 @@ import errno
 import json
 import os
 import signal
-import sys
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from isolated_agent import libc
 from isolated_agent.engines import Engine
@@ -54,6 +57,8 @@ from isolated_agent.errors import (
 from isolated_agent.jobs.cgroup import JobCgroup
 from isolated_agent.jobs.confine import confine_job
 from isolated_agent.jobs.sandbox import SandboxSpec, build_view
+from isolated_agent.jobs.syscall_filter import install_baseline
+from isolated_agent.jobs.terminal import JobTerminal
 
 EXIT_SETUP_FAILED = 125
 _FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -93,18 +98,19 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
     if cgroup is None:
         libc.set_child_subreaper()
     launcher_pid = os.getpid()
+    terminal = JobTerminal.open()
     saved = {s: signal.signal(s, signal.SIG_IGN) for s in _TERMINAL_SIGNALS}
     pid = os.fork()
     if pid == 0:
         os.close(messages_r)
         os.close(release_w)
-        _child_main(_process_a, spec, launcher_pid, messages_w, release_r)
+        _child_main(_process_a, spec, terminal, launcher_pid, messages_w, release_r)
     os.close(messages_w)
     os.close(release_r)
     job = Job(pid, cgroup)
     forward = _forward_to(pid)
-    previous = {s: signal.signal(s, forward) for s in _FORWARDED_SIGNALS}
-    terminal = _Terminal.save()
+    previous = {s: signal.signal(s, forward) for s in (*_FORWARDED_SIGNALS, *_TERMINAL_SIGNALS)}
+    terminal.start()
     status: int | None = None
     try:
         if cgroup is not None:
@@ -134,9 +140,9 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
         if cgroup is not None:
             cgroup.kill_and_remove()
         _reap_all()
+        terminal.finish()
         for s, handler in {**previous, **saved}.items():
             signal.signal(s, handler)
-        terminal.restore()
 
 
 def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
@@ -207,14 +213,18 @@ def _send(fd: int, **message: object) -> None:
     os.write(fd, (json.dumps(message) + "\n").encode())
 
 
-def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) -> int:
+def _process_a(
+    spec: JobSpec, terminal: JobTerminal, launcher_pid: int, messages: int, release: int
+) -> int:
     libc.set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != launcher_pid:
         return EXIT_SETUP_FAILED  # the launcher died before we could arm the death signal
+    os.setsid()  # out of the caller's session: the terminal's signals go to the launcher only
+    terminal.close_in_child()
     if os.read(release, 1) != b"1":
         return EXIT_SETUP_FAILED
     if not spec.namespaces:
-        return _fork_and_wait(_process_b, spec, messages, release)
+        return _fork_and_wait(_process_b, spec, terminal, messages, release)
     uid, gid = os.getuid(), os.getgid()
     try:
         flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
@@ -230,15 +240,17 @@ def _process_a(spec: JobSpec, launcher_pid: int, messages: int, release: int) ->
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
-    return _fork_and_wait(_process_b, spec, messages, release)
+    return _fork_and_wait(_process_b, spec, terminal, messages, release)
 
 
-def _fork_and_wait(body: Callable[..., int], spec: JobSpec, messages: int, release: int) -> int:
+def _fork_and_wait(
+    body: Callable[..., int], spec: JobSpec, terminal: JobTerminal, messages: int, release: int
+) -> int:
     _install_forwarding()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child_main(body, spec, messages, release, parent)
+        _child_main(body, spec, terminal, messages, release, parent)
     os.close(messages)
     os.close(release)
     _CHILD[0] = pid
@@ -259,11 +271,13 @@ def _map_ids(uid: int, gid: int) -> None:
         raise IsolationError("user namespace id mapping", os.strerror(e.errno or 0)) from e
 
 
-def _process_b(spec: JobSpec, messages: int, release: int, parent: int) -> int:
+def _process_b(
+    spec: JobSpec, terminal: JobTerminal, messages: int, release: int, parent: int
+) -> int:
     """pid 1 of the job's pid namespace: build the view, start C, then be the init. Without
     namespaces: the job's keeper, which kills what the command leaves behind."""
     if not spec.namespaces:
-        return _keeper(spec, messages, release, parent)
+        return _keeper(spec, terminal, messages, release, parent)
     libc.set_parent_death_signal(signal.SIGKILL)
     try:
         build_view(spec.sandbox, spec.engine)
@@ -271,17 +285,18 @@ def _process_b(spec: JobSpec, messages: int, release: int, parent: int) -> int:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
     # Returning ends the pid namespace: the kernel kills the rest.
-    return _run_command(spec, messages, release)
+    return _run_command(spec, terminal, messages, release)
 
 
-def _run_command(spec: JobSpec, messages: int, release: int) -> int:
+def _run_command(spec: JobSpec, terminal: JobTerminal, messages: int, release: int) -> int:
     """Start C and reap every orphan as it dies until the command itself exits (then, with
     --keep-running, until the daemons it left behind exit too); return its status."""
     pid = os.fork()
     if pid == 0:
-        _child_main(_process_c, spec, messages, release)
+        _child_main(_process_c, spec, terminal, messages, release)
     os.close(messages)
     os.close(release)
+    terminal.close_slave()
     _CHILD[0] = pid
     while True:
         reaped, raw_status = os.wait()
@@ -299,7 +314,9 @@ def _run_command(spec: JobSpec, messages: int, release: int) -> int:
 _KEEPER_DEATH_SIGNAL = signal.SIGRTMIN
 
 
-def _keeper(spec: JobSpec, messages: int, release: int, parent: int) -> int:
+def _keeper(
+    spec: JobSpec, terminal: JobTerminal, messages: int, release: int, parent: int
+) -> int:
     """B without namespaces: a child subreaper holding the whole job below it. It reaps orphans
     while the command runs and kills every process left when the command exits, or when A dies
     (the launcher was killed), so no job process outlives the job's containment."""
@@ -318,7 +335,7 @@ def _keeper(spec: JobSpec, messages: int, release: int, parent: int) -> int:
         _send(messages, kind="setup_failed", step="child subreaper", detail=str(e))
         return EXIT_SETUP_FAILED
     try:
-        return _run_command(spec, messages, release)
+        return _run_command(spec, terminal, messages, release)
     finally:
         _kill_descendants()
 
@@ -358,24 +375,31 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _process_c(spec: JobSpec, messages: int, release: int) -> int:
+def _process_c(spec: JobSpec, terminal: JobTerminal, messages: int, release: int) -> int:
     for signum in range(1, signal.NSIG):  # the command starts with default dispositions
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     try:
+        terminal.attach_job()
+    except OSError as e:
+        _send(messages, kind="setup_failed", step="the job's terminal", detail=str(e))
+        return EXIT_SETUP_FAILED
+    try:
+        libc.join_new_session_keyring()
         libc.drop_all_capabilities()
         libc.set_no_new_privs()
     except OSError as e:
         _send(messages, kind="setup_failed", step="dropping privileges", detail=str(e))
         return EXIT_SETUP_FAILED
     _close_inherited_fds(keep=(messages, release))
-    if not spec.namespaces:
-        try:
+    try:
+        if not spec.namespaces:
             confine_job([*(root.path for root in spec.sandbox.roots), *spec.sandbox.allow])
-        except IsolationError as e:
-            _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
-            return EXIT_SETUP_FAILED
+        install_baseline()
+    except IsolationError as e:
+        _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+        return EXIT_SETUP_FAILED
     _send(messages, kind="ready")
     if os.read(release, 1) != b"2":  # the launcher died or gave up: never run the command
         return EXIT_SETUP_FAILED
@@ -409,42 +433,21 @@ _CHILD = [0]
 
 
 def _install_forwarding() -> None:
+    """A and B pass every forwarded signal on to their child. The terminal's signals go to
+    the command's whole process group, as a terminal would send them (C leads its own)."""
+
     def forward(signum: int, frame: object) -> None:
-        if _CHILD[0]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(_CHILD[0], signum)
-
-    for s in _FORWARDED_SIGNALS:
-        signal.signal(s, forward)
-    for s in _TERMINAL_SIGNALS:  # the terminal sends these to the command directly
-        signal.signal(s, signal.SIG_IGN)
-
-
-class _Terminal:
-    """An interactive command (a shell with job control) may take the terminal's foreground
-    process group; give it back to us when the job ends, as a shell does."""
-
-    def __init__(self, fd: int | None, attrs: list[Any] | None) -> None:
-        self.fd, self.attrs = fd, attrs
-
-    @classmethod
-    def save(cls) -> _Terminal:
-        try:
-            fd = sys.stdin.fileno()
-            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-                return cls(fd, termios.tcgetattr(fd))
-        except (OSError, ValueError, termios.error):
-            pass
-        return cls(None, None)
-
-    def restore(self) -> None:
-        if self.fd is None or self.attrs is None:
+        child = _CHILD[0]
+        if not child:
             return
-        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-        try:
-            os.tcsetpgrp(self.fd, os.getpgrp())
-            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.attrs)
-        except (OSError, termios.error):
-            pass
-        finally:
-            signal.signal(signal.SIGTTOU, previous)
+        with contextlib.suppress(ProcessLookupError):
+            if signum in _TERMINAL_SIGNALS:
+                try:
+                    os.killpg(child, signum)
+                    return
+                except ProcessLookupError:  # not (yet) leading a group of its own
+                    pass
+            os.kill(child, signum)
+
+    for s in (*_FORWARDED_SIGNALS, *_TERMINAL_SIGNALS):
+        signal.signal(s, forward)

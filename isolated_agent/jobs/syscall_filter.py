@@ -1,0 +1,118 @@
+"""The seccomp baseline every job runs under, whatever the engine: the one place that says which
+system calls a job may not make.
+
+Modelled on the default profiles of Docker and Podman, written as a deny list: a coding agent
+runs compilers, package managers, test suites, browsers and shells, and a list of what it may
+do would break some tool every week, while the list of what none of them needs is short and
+stable. Every refused call fails with EPERM (clone3 with ENOSYS, so that the C library falls
+back to clone, whose flags a filter can see), so programs take their ordinary "not permitted"
+path instead of dying.
+
+Refused:
+
+- terminal injection: the TIOCSTI and TIOCLINUX ioctls (bubblewrap's CVE-2017-5226 class). The
+  request number is compared in its low 32 bits only, as the kernel reads it: a caller cannot
+  slip past with garbage in the upper half (flatpak's CVE-2019-10063);
+- kernel keyrings: keyctl, add_key, request_key. The launcher also gives the job a fresh,
+  empty session keyring, so nothing of the caller's is even named in it;
+- new namespaces: unshare, setns, and clone with any CLONE_NEW* flag. Inside a user namespace
+  of its own a job would hold every capability again, which is most of the kernel's attack
+  surface (and would let it mount over its own view). Nested sandboxes (bubblewrap, Chromium's
+  zygote) therefore fail inside a job; Chromium runs with --no-sandbox, as in Docker;
+- what changes the machine rather than a process: modules, kexec, reboot, swap, clocks,
+  accounting, quotas, mounts, the kernel's syslog, personality tricks of vm86/iopl;
+- the kernel-attack surface that container defaults block: bpf, perf_event_open, userfaultfd,
+  io_uring (whose requests would also bypass this very filter), open_by_handle_at (the
+  "shocker" escape), and obsolete calls nobody uses (uselib, ustat, sysfs, nfsservctl, ...).
+
+Not refused, on purpose: ptrace and process_vm_* (debuggers, profilers; the job sees only its
+own processes: a pid namespace, or Landlock's ptrace scoping under the filter engine).
+
+System calls are resolved by name for the native architecture; any other architecture
+(32-bit calls from a 64-bit process) kills the caller, libseccomp's default for a foreign
+architecture, so the numbers of another ABI cannot be used to get around the list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import termios
+
+from isolated_agent.errors import IsolationError
+
+STEP = "seccomp filter"
+
+# Refused with EPERM whatever their arguments.
+DENIED = (
+    # kernel keyrings
+    "keyctl", "add_key", "request_key",
+    # namespaces (clone and unshare: only with a CLONE_NEW* flag, below)
+    "setns",
+    # mounts
+    "mount", "umount", "umount2", "pivot_root", "move_mount", "open_tree", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr",
+    # the machine: modules, kexec, reboot, swap, clocks, accounting, quotas, kernel log
+    "init_module", "finit_module", "delete_module", "create_module", "query_module",
+    "get_kernel_syms", "kexec_load", "kexec_file_load", "reboot", "swapon", "swapoff",
+    "settimeofday", "clock_settime", "clock_settime64", "clock_adjtime", "clock_adjtime64",
+    "adjtimex", "stime", "acct", "quotactl", "quotactl_fd", "syslog", "vhangup",
+    "iopl", "ioperm", "vm86", "vm86old",
+    # kernel-attack surface that container defaults block
+    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter",
+    "io_uring_register", "open_by_handle_at", "lookup_dcookie", "kcmp", "fanotify_init",
+    "uselib", "ustat", "sysfs", "_sysctl", "nfsservctl",
+)
+
+# ioctl requests refused on any descriptor.
+DENIED_IOCTLS = {
+    "TIOCSTI": termios.TIOCSTI,  # push a byte into a terminal's input queue
+    "TIOCLINUX": getattr(termios, "TIOCLINUX", 0x541C),  # the console's selection paste, etc.
+}
+
+# Every flag that makes a namespace; CLONE_NEWTIME's bit is part of the exit signal in clone(2),
+# so it is checked for unshare only.
+CLONE_NEW_FLAGS = {
+    "CLONE_NEWNS": 0x00020000,
+    "CLONE_NEWCGROUP": 0x02000000,
+    "CLONE_NEWUTS": 0x04000000,
+    "CLONE_NEWIPC": 0x08000000,
+    "CLONE_NEWUSER": 0x10000000,
+    "CLONE_NEWPID": 0x20000000,
+    "CLONE_NEWNET": 0x40000000,
+}
+CLONE_NEWTIME = 0x00000080
+
+_MISSING_HINT = "install libseccomp's Python binding: apt-get install python3-seccomp"
+
+
+def install_baseline() -> None:
+    """Load the baseline into this thread's process (no_new_privs must be set). It stays for
+    every descendant, across exec, and can only be narrowed. Raises IsolationError."""
+    try:
+        import seccomp  # type: ignore[import-not-found]  # Debian's binding, no stubs
+    except ImportError as e:
+        raise IsolationError(STEP, "libseccomp's Python module is missing", _MISSING_HINT) from e
+    try:
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        refuse = seccomp.ERRNO(errno.EPERM)
+        for name in DENIED:
+            _deny(rules, refuse, name)
+        for request in DENIED_IOCTLS.values():
+            rules.add_rule(refuse, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
+        for flag in CLONE_NEW_FLAGS.values():
+            rules.add_rule(refuse, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        for flag in (*CLONE_NEW_FLAGS.values(), CLONE_NEWTIME):
+            rules.add_rule(refuse, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+        rules.load()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise IsolationError(STEP, f"cannot load it: {e}") from e
+
+
+def _deny(rules: object, action: object, name: str) -> None:
+    """Refuse one system call. libseccomp knows every architecture's names and turns one this
+    architecture lacks (vm86 on aarch64) into a rule that never matches; a name it does not know
+    at all (an old libseccomp) is a call its kernel generation did not have, and is skipped."""
+    with contextlib.suppress(RuntimeError):
+        rules.add_rule(action, name)  # type: ignore[attr-defined]
