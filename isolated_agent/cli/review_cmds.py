@@ -16,6 +16,7 @@ from isolated_agent.env import diff as render
 from isolated_agent.env.changeset import Change, read_changeset
 from isolated_agent.env.commit import (
     CommitResult,
+    Privileged,
     Progress,
     commit,
     describe_recovery,
@@ -28,6 +29,7 @@ from isolated_agent.env.store import Env, Store, default_home
 from isolated_agent.errors import AgentctlError, CommitConflict, CommitIncomplete, UsageError
 
 BAR_THRESHOLD = 500  # operations; smaller commits finish before a bar is worth drawing
+PRIVILEGE_LINES = 20  # paths named one by one; more are summed up in one line
 
 env_option = click.option(
     "--env", "env_name", metavar="NAME",
@@ -112,6 +114,57 @@ def diff_cmd(
         _write_lines(render.stat_lines(render.file_stats(changeset), width, colored))
     else:
         _write_lines(render.patch(changeset, colored))
+    if not as_json:
+        # After the output, so that it is the last thing a terminal shows.
+        found = [(c, c.privileges()) for c in changeset.changes]
+        _privilege_warnings([(os.fsdecode(render.display_path(changeset, c)), c, p)
+                             for c, p in found if p], keep=False)
+
+
+def _listed(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _privilege_text(change: Change, privileges: tuple[str, ...]) -> str:
+    assert change.new is not None
+    return f"{_listed(privileges)} in the env (mode {change.new.mode & 0o177777:06o})"
+
+
+def _privilege_warnings(found: list[tuple[str, Change, tuple[str, ...]]], keep: bool) -> None:
+    """Warn about entries a commit would make privileged on the host (diff, commit --dry-run)."""
+    for path, change, privileges in found[:PRIVILEGE_LINES]:
+        pronoun = "it" if len(privileges) == 1 else "them"
+        had = change.old.privileges() if change.old is not None else ()
+        text = f"warning: {path}: {_privilege_text(change, privileges)}"
+        if had:
+            text += "; your file has " + _listed(had) + " too"
+        if keep:
+            text += f"; commit keeps {pronoun} (--keep-setuid)"
+        else:
+            text += f"; commit clears {pronoun} unless --keep-setuid"
+        notice(text)
+    if len(found) > PRIVILEGE_LINES:
+        notice(f"warning: {len(found) - PRIVILEGE_LINES} more setuid, setgid or capable "
+               "file(s) (`--json` lists them)")
+
+
+def _privilege_report(result: CommitResult, env: Env) -> None:
+    """What a commit did about privileged entries: one line per path (the first few)."""
+    for item in result.privileged[:PRIVILEGE_LINES]:
+        change = item.change
+        path = os.path.join(env.roots[change.root].path, os.fsdecode(change.rel))
+        listed, detail = _listed(item.privileges), _privilege_text(change, item.privileges)
+        if result.keep_privileges:
+            notice(f"kept {listed} on {path} ({detail}), as --keep-setuid asked")
+            continue
+        pronoun = "it" if len(item.privileges) == 1 else "them"
+        had = "; your file had it too" if item.host_had else ""
+        notice(f"cleared {listed} on {path} ({detail}{had}); --keep-setuid keeps {pronoun}")
+    more = len(result.privileged) - PRIVILEGE_LINES
+    if more > 0:
+        verb = "kept" if result.keep_privileges else "cleared"
+        notice(f"{verb} setuid, setgid or capabilities on {more} more file(s) "
+               "(`--json` lists them)")
 
 
 # -- commit -------------------------------------------------------------------------------------
@@ -156,6 +209,18 @@ def _result_json(result: CommitResult, env: Env, remaining: int | None) -> dict[
         "backup_bytes": result.backup_bytes,
         "problems": result.problems,
         "remaining": remaining,
+        "privileges": [_privileged_json(item, env, result.keep_privileges)
+                       for item in result.privileged],
+    }
+
+
+def _privileged_json(item: Privileged, env: Env, keep: bool) -> dict[str, Any]:
+    change = item.change
+    return {
+        "path": os.path.join(env.roots[change.root].path, os.fsdecode(change.rel)),
+        "privileges": list(item.privileges),
+        "host_had": list(item.host_had),
+        "cleared": not keep,
     }
 
 
@@ -186,16 +251,20 @@ def _summary(result: CommitResult, remaining: int | None) -> str:
                    "is backed up first).")
 @click.option("--resume", "resume_only", is_flag=True,
               help="Only finish an interrupted commit (of ENV, or of every env).")
+@click.option("--keep-setuid", is_flag=True,
+              help="Keep setuid/setgid bits and file capabilities (cleared by default: a job "
+                   "could plant a setuid program).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def commit_cmd(
     args: tuple[str, ...], env_name: str | None, dry_run: bool, force: bool,
-    resume_only: bool, as_json: bool,
+    resume_only: bool, keep_setuid: bool, as_json: bool,
 ) -> None:
     """Apply an env's changes (or those under PATHs) to the host.
 
     Every host file replaced or deleted is backed up first (`agentctl backup`). Refused while a
     job runs in the env, and when the host changed a path after the env did (see --force).
-    Committed changes leave the env; the others stay.
+    Committed changes leave the env; the others stay. Files arrive without setuid, setgid
+    and file capabilities unless --keep-setuid.
     """
     if resume_only:
         _resume_cmd(env_name, args, as_json)
@@ -204,7 +273,7 @@ def commit_cmd(
     with progress_bar("commit") as progress:
         try:
             result = commit(store, env, selection, force=force, dry_run=dry_run,
-                            progress=progress, notify=notice)
+                            progress=progress, notify=notice, keep_privileges=keep_setuid)
         except CommitConflict as e:
             notice("the host changed these paths after the env changed them:")
             for path in e.conflicts:
@@ -225,9 +294,13 @@ def commit_cmd(
         for conflict in result.conflicts:
             click.echo(f"  {os.fsdecode(conflict.change.old.path if conflict.change.old else b'')}",
                        err=True)
+        _privilege_warnings(
+            [(os.path.join(env.roots[p.change.root].path, os.fsdecode(p.change.rel)), p.change,
+              p.privileges) for p in result.privileged], keep=keep_setuid)
     elif not result.changes:
         notice(f"nothing to commit in env {env.name}")
     else:
+        _privilege_report(result, env)
         notice(_summary(result, remaining))
     if result.problems:
         for problem in result.problems:

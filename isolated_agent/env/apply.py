@@ -11,6 +11,14 @@ Nothing is ever replaced or removed that was not backed up first: each operation
 existing host entry checks the entry is still the one the backup holds (same inode, same ctime)
 and backs it up again if it changed since.
 
+Privileges: unless the plan says to keep them (`commit --keep-setuid`), no file reaches the host
+setuid, setgid or with file capabilities, whichever way it gets there — a file moved out of the
+layer loses them in the layer just before the rename (so the host never holds the privileged
+file, not even for a moment), a copy is made without them, and a hard link is never made to an
+inode that has them (a cleared copy is written instead). A host file that already had them and
+is replaced loses them too: the commit writes the env's version, and cannot tell a legitimate
+setuid helper from one a job planted. Directories keep setgid (group inheritance).
+
 Redo after a crash (`resume=True`) decides from what it finds: a move is done when its source
 left the layer; a replacement when the host path no longer holds the old inode; an addition when
 the path exists; a removal when the path is gone or holds another inode.
@@ -27,6 +35,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from isolated_agent import libc
+from isolated_agent.env.changeset import (
+    CAPABILITY_XATTR,
+    PRIVILEGE_BITS,
+    has_capabilities,
+    unprivileged_mode,
+)
 
 Identity = tuple[int, int, int]  # (st_ino, st_ctime_ns, st_mode) of a host entry at plan time
 
@@ -56,6 +70,9 @@ class Op:
     atime_ns: int = 0
     mtime_ns: int = 0
     rdev: int = 0
+    # Give the host setuid/setgid bits and file capabilities as the env has them. A journal
+    # written before this field existed reads as False: the safe default.
+    keep_privileges: bool = False
 
     def to_json(self) -> dict[str, Any]:
         # Bytes paths as surrogate-escaped text: JSON keeps them exactly (as \udcXX escapes)
@@ -187,6 +204,8 @@ class Applier:
             return False
         if op.move:
             _strip_overlay_xattrs(carrier)
+            if not op.keep_privileges:
+                drop_privileges(carrier)
         else:
             _remove_quietly(carrier)
             self._materialise(op, carrier)
@@ -265,6 +284,8 @@ class Applier:
                 return
         if op.move:
             _strip_overlay_xattrs(op.source)
+            if not op.keep_privileges:
+                drop_privileges(op.source)
             try:
                 os.rename(op.source, op.host)
                 return
@@ -287,12 +308,14 @@ class Applier:
         elif op.kind == "symlink":
             os.symlink(os.readlink(op.source), temp)
         else:
-            os.mknod(temp, op.mode, op.rdev)
+            mode = op.mode if op.keep_privileges else unprivileged_mode(op.mode)
+            os.mknod(temp, mode, op.rdev)
         self._set_metadata(op, temp)
 
     def _set_metadata(self, op: Op, path: bytes) -> None:
         assert op.source is not None
-        set_metadata(op.source, path, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns)
+        set_metadata(op.source, path, op.mode, op.uid, op.gid, op.atime_ns, op.mtime_ns,
+                     keep_privileges=op.keep_privileges)
 
     def _put_dir(self, op: Op) -> None:
         st = lstat_or_none(op.host)
@@ -321,12 +344,20 @@ class Applier:
         temp = self._temp(op)
         _remove_quietly(temp)
         try:
+            linked = True
             try:
                 os.link(op.link_to, temp, follow_symlinks=False)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EMLINK):
                     raise
-                self._materialise(op, temp)  # cannot link there: a copy of the same data
+                linked = False  # cannot link there: a copy of the same data
+            if linked and not op.keep_privileges and _privileged(temp):
+                # The anchor is privileged (the host's own setuid program, or an anchor whose
+                # put failed): another name of it would carry that to this path.
+                os.unlink(temp)
+                linked = False
+            if not linked:
+                self._materialise(op, temp)
             os.rename(temp, op.host)
         except BaseException:
             _remove_quietly(temp)
@@ -363,26 +394,70 @@ def copy_file(source: bytes, target: bytes, mode: int) -> None:
 
 
 def set_metadata(
-    source: bytes, path: bytes, mode: int, uid: int, gid: int, atime_ns: int, mtime_ns: int
+    source: bytes, path: bytes, mode: int, uid: int, gid: int, atime_ns: int, mtime_ns: int,
+    *, keep_privileges: bool = False,
 ) -> None:
     """Give the new entry `path` the xattrs of `source` and the given owner (when root),
-    permissions and times — as `cp -a` would."""
+    permissions and times — as `cp -a` would; without setuid, setgid and file capabilities
+    unless `keep_privileges`."""
     copy_xattrs(source, path)
     if os.geteuid() == 0:
         os.chown(path, uid, gid, follow_symlinks=False)
+    if not keep_privileges:
+        mode = unprivileged_mode(mode)
     if not stat.S_ISLNK(mode):
         os.chmod(path, stat.S_IMODE(mode))
+    if keep_privileges and stat.S_ISREG(mode):
+        # After the chown: the kernel drops file capabilities on every chown.
+        try:
+            value = os.getxattr(source, CAPABILITY_XATTR, follow_symlinks=False)
+        except OSError:
+            pass
+        else:
+            os.setxattr(path, CAPABILITY_XATTR, value, follow_symlinks=False)
     os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
 
 
+def drop_privileges(path: bytes) -> None:
+    """Clear setuid, setgid and file capabilities of the regular file `path`, in place. Raises
+    if they cannot be cleared: the caller must then not carry the file to the host."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    if not st.st_mode & PRIVILEGE_BITS and not has_capabilities(path):
+        return
+    # Through a descriptor of exactly the file checked (no symlink swapped in meanwhile).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EAGAIN, "changed while its privileges were cleared")
+        try:
+            os.removexattr(fd, CAPABILITY_XATTR)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        os.fchmod(fd, stat.S_IMODE(unprivileged_mode(st.st_mode)))
+    finally:
+        os.close(fd)
+
+
+def _privileged(path: bytes) -> bool:
+    st = os.lstat(path)
+    return bool(st.st_mode & PRIVILEGE_BITS) or (
+        stat.S_ISREG(st.st_mode) and has_capabilities(path)
+    )
+
+
 def copy_xattrs(source: bytes, target: bytes) -> None:
-    """Copy extended attributes, except overlayfs's own (format metadata, never user data)."""
+    """Copy extended attributes, except overlayfs's own (format metadata, never user data) and
+    file capabilities (`set_metadata` sets those, when kept, after the owner)."""
     try:
         names = os.listxattr(source, follow_symlinks=False)
     except OSError:
         return
     for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX):
+        if name.startswith(OVERLAY_XATTR_PREFIX) or name == CAPABILITY_XATTR:
             continue
         try:
             value = os.getxattr(source, name, follow_symlinks=False)

@@ -16,6 +16,12 @@ host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change;
 or time differences (commit carries them along with the entries it writes). Changes come out in
 path order (by root, then by the bytes of the path), so output is deterministic.
 
+Privileges: an entry the view would give the host setuid or setgid bits, or file capabilities
+(the `security.capability` xattr), is flagged (`Entry.privileges`), because a commit run by root
+would turn it into a privileged program on the host. Directories carry none: setgid on a
+directory only makes new entries inherit its group (shared project directories rely on it), and
+Linux ignores setuid on directories.
+
 Each change remembers `seen_from`: the upper entry whose creation marks the moment the env took the
 path over (the copy-up, the create, the whiteout, or the directory hiding it). Commit uses its
 birth time to tell whether the host changed the path afterwards (see `commit.find_conflicts`).
@@ -37,6 +43,10 @@ ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
 
 _CHUNK = 1 << 20
 _UNSUPPORTED_XATTRS = ("user.overlay.metacopy", "user.overlay.redirect")
+
+CAPABILITY_XATTR = "security.capability"
+PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
+SETUID, SETGID, CAPABILITIES = "setuid", "setgid", "capabilities"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +88,20 @@ class Entry:
     def target(self) -> bytes:
         return os.readlink(self.path)
 
+    def privileges(self) -> tuple[str, ...]:
+        """What would make this entry run with more privilege than its caller: (setuid,
+        setgid, capabilities), those it has, in that order; nothing for a directory."""
+        if self.is_dir:
+            return ()
+        found = []
+        if self.mode & stat.S_ISUID:
+            found.append(SETUID)
+        if self.mode & stat.S_ISGID:
+            found.append(SETGID)
+        if stat.S_ISREG(self.mode) and has_capabilities(self.path):
+            found.append(CAPABILITIES)
+        return tuple(found)
+
 
 def kind_of(mode: int) -> str:
     if stat.S_ISREG(mode):
@@ -108,6 +132,10 @@ class Change:
     @property
     def mode_changed(self) -> bool:
         return self.old is not None and self.new is not None and self.old.perms != self.new.perms
+
+    def privileges(self) -> tuple[str, ...]:
+        """The privileges the env's entry would bring to the host (see the module)."""
+        return () if self.new is None else self.new.privileges()
 
 
 @dataclass
@@ -293,6 +321,19 @@ class _Reader:
                 f"{os.fsdecode(upper_path)} carries {name}, which agentctl does not support; "
                 "this layer was not made by agentctl"
             )
+
+
+def has_capabilities(path: bytes) -> bool:
+    try:
+        os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
+
+
+def unprivileged_mode(mode: int) -> int:
+    """`mode` without setuid and setgid — unless it is a directory's (see the module)."""
+    return mode if stat.S_ISDIR(mode) else mode & ~PRIVILEGE_BITS
 
 
 def join(rel: bytes, name: bytes) -> bytes:

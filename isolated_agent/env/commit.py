@@ -16,6 +16,13 @@ lock for the job's whole life, and commit refuses at once):
 7. prune: what was committed leaves the env's layers; the env's view stays the same; remove the
    journal.
 
+Privileges: by default no file reaches the host setuid, setgid or with file capabilities — a
+job could otherwise plant a root-owned setuid program with `chmod 4755` (apply.py says how every
+way to the host clears them). This holds for a host file that had them already and that the env
+replaced: commit cannot tell a project's own setuid helper from a planted one, so it clears, and
+reports every such path (`CommitResult.privileged`). `keep_privileges` (`--keep-setuid`) keeps
+them. Directories keep setgid: it only makes new entries inherit the directory's group.
+
 Conflict detection costs nothing at run time. Every change carries the upper entry that made it
 (`Change.seen_from`); overlayfs creates that entry when the env first takes the path over — the
 copy-up on the first write, the create, the whiteout of a delete — so its birth time (statx
@@ -74,6 +81,13 @@ class Conflict:
     env_saw_ns: int  # when the env took the path over
 
 
+@dataclass(frozen=True)
+class Privileged:
+    change: Change
+    privileges: tuple[str, ...]  # what the env's entry has: setuid, setgid, capabilities
+    host_had: tuple[str, ...]  # what the host's entry it replaces has
+
+
 @dataclass
 class CommitResult:
     env: str
@@ -86,6 +100,9 @@ class CommitResult:
     dry_run: bool = False
     resumed: bool = False
     rolled_back: bool = False
+    # Entries that would make the host privileged (kept only with keep_privileges).
+    privileged: list[Privileged] = field(default_factory=list)
+    keep_privileges: bool = False
 
     def counts(self) -> dict[str, int]:
         result = {ADDED: 0, MODIFIED: 0, "T": 0, DELETED: 0}
@@ -103,6 +120,7 @@ def commit(
     dry_run: bool = False,
     progress: Progress | None = None,
     notify: Notify | None = None,
+    keep_privileges: bool = False,
 ) -> CommitResult:
     with store.lock(env, purpose="commit it"):
         earlier = _resume_locked(store, env, progress)
@@ -110,8 +128,10 @@ def commit(
             notify(describe_recovery(earlier))
         changeset = read_changeset(env, selection)
         changes = _with_needed_dirs(changeset)
-        result = CommitResult(env.name, changes=changes, dry_run=dry_run)
+        result = CommitResult(env.name, changes=changes, dry_run=dry_run,
+                              keep_privileges=keep_privileges)
         result.conflicts = find_conflicts(env, changes)
+        result.privileged = find_privileged(changes)
         if dry_run:
             return result
         if not changes:
@@ -132,7 +152,8 @@ def commit(
         result.commit_id = commit_id
         backups = Backups.of_store(store.home)
         try:
-            ops = build_ops(env, changeset, changes, os.stat(backups.local.blob_dir).st_dev)
+            ops = build_ops(env, changeset, changes, os.stat(backups.local.blob_dir).st_dev,
+                            keep_privileges=keep_privileges)
         except BaseException:
             backups.close()
             raise
@@ -187,6 +208,17 @@ def find_conflicts(env: Env, changes: list[Change]) -> list[Conflict]:
     return conflicts
 
 
+def find_privileged(changes: list[Change]) -> list[Privileged]:
+    """The changes that would give the host a setuid, setgid or capable file."""
+    found: list[Privileged] = []
+    for change in changes:
+        privileges = change.privileges()
+        if privileges:
+            host_had = () if change.old is None else change.old.privileges()
+            found.append(Privileged(change, privileges, host_had))
+    return found
+
+
 def _with_needed_dirs(changeset: Changeset) -> list[Change]:
     """The selected changes plus the added or retyped directories leading to them."""
     wanted = {(c.root, c.rel): c for c in changeset.changes}
@@ -205,10 +237,12 @@ def _with_needed_dirs(changeset: Changeset) -> list[Change]:
 
 
 def build_ops(
-    env: Env, changeset: Changeset, changes: list[Change], store_dev: int | None = None
+    env: Env, changeset: Changeset, changes: list[Change], store_dev: int | None = None,
+    *, keep_privileges: bool = False,
 ) -> list[Op]:
     """The operations that make the host what the env shows. `store_dev`: the device of the
-    backup store; host files on it can be moved into the store instead of copied."""
+    backup store; host files on it can be moved into the store instead of copied.
+    `keep_privileges`: carry setuid/setgid bits and file capabilities to the host."""
     hosts = {root.index: os.fsencode(root.path) for root in env.roots}
     uppers = {root.index: os.fsencode(root.upper) for root in env.roots}
     root_devs = {root.index: os.stat(root.path).st_dev for root in env.roots}
@@ -249,7 +283,8 @@ def build_ops(
                 identity_of(old) if old is not None else None,
                 backup=old is not None and not old.is_dir, source=new.path,
                 mode=new.mode, uid=new.uid, gid=new.gid, atime_ns=new.atime_ns,
-                mtime_ns=new.mtime_ns, rdev=new.rdev, source_ino=new.ino)
+                mtime_ns=new.mtime_ns, rdev=new.rdev, source_ino=new.ino,
+                keep_privileges=keep_privileges)
         op.move = new.kind == "file" and movable(change, new)
         op.stash = op.backup and old is not None and stashable(old)
         puts.append(op)
@@ -269,7 +304,7 @@ def build_ops(
 
     removals.sort(key=lambda op: (op.root, op.rel), reverse=True)  # children before parents
     puts.sort(key=lambda op: (op.root, op.rel))  # parents before children
-    _link_hard_links(puts, changeset, hosts)
+    _link_hard_links(puts, changeset, hosts, keep_privileges)
     ops = removals + puts
     for index, op in enumerate(ops):
         op.index = index
@@ -281,11 +316,13 @@ def identity_of(entry: Entry) -> tuple[int, int, int]:
 
 
 def _link_hard_links(
-    puts: list[Op], changeset: Changeset, hosts: dict[int, bytes]
+    puts: list[Op], changeset: Changeset, hosts: dict[int, bytes], keep_privileges: bool
 ) -> None:
     """Names the env linked together become hard links on the host too. The anchor is a host
     file that already has the content (an unchanged name of the same inode) or the first of the
-    group to be written; the others are links to it."""
+    group to be written; the others are links to it. An unchanged host file that is privileged
+    is no anchor unless privileges are kept: a new name of it would be a new privileged path
+    (the group's first name is written, cleared, instead)."""
     groups: dict[tuple[int, int], list[Op]] = {}
     by_source: dict[bytes, Entry] = {
         c.new.path: c.new for c in changeset.changes + changeset.context if c.new is not None
@@ -296,6 +333,8 @@ def _link_hard_links(
             groups.setdefault((entry.dev, entry.ino), []).append(op)
     for key, members in groups.items():
         unchanged = changeset.unchanged_links.get(key)
+        if unchanged and not keep_privileges and by_source[members[0].source or b""].privileges():
+            unchanged = None
         if unchanged:
             root, rel = unchanged[0]
             anchor = hosts[root] + b"/" + rel

@@ -3,7 +3,9 @@
 Pure rendering: everything is returned as bytes lines (names need not be UTF-8) or plain data; the
 CLI decides where it goes and whether it is coloured. Directories carry no content, so the patch
 shows them only for a permission change; --name-status and JSON list every change, directories
-with a trailing "/".
+with a trailing "/". JSON gives each change the privileges (setuid, setgid,
+capabilities) its new entry would bring to the host; the CLI warns about those on stderr, so
+the patch itself stays what git would print.
 """
 
 from __future__ import annotations
@@ -365,6 +367,8 @@ def to_json(changeset: Changeset) -> list[dict[str, Any]]:
                 "new": _side_json(change.new),
                 "content_changed": change.content_changed,
                 "mode_changed": change.mode_changed,
+                # setuid/setgid/capabilities the env's entry would bring to the host
+                "privileges": list(change.privileges()),
                 "binary": counted.binary if counted else False,
                 "insertions": counted.insertions if counted else 0,
                 "deletions": counted.deletions if counted else 0,

@@ -170,7 +170,7 @@ def _restore_if_hidden(env: Env, op: Op) -> None:
     copy_file(op.host, temp, host_st.st_mode)
     set_metadata(
         op.host, temp, host_st.st_mode, host_st.st_uid, host_st.st_gid, host_st.st_atime_ns,
-        host_st.st_mtime_ns,
+        host_st.st_mtime_ns, keep_privileges=True,  # the host's file as it is, into the env
     )
     os.rename(temp, op.source)
 
