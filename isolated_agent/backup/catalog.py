@@ -30,13 +30,15 @@ rolled back.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
-from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
 from isolated_agent import sqlite
+from isolated_agent.errors import BackupError
 
 _MIGRATIONS: list[str] = [
     # version 1
@@ -161,16 +163,31 @@ class BackupCatalog:
         fsync each: a committed row survives any process crash, and the guard flushes the
         filesystem in groups; on power loss its rows are rebuilt from the staging dir."""
         self.path = path
-        # check_same_thread off: a connection may be handed to another thread (the backup
-        # daemon's upload thread), though it is never used by two at once.
-        self._db = sqlite.connect(path, durable=durable, any_thread=True)
-        sqlite.migrate(self._db, _MIGRATIONS)
+        with self._room():
+            # check_same_thread off: a connection may be handed to another thread (the backup
+            # daemon's upload thread), though it is never used by two at once.
+            self._db = sqlite.connect(path, durable=durable, any_thread=True)
+            sqlite.migrate(self._db, _MIGRATIONS)
 
     def close(self) -> None:
         self._db.close()
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return sqlite.transaction(self._db)
+
+    @contextmanager
+    def _room(self) -> Iterator[None]:
+        """A full filesystem, met opening the catalog or recording a commit's events, is a
+        BackupError that says which store and what to do. (The guard's and the daemon's writes
+        keep sqlite3 errors: they retry, or turn them into ENOSPC themselves.)"""
+        try:
+            yield
+        except sqlite.OutOfSpace as e:
+            raise BackupError(
+                f"the backup store at {os.path.dirname(os.path.abspath(self.path))} is full "
+                f"({e.free_text} free on its filesystem); free some space there, or point "
+                "ISOLATED_AGENT_HOME at a store on a filesystem with room"
+            ) from e
 
     # -- writing --------------------------------------------------------------------------
 
@@ -183,7 +200,7 @@ class BackupCatalog:
         ]
         if not rows:
             return []
-        with self._transaction() as db:
+        with self._room(), self._transaction() as db:
             db.executemany(
                 "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "
                 "mtime_ns, sha256, env_id, env_name, commit_id) "
@@ -197,14 +214,14 @@ class BackupCatalog:
     def remove_commit(self, commit_id: str) -> int:
         """Forget the events of a commit that was rolled back (its host files were never
         touched); returns how many."""
-        with self._transaction() as db:
+        with self._room(), self._transaction() as db:
             cursor = db.execute("DELETE FROM events WHERE commit_id = ?", (commit_id,))
             return cursor.rowcount
 
     def forget(self, commit_id: str, path: bytes, digest: str) -> None:
         """Drop the event of `path` in a commit whose blob will not arrive (the file changed
         before it could be moved into the store; it is backed up again under a new event)."""
-        with self._transaction() as db:
+        with self._room(), self._transaction() as db:
             db.execute(
                 "DELETE FROM events WHERE commit_id = ? AND path = ? AND sha256 = ?",
                 (commit_id, path, digest),

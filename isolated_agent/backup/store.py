@@ -294,7 +294,8 @@ class LocalBlobStore:
     def _write_error(self, e: OSError) -> BackupError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             return BackupError(
-                f"the backup store at {self.root} is full ({e.strerror}); free some space there"
+                f"the backup store at {self.root} is full ({e.strerror}); free some space "
+                "there, or point ISOLATED_AGENT_HOME at a store on a filesystem with room"
             )
         return BackupError(f"cannot write to the backup store at {self.root}: {e.strerror}")
 
