@@ -22,7 +22,6 @@ The record (`records.py`) names the root, the pid, the socket and the log: `filt
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -34,7 +33,12 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.filter.fs import FilterOperations
-from isolated_agent.engines.filter.records import FilterRecord, record_path, socket_path
+from isolated_agent.engines.filter.records import (
+    FilterRecord,
+    record_path,
+    socket_path,
+    write_record,
+)
 from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.daemon import (
     MountFailed,
@@ -223,7 +227,7 @@ async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
                 on_ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_control, record.socket, daemon.handle, daemon.refuse)
-        _write_record(record, record_file)
+        write_record(record, record_file)
         nursery.start_soon(_housekeeping, daemon)
         await nursery.start(terminate_on_signal)
         nursery.start_soon(raise_readahead_when_initialized, daemon.operations.initialized,
@@ -232,13 +236,6 @@ async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
             on_ready()
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
-
-
-def _write_record(record: FilterRecord, path: str) -> None:
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(asdict(record), f)
-    os.replace(temporary, path)
 
 
 async def _housekeeping(daemon: FilterDaemon) -> None:
