@@ -10,6 +10,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
+import struct
 import sys
 
 # glibc's soname, loaded directly: ctypes.util.find_library runs ldconfig, which costs every
@@ -21,6 +23,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWIPC = 0x08000000
+CLONE_NEWNET = 0x40000000
 
 # <sys/mount.h>
 MS_RDONLY = 1
@@ -207,6 +210,20 @@ def join_new_session_keyring() -> None:
     result = _libc.syscall(_SYS_KEYCTL, _KEYCTL_JOIN_SESSION_KEYRING, None)
     if result == -1 and ctypes.get_errno() != errno.ENOSYS:
         _check(result, "keyctl(JOIN_SESSION_KEYRING)")
+
+
+# <linux/sockios.h>, <net/if.h>: struct ifreq is a 16-byte name and a 24-byte union.
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+
+
+def bring_up_loopback() -> None:
+    """Set `lo` up in this process's network namespace (a new one starts with it down)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
 def set_parent_death_signal(signum: int) -> None:

@@ -25,6 +25,12 @@ from isolated_agent.jobs.run import RunRequest, run
               help="Let the job write to PATH on the host (repeatable).")
 @click.option("--no-default-allows", is_flag=True,
               help="Do not let the job write to the agent state and cache dirs it may by default.")
+@click.option("--allow-socket", "allow_sockets", multiple=True, metavar="PATH",
+              help="Let the job connect to the host's unix socket PATH (repeatable); "
+                   "the host's other daemon sockets are out of its reach.")
+@click.option("--network", type=click.Choice(["host", "none"]), default="host",
+              show_default=True,
+              help="none: the job gets a network of its own with only loopback.")
 @click.option("--keep-running", is_flag=True,
               help="When CMD exits, wait for the processes it left running; "
                    "default: kill them.")
@@ -36,6 +42,8 @@ def run_cmd(
     engine: str,
     allow: tuple[str, ...],
     no_default_allows: bool,
+    allow_sockets: tuple[str, ...],
+    network: str,
     keep_running: bool,
     quiet: bool,
     argv: tuple[str, ...],
@@ -53,5 +61,7 @@ def run_cmd(
         allow=allow,
         default_allows=not no_default_allows,
         keep_running=keep_running,
+        network=network,
+        allow_sockets=allow_sockets,
     )
     return run(Store(), request, notify=(lambda message: None) if quiet else notice)

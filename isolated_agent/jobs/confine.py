@@ -1,4 +1,5 @@
-"""Confine a job that runs without namespaces (the filter engine) with Landlock.
+"""Confine a job with Landlock: every engine's scopes (`scope_job`), and the whole write policy
+of a job that runs without namespaces (the filter engine, `confine_job`).
 
 Without a mount namespace the job sees the host's whole tree, so the kernel itself must keep it
 from writing where it should not. Landlock does that for an unprivileged process, for good: the
@@ -101,6 +102,28 @@ def confine_job(write_paths: Sequence[str]) -> None:
         except OSError as e:
             detail = f"landlock_restrict_self: {os.strerror(e.errno or 0)}"
             raise IsolationError(STEP, detail, "no_new_privs must be set first") from e
+    finally:
+        os.close(ruleset)
+
+
+def scope_job() -> None:
+    """For a job in its own namespaces, which the mounts already keep from writing where it
+    should not: Landlock's scopes alone (ABI >= 6), so that it cannot reach the host's abstract
+    unix sockets (an X server, D-Bus, containerd's shims) nor signal outside its domain. Older
+    kernels have no scopes: nothing to do, and `--network none` is the way to a private
+    abstract namespace there."""
+    if libc.landlock_abi() < 6:
+        return
+    scoped = libc.LANDLOCK_SCOPE_SIGNAL | libc.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+    try:
+        ruleset = libc.landlock_create_ruleset(0, scoped)
+    except OSError as e:
+        raise IsolationError(STEP, f"landlock_create_ruleset: {os.strerror(e.errno or 0)}") from e
+    try:
+        libc.landlock_restrict_self(ruleset)
+    except OSError as e:
+        detail = f"landlock_restrict_self: {os.strerror(e.errno or 0)}"
+        raise IsolationError(STEP, detail, "no_new_privs must be set first") from e
     finally:
         os.close(ruleset)
 

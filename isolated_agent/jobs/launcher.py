@@ -55,7 +55,7 @@ from isolated_agent.errors import (
     IsolationError,
 )
 from isolated_agent.jobs.cgroup import JobCgroup
-from isolated_agent.jobs.confine import confine_job
+from isolated_agent.jobs.confine import confine_job, scope_job
 from isolated_agent.jobs.sandbox import SandboxSpec, build_view
 from isolated_agent.jobs.syscall_filter import install_baseline
 from isolated_agent.jobs.terminal import JobTerminal
@@ -77,6 +77,8 @@ class JobSpec:
     # False: no namespaces, no view built here; the job is confined by Landlock and kept by a
     # subreaper instead (the filter engine). The engine's mount_root is then never called.
     namespaces: bool = True
+    # "none": a network namespace of the job's own, with only its loopback interface.
+    network: str = "host"
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Job:
 
     pid: int  # A, the job's outermost process, on the host
     cgroup: JobCgroup | None
+    masked_sockets: list[str] = field(default_factory=list)  # host sockets its view covers
 
 
 def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -> int:
@@ -124,7 +127,7 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
             on_ready(job)
             os.write(release_w, b"2")  # C: everything is in place, exec
 
-        failure = _read_messages(messages_r, release_command)
+        failure = _read_messages(messages_r, job, release_command)
         status = _wait_status(pid)
         if failure is not None:
             raise failure
@@ -145,7 +148,7 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
             signal.signal(s, handler)
 
 
-def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
+def _read_messages(fd: int, job: Job, release: Callable[[], object]) -> Exception | None:
     failure: Exception | None = None
     with os.fdopen(os.dup(fd), "rb") as stream:
         for line in stream:
@@ -153,6 +156,8 @@ def _read_messages(fd: int, release: Callable[[], object]) -> Exception | None:
             kind = message["kind"]
             if kind == "ready":
                 release()
+            elif kind == "masked_sockets":
+                job.masked_sockets = list(message["paths"])
             elif kind == "setup_failed":
                 hint = message.get("hint", "")
                 failure = IsolationError(message["step"], message["detail"], hint)
@@ -223,24 +228,40 @@ def _process_a(
     terminal.close_in_child()
     if os.read(release, 1) != b"1":
         return EXIT_SETUP_FAILED
-    if not spec.namespaces:
-        return _fork_and_wait(_process_b, spec, terminal, messages, release)
     uid, gid = os.getuid(), os.getgid()
     try:
+        if not spec.namespaces:
+            if spec.network == "none":  # a network namespace alone, if we may make one
+                _unshare(libc.CLONE_NEWNET, "--network none: creating a network namespace")
+                _bring_up_loopback()
+            return _fork_and_wait(_process_b, spec, terminal, messages, release)
         flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
         if spec.rootless:
             flags |= libc.CLONE_NEWUSER
-        try:
-            libc.unshare(flags)
-        except OSError as e:
-            hint = "run as root, or enable user namespaces (sysctl user.max_user_namespaces)"
-            raise IsolationError("creating namespaces", os.strerror(e.errno or 0), hint) from e
+        if spec.network == "none":
+            flags |= libc.CLONE_NEWNET
+        _unshare(flags, "creating namespaces")
         if spec.rootless:
             _map_ids(uid, gid)
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
     return _fork_and_wait(_process_b, spec, terminal, messages, release)
+
+
+def _unshare(flags: int, step: str) -> None:
+    try:
+        libc.unshare(flags)
+    except OSError as e:
+        hint = "run as root, or enable user namespaces (sysctl user.max_user_namespaces)"
+        raise IsolationError(step, os.strerror(e.errno or 0), hint) from e
+
+
+def _bring_up_loopback() -> None:
+    try:
+        libc.bring_up_loopback()
+    except OSError as e:
+        raise IsolationError("--network none: loopback", os.strerror(e.errno or 0)) from e
 
 
 def _fork_and_wait(
@@ -280,10 +301,13 @@ def _process_b(
         return _keeper(spec, terminal, messages, release, parent)
     libc.set_parent_death_signal(signal.SIGKILL)
     try:
-        build_view(spec.sandbox, spec.engine)
+        if spec.network == "none":
+            _bring_up_loopback()
+        masked = build_view(spec.sandbox, spec.engine)
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
+    _send(messages, kind="masked_sockets", paths=masked)
     # Returning ends the pid namespace: the kernel kills the rest.
     return _run_command(spec, terminal, messages, release)
 
@@ -394,7 +418,9 @@ def _process_c(spec: JobSpec, terminal: JobTerminal, messages: int, release: int
         return EXIT_SETUP_FAILED
     _close_inherited_fds(keep=(messages, release))
     try:
-        if not spec.namespaces:
+        if spec.namespaces:
+            scope_job()
+        else:
             confine_job([*(root.path for root in spec.sandbox.roots), *spec.sandbox.allow])
         install_baseline()
     except IsolationError as e:

@@ -5,6 +5,7 @@ and run the job in it. Never prints: what the user should hear goes through `not
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,7 +13,8 @@ from isolated_agent.engines import select_engine, serving
 from isolated_agent.env.store import Env, Store, is_within
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
-from isolated_agent.jobs.launcher import JobSpec, run_job
+from isolated_agent.jobs.host_sockets import is_socket
+from isolated_agent.jobs.launcher import Job, JobSpec, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
 
 # Where coding agents and package managers keep state and caches: writable by default (only
@@ -38,6 +40,8 @@ class RunRequest:
     allow: tuple[str, ...] = ()
     default_allows: bool = True
     keep_running: bool = False
+    network: str = "host"  # or "none"
+    allow_sockets: tuple[str, ...] = ()
 
 
 Notify = Callable[[str], None]
@@ -101,6 +105,24 @@ def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ..
     return tuple(allows)
 
 
+def resolve_allowed_sockets(given: tuple[str, ...]) -> tuple[str, ...]:
+    """--allow-socket paths: each must name an existing unix socket (the real path is kept)."""
+    sockets = []
+    for path in given:
+        real = os.path.realpath(os.path.expanduser(path))
+        if not is_socket(real):
+            raise UsageError(f"--allow-socket {path}: not a unix socket (is its daemon running?)")
+        sockets.append(real)
+    return tuple(sockets)
+
+
+def socket_hint(masked: list[str]) -> str:
+    """What a user reads when a job failed while host sockets were covered: maybe it needed one."""
+    shown = ", ".join(masked[:3]) + (f" and {len(masked) - 3} more" if len(masked) > 3 else "")
+    return (f"the job could not connect to host sockets ({shown}); if it needed one, "
+            "let it through with --allow-socket PATH")
+
+
 def check_store_out_of_reach(store: Store, allows: tuple[str, ...]) -> None:
     """Without namespaces the store cannot be hidden from the job, and the job may write where
     Landlock lets it: the store must not be there, or the job could rewrite its own env (and
@@ -123,6 +145,7 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     env = resolve_env(store, request.env_name, request.roots, notify)
     store.resolve_roots([r.path for r in env.roots])  # every root must still exist
     allows = resolve_allows(store, env, request)
+    allow_sockets = resolve_allowed_sockets(request.allow_sockets)
     if not engine.namespaces:
         check_store_out_of_reach(store, allows)
     staging = os.path.join(store.run_dir, "views", env.id)
@@ -136,7 +159,8 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     spec = JobSpec(
         argv=list(request.argv),
         sandbox=SandboxSpec(
-            roots=env.roots, allow=allows, store=store.home, cwd=cwd, staging=staging
+            roots=env.roots, allow=allows, store=store.home, cwd=cwd, staging=staging,
+            allow_sockets=allow_sockets,
         ),
         engine=engine,
         rootless=rootless,
@@ -144,8 +168,18 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         env=job_env,
         cgroup_label=env.id,
         namespaces=engine.namespaces,
+        network=request.network,
     )
     with store.lock(env, purpose="run in it"):
         notify(f"env {env.name}, {engine.name} engine")
         with serving(engine, env, store.run_dir) as on_ready:
-            return run_job(spec, on_ready)
+            started: list[Job] = []
+
+            def ready(job: Job) -> None:
+                started.append(job)
+                on_ready(job)
+
+            status = run_job(spec, ready)
+    if status not in (0, 128 + signal.SIGINT) and started and started[0].masked_sockets:
+        notify(socket_hint(started[0].masked_sockets))
+    return status

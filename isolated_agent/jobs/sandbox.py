@@ -8,7 +8,9 @@ after the private /tmp covers it):
     1. every mount propagation becomes private: nothing mounted here reaches the host;
     2. the host tree is bind-mounted recursively at `staging` and every mount in it is made
        read-only (keeping its nosuid/nodev/noexec/atime flags, which a user namespace locks);
-    3. private tmpfs on /tmp and /dev/shm; `allow` paths bound writable from the host;
+    3. every host socket a job must not reach is covered by an inert file (host_sockets.py);
+       private tmpfs on /tmp and /dev/shm; `allow` paths bound writable from the host, and
+       `allow_sockets` under the private dirs bound in again;
     4. the engine mounts each root's merged view at the root's own path;
     5. the store is covered by an empty read-only tmpfs: the job has no business there;
     6. a fresh /proc for the job's pid namespace, with the kernel knobs in it read-only;
@@ -29,6 +31,7 @@ from isolated_agent import libc
 from isolated_agent.engines import Engine
 from isolated_agent.env.store import Root, is_within
 from isolated_agent.errors import IsolationError
+from isolated_agent.jobs.host_sockets import bound_socket_paths, is_socket, sockets_to_mask
 from isolated_agent.jobs.mountinfo import mounts_under
 
 # Per-mount flags a remount must repeat (a user namespace refuses to clear locked ones).
@@ -55,9 +58,11 @@ class SandboxSpec:
     store: str  # the env store: hidden from the job
     cwd: str
     staging: str  # an empty directory on the host to build the view at
+    allow_sockets: tuple[str, ...] = ()  # real paths of host sockets the job may connect to
 
 
-def build_view(spec: SandboxSpec, engine: Engine) -> None:
+def build_view(spec: SandboxSpec, engine: Engine) -> list[str]:
+    """Build the view and enter it; return the host sockets it covered."""
     new = spec.staging
 
     def inside(path: str) -> str:
@@ -75,10 +80,23 @@ def build_view(spec: SandboxSpec, engine: Engine) -> None:
             for option in entry.options:
                 flags |= _KEPT_FLAGS.get(option, 0)
             _remount_read_only(entry.mount_point, flags)
+    with _step("covering host sockets"):
+        writable = [*(root.path for root in spec.roots), *spec.allow, *PRIVATE_DIRS, spec.store]
+        masked = [
+            path for path in sockets_to_mask(bound_socket_paths(), writable, spec.allow_sockets)
+            if is_socket(inside(path))
+        ]
+        for path in masked:
+            _cover(inside(path), inside("/dev/null"))
     with _step("private /tmp"):
         for private in PRIVATE_DIRS:
             if os.path.isdir(inside(private)):
                 _mount_tmpfs(inside(private), "mode=1777")
+    for path in spec.allow_sockets:
+        if any(is_within(path, private) for private in PRIVATE_DIRS):
+            with _step(f"--allow-socket {path}"):
+                _ensure_mount_point(inside(path), False)
+                libc.mount(path, inside(path), None, libc.MS_BIND)
     for path in spec.allow:
         with _step(f"--allow {path}"):
             target = inside(path)
@@ -108,6 +126,7 @@ def build_view(spec: SandboxSpec, engine: Engine) -> None:
         os.chdir("/")
     with _step(f"working directory {spec.cwd}"):
         os.chdir(spec.cwd)
+    return masked
 
 
 @contextmanager
@@ -135,6 +154,14 @@ def _remount_read_only(mount_point: str, flags: int) -> None:
     except OSError as e:
         if e.errno not in _UNREACHABLE:
             raise
+
+
+def _cover(target: str, inert: str) -> None:
+    """Put an inert file over `target`: /dev/null, bound read-only and without device access,
+    so that it opens as nothing and connect() finds no socket there."""
+    libc.mount(inert, target, None, libc.MS_BIND)
+    flags = libc.MS_NODEV | libc.MS_NOSUID | libc.MS_NOEXEC | libc.MS_RDONLY
+    libc.mount(None, target, None, libc.MS_REMOUNT | libc.MS_BIND | flags)
 
 
 def _mount_tmpfs(target: str, options: str, read_only: bool = False) -> None:
