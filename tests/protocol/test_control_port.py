@@ -32,6 +32,7 @@ from isolated_agent.protocol.frames import (
 )
 from isolated_agent.protocol.peer import PeerCred
 from isolated_agent.protocol.server import serve
+from tests.conftest import DISK_SCRATCH_PREFIX, REPO
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
@@ -167,7 +168,23 @@ CLIENT = (
 )
 
 
-def test_a_client_of_another_uid_is_refused() -> None:
+@pytest.fixture
+def package_copy() -> Iterator[str]:
+    """A directory holding a copy of the package under test, for PYTHONPATH of processes that
+    cannot see the checkout: a job has a /tmp of its own (the checkout may live under /tmp),
+    and another user may not be able to read it. On the disk, outside /tmp, readable by all."""
+    scratch = Path(DISK_SCRATCH_PREFIX)
+    base = Path(tempfile.mkdtemp(prefix=scratch.name + "pkg-", dir=scratch.parent))
+    try:
+        shutil.copytree(REPO / "isolated_agent", base / "isolated_agent",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        base.chmod(0o755)
+        yield str(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def test_a_client_of_another_uid_is_refused(package_copy: str) -> None:
     user = "ia-rootless"
     try:
         pwd.getpwnam(user)
@@ -178,11 +195,10 @@ def test_a_client_of_another_uid_is_refused() -> None:
         reachable.chmod(0o755)
         with RunningDaemon(reachable / "control.sock") as daemon:
             os.chmod(daemon.path, 0o666)  # the file mode out of the way: SO_PEERCRED must refuse
-            repo = str(Path(__file__).resolve().parents[2])
             done = subprocess.run(
                 ["runuser", "-u", user, "--", "/usr/bin/python3", "-c", CLIENT, daemon.path],
                 capture_output=True, text=True, timeout=30,
-                env={**os.environ, "PYTHONPATH": repo},
+                env={**os.environ, "PYTHONPATH": package_copy},
             )
             assert done.stdout.startswith("refused: uid"), (done.stdout, done.stderr)
             assert all(frame.code is not Code.REGISTER_ENV for frame, _ in daemon.calls)
@@ -191,16 +207,16 @@ def test_a_client_of_another_uid_is_refused() -> None:
 
 
 def test_a_caller_inside_a_job_is_refused(
-    daemon: RunningDaemon, tmp_path: Path, store_home: Path, project: Path
+    daemon: RunningDaemon, tmp_path: Path, store_home: Path, project: Path, package_copy: str
 ) -> None:
-    """Even handed the socket (--allow), a job cannot use the control port."""
+    """Even handed the socket (--allow), a job cannot use the control port. (The job imports
+    the client from `package_copy`: it would not see a checkout under /tmp.)"""
     socket_dir = Path(daemon.path).parent
-    repo = str(Path(__file__).resolve().parents[2])
     done = subprocess.run(
         [sys.executable, "-m", "isolated_agent", "run", "-q", "--allow", str(socket_dir),
          "--", "/usr/bin/python3", "-c", CLIENT, daemon.path],
         cwd=project, capture_output=True, text=True, timeout=60,
-        env={**os.environ, "ISOLATED_AGENT_HOME": str(store_home), "PYTHONPATH": repo},
+        env={**os.environ, "ISOLATED_AGENT_HOME": str(store_home), "PYTHONPATH": package_copy},
     )
     assert done.stdout.strip() == "refused: processes inside a job may not use the control port", (
         done.stdout, done.stderr)
