@@ -18,11 +18,13 @@ import io
 import os
 import stat
 from collections.abc import Callable, Collection, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent, now
+from isolated_agent.backup.store import path_at
 
 Advance = Callable[[int], None]
 _CHUNK = 1 << 20
@@ -92,17 +94,40 @@ def _save(
     adoptable: bool,
     to_adopt: dict[bytes, str],
 ) -> BackupEvent | None:
+    with ExitStack() as stack:
+        try:  # paths longer than PATH_MAX too
+            dir_fd, name = stack.enter_context(path_at(path))
+        except FileNotFoundError:  # a directory above it is gone: nothing of it to lose
+            return None
+        return _save_at(backups, path, dir_fd, name, reason, when, env_id, env_name,
+                        commit_id, adoptable, to_adopt)
+
+
+def _save_at(
+    backups: Backups,
+    path: bytes,
+    dir_fd: int | None,
+    name: bytes,
+    reason: str,
+    when: float,
+    env_id: str | None,
+    env_name: str | None,
+    commit_id: str | None,
+    adoptable: bool,
+    to_adopt: dict[bytes, str],
+) -> BackupEvent | None:
     try:
-        st = os.lstat(path)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
     kind = entry_kind(st.st_mode)
     digest: str | None = None
     size = 0
     if kind == "file":
+        # O_NONBLOCK: should a fifo have taken the file's place meanwhile, do not hang on it.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            # O_NONBLOCK: should a fifo have taken the file's place meanwhile, do not hang on it.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(name, flags, dir_fd=dir_fd)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb", buffering=0) as file:
@@ -117,7 +142,7 @@ def _save(
                 digest = backups.blobs.put(file)
         size = st.st_size
     elif kind == "symlink":
-        target = os.readlink(path)
+        target = os.readlink(name, dir_fd=dir_fd)
         digest = backups.blobs.put(io.BytesIO(target))
         size = len(target)
     return BackupEvent(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from isolated_agent.backup import Backups, BlobStore, LocalBlobStore
+from isolated_agent.backup.capture import capture
 from isolated_agent.backup.catalog import BackupCatalog, BackupEvent
 from isolated_agent.backup.restore import parse_time
 from isolated_agent.errors import BackupError, BlobCorrupt, UsageError
@@ -87,6 +88,38 @@ def test_local_layout_written_once_read_only_and_verified_on_read(tmp_path: Path
         read_all(store, digest)
     with pytest.raises(BackupError, match="not a sha256"):
         store.get("../../etc/passwd")
+
+
+def test_capture_and_adopt_reach_paths_longer_than_path_max(tmp_path: Path) -> None:
+    """A commit backs up what it replaces deep in a tree a job built past PATH_MAX."""
+    names = [(b"d%02d" % i).ljust(250, b"x") for i in range(20)]
+    deep = os.fsencode(tmp_path) + b"/" + b"/".join(names)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        file_fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+        os.write(file_fd, b"deep down\n")
+        os.close(file_fd)
+        os.symlink("f", "l", dir_fd=fd)
+        backups = Backups.of_store(str(tmp_path / "store"))
+        try:
+            paths = [deep + b"/f", deep + b"/l", deep + b"/gone", deep + b"/no/such/dir"]
+            captured = capture(backups, paths, reason="commit", adoptable={deep + b"/f"})
+            assert {p: e.kind for p, e in captured.events.items()} == {
+                deep + b"/f": "file", deep + b"/l": "symlink"}
+            assert read_all(backups.blobs, captured.events[deep + b"/l"].sha256 or "") == b"f"
+            assert captured.to_adopt == {deep + b"/f": sha(b"deep down\n")}
+            backups.local.adopt(deep + b"/f", sha(b"deep down\n"))  # the commit moves it in
+            assert sorted(os.listdir(fd)) == ["l"]
+            assert read_all(backups.blobs, sha(b"deep down\n")) == b"deep down\n"
+        finally:
+            backups.close()
+    finally:
+        os.close(fd)
 
 
 # -- catalog ------------------------------------------------------------------------------------
