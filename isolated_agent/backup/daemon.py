@@ -457,6 +457,7 @@ def ensure_running(home: str, args: tuple[str, ...] = (), timeout: float = 15.0)
             [sys.executable, "-m", "isolated_agent", "backupd", *args],
             env={**os.environ, "ISOLATED_AGENT_HOME": home},
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
+            cwd="/",  # the caller's cwd may be in a guarded dir: held, it would bypass the guard
         )
     finally:
         os.close(log_fd)

@@ -42,7 +42,7 @@ from isolated_agent.engines.filter.records import (
 from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.daemon import (
     MountFailed,
-    detach_stdio,
+    detach_process,
     fault_hook_from_env,
     raise_fd_limit,
     setup_logging,
@@ -254,8 +254,9 @@ def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand
     if os.fork() != 0:
         os._exit(0)
     code = 1
+    root, run_dir, log_path = (os.path.abspath(p) for p in (root, run_dir, log_path))
     try:
-        detach_stdio(log_path)
+        detach_process(log_path)  # "/" as cwd: never hold the caller's directory
         setup_logging()
 
         def ready() -> None:

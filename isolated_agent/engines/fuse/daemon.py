@@ -253,6 +253,18 @@ def start_background(
     raise MountFailed(answer.removeprefix("error ").strip() or "the agentfs daemon died")
 
 
+def detach_process(log_path: str | None) -> None:
+    """What a daemon started on demand does first: a session of its own (no controlling
+    terminal, no signal meant for its caller's process group), "/" as its working directory
+    (its caller's may be inside a guarded or mounted directory: held there, the daemon would
+    reach the files below a guard's mount and keep a mount busy), stdio to /dev/null or to
+    `log_path`."""
+    with contextlib.suppress(PermissionError):  # EPERM: it leads a session or group already
+        os.setsid()
+    os.chdir("/")
+    detach_stdio(log_path)
+
+
 def detach_stdio(log_path: str | None) -> None:
     """A daemon's stdin from /dev/null, its stdout and stderr to `log_path` (or nowhere)."""
     null = os.open(os.devnull, os.O_RDWR)
