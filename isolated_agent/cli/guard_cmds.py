@@ -1,4 +1,10 @@
-"""`agentctl guard start|stop|status` and `agentctl backupd`: backup on delete."""
+"""`agentctl guard start|stop|status` and `agentctl backupd`: backup on delete.
+
+`guard start` warns, one line each and at most LISTED lines per kind, about what will bypass
+the guard (processes holding descriptors or directories under DIR, files with hard links
+outside it, other views of DIR) and about deletes that may have gone unguarded since the last
+guard lost its mount; `guard status` reports a lost mount the same way. `--json` has it all.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.env.store import Store
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+LISTED = 10  # lines per kind of warning; past that, "and N more"
 
 
 @click.command("backupd")
@@ -33,9 +40,11 @@ def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: flo
     from isolated_agent.backup.daemon import Daemon, Settings, setup_logging
 
     setup_logging(verbose)
+    home = Store().home  # absolute: the daemon works from / (it must hold nothing elsewhere)
+    os.chdir("/")
     settings = Settings(rescan_interval=max(rescan, 0.05), backoff_base=max(backoff_base, 0.01),
                         backoff_cap=max(backoff_cap, 0.01))
-    Daemon(Store().home, settings).run(once=once)
+    Daemon(home, settings).run(once=once)
 
 
 @click.group("guard")
@@ -73,19 +82,50 @@ def start_cmd(directory: str, excludes: tuple[str, ...], max_size: str | None, s
     config = GuardConfig(directory, Policy(tuple(excludes), cap), sync)
     started = start(home, config, debug=debug)
     daemon = None if no_backupd else ensure_running(home)
+    links = started.outside_links
     if as_json:
         emit_json({"dir": started.directory, "id": started.guard_id, "pid": started.pid,
                    "recovered": started.recovered, "backupd": daemon,
-                   "inside": [{"pid": p, "command": c} for p, c in started.inside]})
+                   "holders": [h.as_json() for h in started.holders],
+                   "outside_links": None if links is None else links.as_json(),
+                   "other_views": list(started.other_views),
+                   "unguarded": None if started.gap is None else started.gap.as_json()})
         return
+    if started.gap is not None:
+        warn(started.gap.describe(started.directory))
     if started.recovered:
         notice(f"replaced the dead guard mount at {started.directory}")
     notice(f"guarding {started.directory} (pid {started.pid})"
            + ("" if daemon is None else f"; backupd pid {daemon}"))
-    if started.inside:
-        listed = ", ".join(f"{p} ({c})" for p, c in started.inside[:10])
-        notice(f"{len(started.inside)} process(es) were already working inside "
-               f"{started.directory} and bypass the guard until they cd there again: {listed}")
+    if started.holders:
+        warn(f"{len(started.holders)} process(es) hold directories or files under "
+             f"{started.directory} from before the guard; what they delete or truncate "
+             "through them is not backed up:")
+        bounded([h.describe() for h in started.holders])
+    if links is not None and links.files:
+        examples = ", ".join(links.examples)
+        warn(f"{links.files} file(s) under {started.directory} have hard links outside it "
+             f"(e.g. {examples}); truncating or writing through those links is not backed up")
+    if links is not None and not links.complete:
+        warn(f"looked for hard links to outside in the first {links.scanned} entries of "
+             f"{started.directory} only ({links.seconds:.1f} s)")
+    for view in started.other_views[:LISTED]:
+        warn(f"{started.directory} is also reachable at {view} (another mount of its "
+             "filesystem); deletes there are not backed up")
+    if len(started.other_views) > LISTED:
+        notice(f"  and {len(started.other_views) - LISTED} more")
+
+
+def warn(message: str) -> None:
+    notice(f"warning: {message}")
+
+
+def bounded(lines: list[str]) -> None:
+    """Indented lines, at most LISTED of them."""
+    for line in lines[:LISTED]:
+        notice(f"  {line}")
+    if len(lines) > LISTED:
+        notice(f"  and {len(lines) - LISTED} more (`--json` lists them all)")
 
 
 @guard_group.command("stop")
@@ -95,11 +135,15 @@ def stop_cmd(directory: str, as_json: bool) -> None:
     """Stop guarding DIR (staged items are still uploaded by the backup daemon)."""
     from isolated_agent.backup.guard.mount import stop
 
-    guard = stop(Store().home, directory)
+    stopped = stop(Store().home, directory)
+    guard, gap = stopped.guard, stopped.gap
     if as_json:
-        emit_json({"dir": os.fsdecode(guard.dir), "id": guard.id, "stopped": True})
-    else:
-        notice(f"stopped guarding {os.fsdecode(guard.dir)}")
+        emit_json({"dir": os.fsdecode(guard.dir), "id": guard.id, "stopped": True,
+                   "unguarded": None if gap is None else gap.as_json()})
+        return
+    if gap is not None:
+        warn(f"the guard had lost its mount: {gap.describe(os.fsdecode(guard.dir))}")
+    notice(f"stopped guarding {os.fsdecode(guard.dir)}")
 
 
 def status_rows(home: str) -> list[dict[str, Any]]:
@@ -118,6 +162,7 @@ def status_rows(home: str) -> list[dict[str, Any]]:
 def status_cmd(as_json: bool) -> None:
     """Show the guarded directories, their items by state, and the backup daemon."""
     from isolated_agent.backup.daemon import running_pid
+    from isolated_agent.backup.guard.bypass import Gap
 
     home = Store().home
     rows = status_rows(home)
@@ -133,4 +178,13 @@ def status_cmd(as_json: bool) -> None:
           str(r["counts"].get("failed", 0)), str(r["counts"].get("skipped", 0)),
           when(r["started"]) if r["started"] else ""] for r in rows],
     )
+    for r in rows:
+        if r["unguarded"] is not None:
+            gap = Gap.from_json(r["unguarded"])
+            if gap is not None:
+                warn(f"{gap.describe(r['dir'])}: its guard's mount is gone; "
+                     f"`agentctl guard start {r['dir']}` guards it again")
+        for view in r["other_views"][:LISTED]:
+            warn(f"{r['dir']} is also reachable at {view} (another mount of its filesystem); "
+                 "deletes there are not backed up")
     notice(f"backupd: {'running, pid ' + str(daemon) if daemon else 'not running'}")

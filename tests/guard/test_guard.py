@@ -340,3 +340,23 @@ def test_the_same_name_deleted_again_and_again_keeps_every_version(
     assert {e["sha256"] for e in listed} == {sha(v) for v in versions}
     assert len({e["staged_name"] for e in listed}) == 25
     assert_restores(guards.home, tmp_path / "g", {guarded / "g": b"other 5\n"})
+
+
+def test_daemons_started_from_inside_dir_hold_nothing_there(tmp_path: Path,
+                                                            guards: Guards) -> None:
+    """`guard start` run from a shell cd'ed into DIR: backupd (started on demand) and the
+    guard daemon work from /, so neither reaches DIR below the mount nor keeps anything busy."""
+    home = guards.home
+    directory = tmp_path / "cwd-inside"
+    (directory / "sub").mkdir(parents=True)
+    done = agentctl_cmd(home, "guard", "start", str(directory), "--json",
+                        cwd=directory / "sub")
+    guards.started.add(str(directory))
+    assert done.returncode == 0, done.stderr
+    started = json.loads(done.stdout)
+    for pid in (started["backupd"], started["pid"]):
+        assert os.readlink(f"/proc/{pid}/cwd") == "/", pid
+        assert os.getsid(pid) == pid, pid  # a session of its own
+    stopped = agentctl_cmd(home, "guard", "stop", str(directory), cwd=directory / "sub")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not guard_mounted(directory)

@@ -17,9 +17,17 @@ the dead mount. A root guard mounts with allow_other so every user keeps using D
 guard serves that user only (FUSE's default; allow_other needs user_allow_other in
 /etc/fuse.conf).
 
-Processes that were already working inside DIR when the guard started (a shell cd'ed there)
-keep the directory they had, under the mount: they bypass the guard until they cd there again.
-`start` lists them (`processes_inside`).
+What reaches DIR without the mount bypasses the guard (bypass.py): descriptors, working or
+root directories taken under DIR before the mount, hard links outside DIR, bind mounts of DIR's
+filesystem. `start` reports each it can find.
+
+The daemon's state file (run/guard-<id>.json) says when the guard was last known mounted:
+`seen`, rewritten every HEARTBEAT_INTERVAL while the mount is in place at DIR. When the mount
+goes away other than by `guard stop` (someone's `umount`, `umount -l`, a signal), the daemon
+writes `lost` {since, noticed, cause} and ends; killed, it writes nothing, and `seen` stays.
+`guard stop` removes the file once its daemon is gone. So a state file with no guard mount at
+DIR means: deletes may have gone unguarded since then (`guard status` state "lost"); the next
+`start` reports that gap and keeps it, closed, in its own state (`gaps`, the last MAX_GAPS).
 """
 
 from __future__ import annotations
@@ -42,6 +50,16 @@ import trio  # type: ignore[import-untyped]
 from isolated_agent import libc
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import GuardCatalog, GuardRecord
+from isolated_agent.backup.guard.bypass import (
+    Gap,
+    Holder,
+    OutsideLinks,
+    holders,
+    open_gap,
+    other_views,
+    outside_links,
+    past_gaps,
+)
 from isolated_agent.backup.guard.fs import GuardOperations
 from isolated_agent.backup.guard.policy import Policy
 from isolated_agent.backup.guard.stage import Stager
@@ -53,7 +71,7 @@ from isolated_agent.backup.guard.staging import (
     reconcile,
     state_path,
 )
-from isolated_agent.engines.fuse.daemon import detach_stdio, raise_fd_limit, terminate_on_signal
+from isolated_agent.engines.fuse.daemon import detach_process, raise_fd_limit, terminate_on_signal
 from isolated_agent.engines.fuse.mount import (
     NotMounted,
     UnmountFailed,
@@ -72,6 +90,8 @@ log = logging.getLogger("guard")
 FSTYPE = "fuse.isolated-agent-guard"
 FLUSH_INTERVAL = 1.0  # seconds between group flushes of what was staged (unless --sync)
 ROW_INTERVAL = 0.02  # seconds at most before a staged item's catalog row is committed
+HEARTBEAT_INTERVAL = 2.0  # seconds between checks that the mount is still at DIR
+MAX_GAPS = 10  # closed gaps kept in a guard's state file
 
 
 @dataclass(frozen=True)
@@ -87,8 +107,11 @@ class Started:
     directory: str
     pid: int
     recovered: bool  # a dead guard mount was there and was replaced
-    # processes already inside DIR before the mount: they bypass the guard until they cd again
-    inside: tuple[tuple[int, str], ...] = ()
+    # processes holding directories or files under DIR from before the mount: they bypass it
+    holders: tuple[Holder, ...] = ()
+    outside_links: OutsideLinks | None = None  # files with hard links outside DIR
+    other_views: tuple[str, ...] = ()  # where else DIR's files are reachable (bind mounts)
+    gap: Gap | None = None  # the previous guard's mount vanished without `guard stop`
 
 
 def is_dead(directory: str) -> bool:
@@ -137,7 +160,11 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
     directory = check_directory(home, directory)
     run_dir = os.path.join(home, "run")
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    inside = tuple(processes_inside(directory))
+    staging_path = os.path.join(directory, os.fsdecode(STAGING_NAME))
+    # Before the mount, from below it: what will bypass the guard once it is there.
+    found_holders = tuple(holders(directory, ignore=(staging_path,)))
+    links = outside_links(directory, skip=(staging_path,))
+    views = tuple(other_views(directory, FSTYPE))
     root_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         staging = StagingDir.create_in(root_fd)
@@ -152,11 +179,21 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
                 os.fsencode(directory), os.fsencode(directory) + b"/" + STAGING_NAME, dev, ino)
         finally:
             backups.close()
+        # A state file left without a guard mount at DIR: the mount vanished without `guard
+        # stop`. Not so for a dead mount just detached: it answered ENOTCONN to everyone.
+        previous = read_state(run_dir, guard_id)
+        gap = None
+        if previous is not None and not recovered:
+            old_pid = previous.get("pid")
+            alive = isinstance(old_pid, int) and process_alive(old_pid)
+            gap = open_gap(previous, daemon_alive=alive)
+        gaps = [] if previous is None else past_gaps(previous)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the daemon
             os.close(read_end)
-            code = _daemon(home, config, directory, guard_id, root_fd, staging, write_end, debug)
+            code = _daemon(home, config, directory, guard_id, root_fd, staging, write_end, debug,
+                           gap, gaps)
             os._exit(code)
         os.close(write_end)
     finally:
@@ -168,16 +205,19 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise GuardError(answer.removeprefix("error ").strip() or "the guard daemon died")
-    return Started(guard_id, directory, pid, recovered, inside)
+    if gap is not None:  # closed when the new mount was in place (the daemon says when)
+        with contextlib.suppress(ValueError, IndexError):
+            gap = Gap(gap.since, float(answer.split()[1]), gap.cause)
+    return Started(guard_id, directory, pid, recovered, found_holders, links, views, gap)
 
 
 def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_fd: int,
-            staging: StagingDir, report_fd: int, debug: bool) -> int:
+            staging: StagingDir, report_fd: int, debug: bool, gap: Gap | None,
+            gaps: list[Gap]) -> int:
     """The forked guard daemon: never returns into the caller's code."""
     run_dir = os.path.join(home, "run")
     try:
-        os.setsid()
-        detach_stdio(os.path.join(run_dir, f"guard-{guard_id}.log"))
+        detach_process(os.path.join(run_dir, f"guard-{guard_id}.log"))
         logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
                             format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
         os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
@@ -202,23 +242,32 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             pyfuse3.init(operations, directory, options)
         except RuntimeError as e:
             raise GuardError(f"cannot mount the guard over {directory}: {e}") from None
+        mounted_at = time.time()
+        if gap is not None:
+            gap = Gap(gap.since, mounted_at, gap.cause)
+            log.warning("guard of %s: %s", directory, gap.describe(directory))
+            gaps = [*gaps, gap]
+        state = GuardState(run_dir, guard, staging, config, gaps[-MAX_GAPS:])
         try:
-            _write_state(run_dir, guard, staging, config)
-            os.write(report_fd, b"ok\n")
+            state.write()
+            os.write(report_fd, f"ok {mounted_at!r}\n".encode())
             os.close(report_fd)
             log.info("guarding %s (pid %d)", directory, os.getpid())
-            trio.run(_serve, stager, catalog)
+            trio.run(_serve, stager, catalog, state)
         finally:
             operations.release_all()
+            # Where the mount is no longer at DIR, whatever is there now (nothing, or the
+            # next guard) is not ours to unmount: only the session is closed.
+            still_here = state.lost is None and state.mounted_here()
+            if state.lost is None:
+                state.ended(still_here)
             with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=True)
+                pyfuse3.close(unmount=still_here)
             stager.flush_rows()
             notifier.stop()
             with contextlib.suppress(OSError):
                 _flush(stager, catalog)
             catalog.close()
-            with contextlib.suppress(OSError):
-                os.unlink(state_path(run_dir, guard_id))
             log.info("guard of %s ended", directory)
         return 0
     except BaseException as e:  # noqa: BLE001 - report, never unwind into the caller
@@ -230,9 +279,10 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         return 1
 
 
-async def _serve(stager: Stager, catalog: GuardCatalog) -> None:
+async def _serve(stager: Stager, catalog: GuardCatalog, state: GuardState) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
+        nursery.start_soon(_heartbeat, state)
         if not stager.sync:
             nursery.start_soon(_flush_periodically, stager, catalog)
         if stager.defer_rows:
@@ -272,17 +322,84 @@ def _flush(stager: Stager, catalog: GuardCatalog) -> None:
         os.close(fd)
 
 
-def _write_state(run_dir: str, guard: GuardRecord, staging: StagingDir,
-                 config: GuardConfig) -> None:
-    state = {"pid": os.getpid(), "staging_fd": staging.fd, "dir": os.fsdecode(guard.dir),
-             "started": time.time(), "sync": config.sync, "policy": asdict(config.policy)}
-    path = state_path(run_dir, guard.id)
-    temp = f"{path}.{os.getpid()}.tmp"
-    with open(temp, "w") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temp, path)
+async def _heartbeat(state: GuardState) -> None:
+    """Every HEARTBEAT_INTERVAL: is the mount still at DIR? Yes: say so (`seen`). No (an
+    `umount -l` while processes still held it, so the session goes on): record the loss and
+    end the session, so that those processes get ENOTCONN and the next `guard start` can
+    take the staging lock."""
+    while True:
+        await trio.sleep(HEARTBEAT_INTERVAL)
+        here = await trio.to_thread.run_sync(state.mounted_here)
+        if not here:
+            await trio.to_thread.run_sync(
+                state.record_lost, f"its mount at {state.directory} was removed while the "
+                "guard daemon ran (umount -l?)")
+            log.warning("guard: the mount at %s is gone; ending", state.directory)
+            pyfuse3.terminate()
+            return
+        try:
+            await trio.to_thread.run_sync(state.beat)
+        except OSError as e:
+            log.error("guard: cannot write the heartbeat: %s", e)
+
+
+class GuardState:
+    """The daemon's state file, run/guard-<id>.json (see the module docstring): written
+    temp -> fsync -> rename, so a reader sees the old or the new version, never a mix."""
+
+    def __init__(self, run_dir: str, guard: GuardRecord, staging: StagingDir,
+                 config: GuardConfig, gaps: list[Gap]) -> None:
+        self.path = state_path(run_dir, guard.id)
+        self.directory = os.fsdecode(guard.dir)
+        entry = mount_entry(self.directory)
+        # The mount's device tells ours from another mount at the same path later.
+        self.device = entry.device if entry is not None and entry.fstype == FSTYPE else None
+        now = time.time()
+        self.data: dict[str, Any] = {
+            "pid": os.getpid(), "staging_fd": staging.fd, "dir": self.directory,
+            "started": now, "seen": now, "mount": self.device, "sync": config.sync,
+            "policy": asdict(config.policy), "gaps": [g.as_json() for g in gaps]}
+        self.lost: dict[str, Any] | None = None
+
+    def mounted_here(self) -> bool:
+        entry = mount_entry(self.directory)
+        return (entry is not None and entry.fstype == FSTYPE
+                and (self.device is None or entry.device == self.device))
+
+    def beat(self) -> None:
+        self.data["seen"] = time.time()
+        self.write()
+
+    def record_lost(self, cause: str) -> None:
+        # Since the last time it was seen in place: it went away at some point after that.
+        self.lost = {"since": self.data["seen"], "noticed": time.time(), "cause": cause}
+        self.data["lost"] = self.lost
+        with contextlib.suppress(OSError):
+            self.write()
+
+    def ended(self, still_here: bool) -> None:
+        """The session ended without the heartbeat noticing a loss: by a signal (the mount is
+        still here, about to be unmounted: `guard stop` removes this record next) or because
+        someone unmounted it (the kernel ended the session)."""
+        if still_here:
+            self.lost = {"since": time.time(), "noticed": time.time(),
+                         "cause": f"the guard daemon (pid {os.getpid()}) was stopped by a "
+                                  "signal, not by `guard stop`"}
+        else:
+            self.lost = {"since": self.data["seen"], "noticed": time.time(),
+                         "cause": f"its mount at {self.directory} was unmounted without "
+                                  "`guard stop`"}
+        self.data["lost"] = self.lost
+        with contextlib.suppress(OSError):
+            self.write()
+
+    def write(self) -> None:
+        temp = f"{self.path}.{os.getpid()}.tmp"
+        with open(temp, "w") as f:
+            json.dump(self.data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temp, self.path)
 
 
 class Notifier:
@@ -353,9 +470,15 @@ def find_guard(catalog: GuardCatalog, given: str) -> GuardRecord:
     raise GuardError(f"{given} is not guarded; `agentctl guard status` lists what is")
 
 
-def stop(home: str, given: str, timeout: float = 15.0) -> GuardRecord:
+@dataclass(frozen=True)
+class Stopped:
+    guard: GuardRecord
+    gap: Gap | None  # it had lost its mount already: deletes may have gone unguarded
+
+
+def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     """Stop the guard of a directory: its daemon unmounts and exits; a dead mount is
-    detached. Staged items stay for the backup daemon."""
+    detached; the record of a lost one is cleared. Staged items stay for the backup daemon."""
     backups = Backups.of_store(home)
     try:
         guard = find_guard(backups.catalog, given)
@@ -363,7 +486,11 @@ def stop(home: str, given: str, timeout: float = 15.0) -> GuardRecord:
         backups.close()
     directory = os.fsdecode(guard.dir)
     run_dir = os.path.join(home, "run")
+    state = read_state(run_dir, guard.id)
+    entry = mount_entry(directory)
+    mounted = entry is not None and entry.fstype == FSTYPE
     pid = _running_pid(run_dir, guard)
+    gap = None if state is None or mounted else open_gap(state, daemon_alive=pid is not None)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -371,14 +498,13 @@ def stop(home: str, given: str, timeout: float = 15.0) -> GuardRecord:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             wait_exited(pid, 5)
-    entry = mount_entry(directory)
-    if entry is not None and entry.fstype == FSTYPE:
+    if mounted and mount_entry(directory) == entry:
         _detach(directory)
     with contextlib.suppress(OSError):
         os.unlink(state_path(run_dir, guard.id))
-    if pid is None and entry is None:
+    if pid is None and not mounted and gap is None:
         raise GuardError(f"{directory} is not guarded now (no guard runs there)")
-    return guard
+    return Stopped(guard, gap)
 
 
 def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
@@ -388,44 +514,33 @@ def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
 
 
 def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[str, Any]:
+    """One guard: "guarded", "dead" (its daemon is gone, DIR answers ENOTCONN: nothing can
+    be deleted), "lost" (the mount vanished without `guard stop`: `unguarded` says since when
+    deletes may have gone unguarded) or "stopped"."""
     directory = os.fsdecode(guard.dir)
     run_dir = os.path.join(home, "run")
-    state = read_state(run_dir, guard.id) or {}
+    state = read_state(run_dir, guard.id)
     pid = _running_pid(run_dir, guard)
     entry = mount_entry(directory)
     mounted = entry is not None and entry.fstype == FSTYPE
+    gap = None
     if mounted and pid is not None and not is_dead(directory):
         condition = "guarded"
     elif mounted:
         condition = "dead"  # ENOTCONN until `guard start` or `guard stop`
+    elif state is not None:
+        condition = "lost"
+        gap = open_gap(state, daemon_alive=pid is not None)
     else:
         condition = "stopped"
+    state = state or {}
     started = state.get("started") if condition == "guarded" else None
     return {
         "id": guard.id, "dir": directory, "state": condition,
         "pid": pid if condition == "guarded" else None,
-        "started": started, "staging": os.fsdecode(guard.staging),
+        "started": started, "seen": state.get("seen"), "staging": os.fsdecode(guard.staging),
         "policy": state.get("policy"), "counts": catalog.counts(guard.id),
+        "unguarded": None if gap is None else gap.as_json(),
+        "gaps": [g.as_json() for g in past_gaps(state)],
+        "other_views": other_views(directory, FSTYPE) if condition == "guarded" else [],
     }
-
-
-def processes_inside(directory: str) -> list[tuple[int, str]]:
-    """Processes whose working or root directory is inside `directory`."""
-    found: list[tuple[int, str]] = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        for link in ("cwd", "root"):
-            try:
-                target = os.readlink(f"/proc/{name}/{link}")
-            except OSError:
-                continue
-            if is_within(target, directory):
-                try:
-                    with open(f"/proc/{name}/comm") as f:
-                        command = f.read().strip()
-                except OSError:
-                    command = "?"
-                found.append((int(name), command))
-                break
-    return found
