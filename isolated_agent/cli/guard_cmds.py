@@ -179,6 +179,9 @@ def status_cmd(as_json: bool) -> None:
           when(r["started"]) if r["started"] else ""] for r in rows],
     )
     for r in rows:
+        if r["state"] == "moved":
+            warn(f"{r['dir']} was moved to {r['moved_to']} with a renamed parent; its files are "
+                 f"guarded there; `agentctl guard stop {r['dir']}` stops that guard")
         if r["unguarded"] is not None:
             gap = Gap.from_json(r["unguarded"])
             if gap is not None:

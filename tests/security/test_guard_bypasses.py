@@ -289,3 +289,31 @@ def test_stop_of_a_lost_guard_says_so_and_clears_it(tmp_path: Path, guards: Guar
     done = agentctl_cmd(guards.home, "guard", "stop", str(directory))
     assert done.returncode == 0 and "may have gone unguarded" in done.stderr, done.stderr
     assert status_row(guards.home, directory)["state"] == "stopped"
+
+
+def test_a_guard_moved_with_its_parent_keeps_guarding_and_stops(tmp_path: Path,
+                                                               guards: Guards) -> None:
+    """Renaming a parent of DIR moves the mount along: no gap (the files are guarded at their
+    new path), status says where, and `guard stop` unmounts it there."""
+    directory = tmp_path / "parent" / "guarded"
+    directory.mkdir(parents=True)
+    (directory / "f").write_bytes(b"deleted at the new path")
+    start(guards.home, guards, directory)
+    moved = tmp_path / "renamed" / "guarded"
+    guards.started.add(str(moved))
+    os.rename(tmp_path / "parent", tmp_path / "renamed")
+    assert guard_mounted(moved)
+    time.sleep(2.5)  # a heartbeat sees it moved; it must not end the session
+    row = status_row(guards.home, directory)
+    assert row["state"] == "moved" and row["moved_to"] == str(moved), row
+    assert row["unguarded"] is None
+    os.unlink(moved / "f")
+    # Kept; recorded under the path the guard started with (README says so).
+    assert backed_up(guards.home) == [str(directory / "f")]
+    directory.mkdir(parents=True)  # a new directory at the old path
+    again = agentctl_cmd(guards.home, "guard", "start", str(directory), "--no-backupd")
+    assert again.returncode == 1 and "moved to" in again.stderr, again.stderr
+    done = agentctl_cmd(guards.home, "guard", "stop", str(directory))
+    assert done.returncode == 0 and "unguarded" not in done.stderr, done.stderr
+    wait_for(lambda: not guard_mounted(moved), what="the moved mount to go")
+    assert status_row(guards.home, directory)["state"] == "stopped"

@@ -182,6 +182,7 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
         # A state file left without a guard mount at DIR: the mount vanished without `guard
         # stop`. Not so for a dead mount just detached: it answered ENOTCONN to everyone.
         previous = read_state(run_dir, guard_id)
+        _refuse_if_moved(directory, previous)
         gap = None
         if previous is not None and not recovered:
             old_pid = previous.get("pid")
@@ -209,6 +210,18 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
         with contextlib.suppress(ValueError, IndexError):
             gap = Gap(gap.since, float(answer.split()[1]), gap.cause)
     return Started(guard_id, directory, pid, recovered, found_holders, links, views, gap)
+
+
+def _refuse_if_moved(directory: str, previous: dict[str, object] | None) -> None:
+    """Its guard went along with a renamed parent of DIR and still serves there: one guard
+    per directory record (and state file) at a time."""
+    if previous is None:
+        return
+    pid, moved_to = previous.get("pid"), previous.get("moved_to")
+    if (isinstance(pid, int) and process_alive(pid) and isinstance(moved_to, str)
+            and _is_guard_mount(moved_to)):
+        raise GuardError(f"the guard of {directory} moved to {moved_to} with a renamed parent "
+                         f"and still serves there; `agentctl guard stop {directory}` first")
 
 
 def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_fd: int,
@@ -257,12 +270,16 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         finally:
             operations.release_all()
             # Where the mount is no longer at DIR, whatever is there now (nothing, or the
-            # next guard) is not ours to unmount: only the session is closed.
-            still_here = state.lost is None and state.mounted_here()
+            # next guard) is not ours to unmount: only the session is closed. Moved with a
+            # parent of DIR, it is unmounted where it is now.
+            where = None if state.lost is not None else state.where()
             if state.lost is None:
-                state.ended(still_here)
+                state.ended(where is not None)
+            if where is not None and where != directory:
+                with contextlib.suppress(NotMounted, UnmountFailed):
+                    unmount(where, lazy=True)
             with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=still_here)
+                pyfuse3.close(unmount=where == directory)
             stager.flush_rows()
             notifier.stop()
             with contextlib.suppress(OSError):
@@ -329,14 +346,18 @@ async def _heartbeat(state: GuardState) -> None:
     take the staging lock."""
     while True:
         await trio.sleep(HEARTBEAT_INTERVAL)
-        here = await trio.to_thread.run_sync(state.mounted_here)
-        if not here:
+        where = await trio.to_thread.run_sync(state.where)
+        if where is None:
             await trio.to_thread.run_sync(
                 state.record_lost, f"its mount at {state.directory} was removed while the "
                 "guard daemon ran (umount -l?)")
             log.warning("guard: the mount at %s is gone; ending", state.directory)
             pyfuse3.terminate()
             return
+        if where != state.directory and state.data.get("moved_to") != where:
+            # A parent of DIR was renamed: the files are still guarded, at their new path.
+            log.warning("guard: the mount of %s moved to %s", state.directory, where)
+            state.data["moved_to"] = where
         try:
             await trio.to_thread.run_sync(state.beat)
         except OSError as e:
@@ -361,10 +382,17 @@ class GuardState:
             "policy": asdict(config.policy), "gaps": [g.as_json() for g in gaps]}
         self.lost: dict[str, Any] | None = None
 
-    def mounted_here(self) -> bool:
-        entry = mount_entry(self.directory)
-        return (entry is not None and entry.fstype == FSTYPE
-                and (self.device is None or entry.device == self.device))
+    def where(self) -> str | None:
+        """Where this guard's mount is in this namespace: DIR, a new path (a parent of DIR
+        was renamed), or None (unmounted, or detached by `umount -l`)."""
+        if self.device is None:  # not found at the start: judge by the path alone
+            entry = mount_entry(self.directory)
+            return self.directory if entry is not None and entry.fstype == FSTYPE else None
+        places = [e.mount_point for e in read_mountinfo()
+                  if e.device == self.device and e.fstype == FSTYPE]
+        if self.directory in places or not places:
+            return self.directory if places else None
+        return places[-1]
 
     def beat(self) -> None:
         self.data["seen"] = time.time()
@@ -490,7 +518,10 @@ def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     entry = mount_entry(directory)
     mounted = entry is not None and entry.fstype == FSTYPE
     pid = _running_pid(run_dir, guard)
-    gap = None if state is None or mounted else open_gap(state, daemon_alive=pid is not None)
+    moved = state is not None and isinstance(state.get("moved_to"), str) and pid is not None
+    gap = None
+    if state is not None and not mounted and not moved:
+        gap = open_gap(state, daemon_alive=pid is not None)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -505,6 +536,11 @@ def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     if pid is None and not mounted and gap is None:
         raise GuardError(f"{directory} is not guarded now (no guard runs there)")
     return Stopped(guard, gap)
+
+
+def _is_guard_mount(path: str) -> bool:
+    entry = mount_entry(path)
+    return entry is not None and entry.fstype == FSTYPE
 
 
 def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
@@ -524,20 +560,24 @@ def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[s
     entry = mount_entry(directory)
     mounted = entry is not None and entry.fstype == FSTYPE
     gap = None
+    moved_to = None if state is None else state.get("moved_to")
     if mounted and pid is not None and not is_dead(directory):
         condition = "guarded"
     elif mounted:
         condition = "dead"  # ENOTCONN until `guard start` or `guard stop`
+    elif pid is not None and isinstance(moved_to, str) and _is_guard_mount(moved_to):
+        condition = "moved"  # with a renamed parent: its files are guarded at `moved_to`
     elif state is not None:
         condition = "lost"
         gap = open_gap(state, daemon_alive=pid is not None)
     else:
         condition = "stopped"
     state = state or {}
-    started = state.get("started") if condition == "guarded" else None
+    started = state.get("started") if condition in ("guarded", "moved") else None
     return {
         "id": guard.id, "dir": directory, "state": condition,
-        "pid": pid if condition == "guarded" else None,
+        "moved_to": moved_to if condition == "moved" else None,
+        "pid": pid if condition in ("guarded", "moved") else None,
         "started": started, "seen": state.get("seen"), "staging": os.fsdecode(guard.staging),
         "policy": state.get("policy"), "counts": catalog.counts(guard.id),
         "unguarded": None if gap is None else gap.as_json(),
