@@ -89,7 +89,8 @@ def test_a_full_store_says_its_filesystem_is_full(
         fill(store_home)
         result = agentctl("commit", "e1", cwd=project, timeout=120)
         assert result.returncode == 1, (result.stdout, result.stderr)
-        assert f"the filesystem of {store_home} is full" in result.stderr, result.stderr
+        assert f"the store at {store_home} is full" in result.stderr, result.stderr
+        assert "ISOLATED_AGENT_HOME" in result.stderr and "move it away" not in result.stderr
         assert "Traceback" not in result.stderr
         assert (project / "README.md").read_text() == "# demo\n"
 
