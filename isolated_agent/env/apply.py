@@ -19,6 +19,9 @@ inode that has them (a cleared copy is written instead). A host file that alread
 is replaced loses them too: the commit writes the env's version, and cannot tell a legitimate
 setuid helper from one a job planted. Directories keep setgid (group inheritance).
 
+Every path is reached through `fdpath`: as it is when the kernel takes it, through directory fds
+when it is longer than PATH_MAX (a job can build such a tree).
+
 Redo after a crash (`resume=True`) decides from what it finds: a move is done when its source
 left the layer; a replacement when the host path no longer holds the old inode; an addition when
 the path exists; a removal when the path is gone or holds another inode.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from isolated_agent import libc
+from isolated_agent.env import fdpath
 from isolated_agent.env.changeset import (
     CAPABILITY_XATTR,
     PRIVILEGE_BITS,
@@ -94,9 +98,6 @@ class Op:
         return cls(**data)
 
 
-_AT_FDCWD = -100
-
-
 def _is_the_hashed_file(st: os.stat_result, ino: int, ctime_ns: int) -> bool:
     return (
         stat.S_ISREG(st.st_mode) and st.st_nlink == 1
@@ -108,13 +109,7 @@ def identity(st: os.stat_result) -> Identity:
     return (st.st_ino, st.st_ctime_ns, st.st_mode)
 
 
-def lstat_or_none(path: bytes) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
+lstat_or_none = fdpath.lstat_or_none
 
 
 Rebackup = Callable[[bytes], None]
@@ -209,12 +204,12 @@ class Applier:
         else:
             _remove_quietly(carrier)
             self._materialise(op, carrier)
-        libc.renameat2(_AT_FDCWD, carrier, _AT_FDCWD, op.host, libc.RENAME_EXCHANGE)
+        fdpath.renameat2(carrier, op.host, libc.RENAME_EXCHANGE)
         try:
             self.adopt(carrier, digest)
         except OSError:
             # Swap back: the host keeps its file, the env its entry; the op failed as a whole.
-            libc.renameat2(_AT_FDCWD, carrier, _AT_FDCWD, op.host, libc.RENAME_EXCHANGE)
+            fdpath.renameat2(carrier, op.host, libc.RENAME_EXCHANGE)
             self.forget(op.host, digest)
             raise
         return True
@@ -224,7 +219,7 @@ class Applier:
         st = lstat_or_none(op.host)
         if st is not None and stat.S_ISDIR(st.st_mode):
             try:
-                os.utime(op.host, ns=(op.atime_ns, op.mtime_ns), follow_symlinks=False)
+                fdpath.lutime(op.host, (op.atime_ns, op.mtime_ns))
             except OSError as e:
                 self.problems.setdefault(op.index, f"{os.fsdecode(op.host)}: {e.strerror}")
 
@@ -238,7 +233,7 @@ class Applier:
             return
         if stat.S_ISDIR(st.st_mode):
             try:
-                os.rmdir(op.host)
+                fdpath.rmdir(op.host)
             except OSError as e:
                 if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
                     raise OSError(
@@ -246,7 +241,7 @@ class Applier:
                     ) from e
                 raise
         else:
-            os.unlink(op.host)
+            fdpath.unlink(op.host)
 
     def _still_planned(self, op: Op, st: os.stat_result, redo: bool) -> bool:
         """May `op` touch the host entry `st`? Backs it up again if it changed since the backup.
@@ -287,7 +282,7 @@ class Applier:
             if not op.keep_privileges:
                 drop_privileges(op.source)
             try:
-                os.rename(op.source, op.host)
+                fdpath.rename(op.source, op.host)
                 return
             except OSError as e:
                 if e.errno != errno.EXDEV:
@@ -296,7 +291,7 @@ class Applier:
         _remove_quietly(temp)
         try:
             self._materialise(op, temp)
-            os.rename(temp, op.host)
+            fdpath.rename(temp, op.host)
         except BaseException:
             _remove_quietly(temp)
             raise
@@ -306,10 +301,10 @@ class Applier:
         if op.kind == "file":
             copy_file(op.source, temp, op.mode)
         elif op.kind == "symlink":
-            os.symlink(os.readlink(op.source), temp)
+            fdpath.symlink(fdpath.readlink(op.source), temp)
         else:
             mode = op.mode if op.keep_privileges else unprivileged_mode(op.mode)
-            os.mknod(temp, mode, op.rdev)
+            fdpath.mknod(temp, mode, op.rdev)
         self._set_metadata(op, temp)
 
     def _set_metadata(self, op: Op, path: bytes) -> None:
@@ -322,13 +317,13 @@ class Applier:
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.ENOTDIR, "a file is in the way on the host")
         if st is None:
-            os.mkdir(op.host, 0o700)
-            if op.source is not None and os.path.isdir(op.source):
+            fdpath.mkdir(op.host, 0o700)
+            if op.source is not None and fdpath.is_dir(op.source):
                 copy_xattrs(op.source, op.host)
         if self.as_root and (st is None or (st.st_uid, st.st_gid) != (op.uid, op.gid)):
-            os.chown(op.host, op.uid, op.gid)
+            fdpath.lchown(op.host, op.uid, op.gid)
         if st is None or stat.S_IMODE(st.st_mode) != stat.S_IMODE(op.mode):
-            os.chmod(op.host, stat.S_IMODE(op.mode))
+            fdpath.chmod(op.host, stat.S_IMODE(op.mode))
 
     def _link(self, op: Op) -> None:
         assert op.link_to is not None
@@ -346,7 +341,7 @@ class Applier:
         try:
             linked = True
             try:
-                os.link(op.link_to, temp, follow_symlinks=False)
+                fdpath.link(op.link_to, temp)
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.ENOENT, errno.EPERM, errno.EMLINK):
                     raise
@@ -354,11 +349,11 @@ class Applier:
             if linked and not op.keep_privileges and _privileged(temp):
                 # The anchor is privileged (the host's own setuid program, or an anchor whose
                 # put failed): another name of it would carry that to this path.
-                os.unlink(temp)
+                fdpath.unlink(temp)
                 linked = False
             if not linked:
                 self._materialise(op, temp)
-            os.rename(temp, op.host)
+            fdpath.rename(temp, op.host)
         except BaseException:
             _remove_quietly(temp)
             raise
@@ -370,9 +365,9 @@ class Applier:
 
 def copy_file(source: bytes, target: bytes, mode: int) -> None:
     """Copy the data of `source` to a new file `target` (kernel-side copy), flushed to disk."""
-    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    src = fdpath.open_fd(source, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        dst = fdpath.open_fd(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             size = os.fstat(src).st_size
             copied = 0
@@ -402,32 +397,34 @@ def set_metadata(
     unless `keep_privileges`."""
     copy_xattrs(source, path)
     if os.geteuid() == 0:
-        os.chown(path, uid, gid, follow_symlinks=False)
+        fdpath.lchown(path, uid, gid)
     if not keep_privileges:
         mode = unprivileged_mode(mode)
     if not stat.S_ISLNK(mode):
-        os.chmod(path, stat.S_IMODE(mode))
+        fdpath.chmod(path, stat.S_IMODE(mode))
     if keep_privileges and stat.S_ISREG(mode):
         # After the chown: the kernel drops file capabilities on every chown.
         try:
-            value = os.getxattr(source, CAPABILITY_XATTR, follow_symlinks=False)
+            with fdpath.xattr_path(source) as name:
+                value = os.getxattr(name, CAPABILITY_XATTR, follow_symlinks=False)
         except OSError:
             pass
         else:
-            os.setxattr(path, CAPABILITY_XATTR, value, follow_symlinks=False)
-    os.utime(path, ns=(atime_ns, mtime_ns), follow_symlinks=False)
+            with fdpath.xattr_path(path) as name:
+                os.setxattr(name, CAPABILITY_XATTR, value, follow_symlinks=False)
+    fdpath.lutime(path, (atime_ns, mtime_ns))
 
 
 def drop_privileges(path: bytes) -> None:
     """Clear setuid, setgid and file capabilities of the regular file `path`, in place. Raises
     if they cannot be cleared: the caller must then not carry the file to the host."""
-    st = os.lstat(path)
+    st = fdpath.lstat(path)
     if not stat.S_ISREG(st.st_mode):
         return
     if not st.st_mode & PRIVILEGE_BITS and not has_capabilities(path):
         return
     # Through a descriptor of exactly the file checked (no symlink swapped in meanwhile).
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = fdpath.open_fd(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -443,7 +440,7 @@ def drop_privileges(path: bytes) -> None:
 
 
 def _privileged(path: bytes) -> bool:
-    st = os.lstat(path)
+    st = fdpath.lstat(path)
     return bool(st.st_mode & PRIVILEGE_BITS) or (
         stat.S_ISREG(st.st_mode) and has_capabilities(path)
     )
@@ -452,31 +449,35 @@ def _privileged(path: bytes) -> bool:
 def copy_xattrs(source: bytes, target: bytes) -> None:
     """Copy extended attributes, except overlayfs's own (format metadata, never user data) and
     file capabilities (`set_metadata` sets those, when kept, after the owner)."""
+    values: dict[str, bytes] = {}
     try:
-        names = os.listxattr(source, follow_symlinks=False)
+        with fdpath.xattr_path(source) as source_name:
+            for name in os.listxattr(source_name, follow_symlinks=False):
+                if name.startswith(OVERLAY_XATTR_PREFIX) or name == CAPABILITY_XATTR:
+                    continue
+                with contextlib.suppress(OSError):
+                    values[name] = os.getxattr(source_name, name, follow_symlinks=False)
     except OSError:
         return
-    for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX) or name == CAPABILITY_XATTR:
-            continue
-        try:
-            value = os.getxattr(source, name, follow_symlinks=False)
-            os.setxattr(target, name, value, follow_symlinks=False)
-        except OSError:
-            continue  # e.g. security.* without the privilege to set it
+    if not values:
+        return
+    with fdpath.xattr_path(target) as target_name:
+        for name, value in values.items():
+            with contextlib.suppress(OSError):  # e.g. security.* without the privilege
+                os.setxattr(target_name, name, value, follow_symlinks=False)
 
 
 def _strip_overlay_xattrs(path: bytes) -> None:
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        with fdpath.xattr_path(path) as short:
+            for name in os.listxattr(short, follow_symlinks=False):
+                if name.startswith(OVERLAY_XATTR_PREFIX):
+                    with contextlib.suppress(OSError):
+                        os.removexattr(short, name, follow_symlinks=False)
     except OSError:
         return
-    for name in names:
-        if name.startswith(OVERLAY_XATTR_PREFIX):
-            with contextlib.suppress(OSError):
-                os.removexattr(path, name, follow_symlinks=False)
 
 
 def _remove_quietly(path: bytes) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        fdpath.unlink(path)

@@ -16,6 +16,10 @@ host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change;
 or time differences (commit carries them along with the entries it writes). Changes come out in
 path order (by root, then by the bytes of the path), so output is deterministic.
 
+The walk goes through directory fds, one per level and side, with the *at calls, so a tree deeper
+than PATH_MAX reads like any other; `Entry.path` names an entry for later reads, which go through
+`fdpath` for the same reason.
+
 Privileges: an entry the view would give the host setuid or setgid bits, or file capabilities
 (the `security.capability` xattr), is flagged (`Entry.privileges`), because a commit run by root
 would turn it into a privileged program on the host. Directories carry none: setgid on a
@@ -33,11 +37,13 @@ import errno
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
+from isolated_agent.env import fdpath
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.errors import RootMissing, StoreError
-from isolated_agent.overlay.format import is_opaque_dir, is_whiteout
+from isolated_agent.overlay.format import is_opaque_fd, is_whiteout
 
 ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
 
@@ -86,7 +92,7 @@ class Entry:
         return stat.S_IMODE(self.mode)
 
     def target(self) -> bytes:
-        return os.readlink(self.path)
+        return fdpath.readlink(self.path)
 
     def privileges(self) -> tuple[str, ...]:
         """What would make this entry run with more privilege than its caller: (setuid,
@@ -159,7 +165,7 @@ class Changeset:
             if any(selection.matches(c.root, c.rel) for c in self.changes):
                 continue
             host = os.path.join(self.env.roots[root].path, os.fsdecode(prefix))
-            if not os.path.lexists(host):
+            if fdpath.lstat_or_none(os.fsencode(host)) is None:
                 unknown.append(host)
         return unknown
 
@@ -175,11 +181,21 @@ def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
         if wanted is not None and root.index not in wanted:
             continue
         upper = os.fsencode(root.upper)
-        if not os.path.isdir(upper):
+        host = os.fsencode(root.path)
+        try:
+            upper_fd = os.open(upper, fdpath.DIR_READ)
+        except OSError as e:
             raise StoreError(
                 f"the layer {root.upper} of env {env.name} is missing; the store is damaged"
-            )
-        reader.walk(root.index, b"", upper, os.fsencode(root.path), hides_host=False, hider=upper)
+            ) from e
+        try:
+            host_fd = os.open(host, fdpath.DIR_PATH)
+            try:
+                reader.walk(root.index, b"", upper_fd, upper, host_fd, host, False, upper)
+            finally:
+                os.close(host_fd)
+        finally:
+            os.close(upper_fd)
     result = Changeset(env, selection)
     for change in sorted(reader.found, key=lambda c: (c.root, c.rel)):
         if selection.matches(change.root, change.rel):
@@ -191,6 +207,10 @@ def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
 
 
 class _Reader:
+    """Walks an upper layer and the host beside it through directory fds, one per level and
+    side (trees can be deeper than PATH_MAX); the paths it builds are names for the results,
+    never handed to the kernel here."""
+
     def __init__(self, env: Env, selection: Selection) -> None:
         self.env = env
         self.selection = selection
@@ -198,83 +218,70 @@ class _Reader:
         self.unchanged_links: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
 
     def walk(
-        self, root: int, rel: bytes, upper_dir: bytes, host_dir: bytes | None,
-        hides_host: bool, hider: bytes,
+        self, root: int, rel: bytes, upper_fd: int, upper_dir: bytes, host_fd: int | None,
+        host_dir: bytes | None, hides_host: bool, hider: bytes,
     ) -> None:
-        """Visit the upper dir at `rel`. `host_dir` is the host's directory there (None when the
-        host has no directory there); `hides_host`: the host's entries under it are hidden, and
-        `hider` is the upper entry that hides them."""
-        names: set[bytes] = set()
+        """Visit the upper dir at `rel` (`upper_fd`, readable). `host_fd`/`host_dir` is the
+        host's directory there (None when the host has no directory there); `hides_host`: the
+        host's entries under it are hidden, and `hider` is the upper entry that hides them."""
         try:
-            with os.scandir(upper_dir) as it:
-                entries = list(it)
+            names = [os.fsencode(name) for name in os.listdir(upper_fd)]
         except OSError as e:
-            raise StoreError(
-                f"cannot read the layer of env {self.env.name} at {os.fsdecode(upper_dir)}: "
-                f"{e.strerror}"
-            ) from e
-        for entry in entries:
-            name = entry.name
-            names.add(name)
+            raise self._layer_error(upper_dir, e) from e
+        for name in names:
             path = join(rel, name)
             if not self.selection.relevant(root, path):
                 continue
-            upper_path = entry.path
-            st = entry.stat(follow_symlinks=False)
+            st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
             host_path = None if host_dir is None else host_dir + b"/" + name
-            host_st = None if host_path is None else _lstat(host_path)
-            self.visit(root, path, upper_path, st, host_path, host_st, hides_host, hider)
-        if hides_host and host_dir is not None:
-            for host_name in _list_dir(host_dir):
-                if host_name in names:
+            host_st = None if host_fd is None else _lstat_at(host_fd, name)
+            self.visit(root, path, upper_fd, name, upper_dir + b"/" + name, st, host_fd,
+                       host_path, host_st, hides_host, hider)
+        if hides_host and host_fd is not None and host_dir is not None:
+            present = set(names)
+            for host_name in _list_at(host_fd):
+                if host_name in present:
                     continue
                 path = join(rel, host_name)
                 if not self.selection.relevant(root, path):
                     continue
-                host_path = host_dir + b"/" + host_name
-                host_st = _lstat(host_path)
+                host_st = _lstat_at(host_fd, host_name)
                 if host_st is not None:
-                    self.deleted(root, path, host_path, host_st, hider)
+                    self.deleted(root, path, host_fd, host_name, host_dir + b"/" + host_name,
+                                 host_st, hider)
 
     def visit(
-        self, root: int, rel: bytes, upper_path: bytes, st: os.stat_result,
-        host_path: bytes | None, host_st: os.stat_result | None, hides_host: bool, hider: bytes,
+        self, root: int, rel: bytes, upper_fd: int, name: bytes, upper_path: bytes,
+        st: os.stat_result, host_fd: int | None, host_path: bytes | None,
+        host_st: os.stat_result | None, hides_host: bool, hider: bytes,
     ) -> None:
         if is_whiteout(st):
-            if host_st is not None and host_path is not None:
-                self.deleted(root, rel, host_path, host_st, upper_path)
+            if host_st is not None and host_path is not None and host_fd is not None:
+                self.deleted(root, rel, host_fd, name, host_path, host_st, upper_path)
             return
         new = Entry.of(upper_path, st)
         if stat.S_ISDIR(st.st_mode):
-            self._check_supported(upper_path)
-            if host_st is None or host_path is None:
-                self.add(root, rel, ADDED, None, new, upper_path, True)
-                self.walk(root, rel, upper_path, None, False, upper_path)
-                return
-            old = Entry.of(host_path, host_st)
-            if not old.is_dir:
-                self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
-                self.walk(root, rel, upper_path, None, False, upper_path)
-                return
-            if old.perms != new.perms:
-                self.add(root, rel, MODIFIED, old, new, upper_path, False)
-            if hides_host:
-                self.walk(root, rel, upper_path, host_path, True, hider)
-            elif is_opaque_dir(upper_path):
-                self.walk(root, rel, upper_path, host_path, True, upper_path)
-            else:
-                self.walk(root, rel, upper_path, host_path, False, upper_path)
+            try:
+                child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=upper_fd)
+            except OSError as e:
+                raise self._layer_error(upper_path, e) from e
+            try:
+                self._check_supported(fdpath.child_path(upper_fd, name), upper_path)
+                self._visit_dir(root, rel, child, upper_path, new, host_fd, name, host_path,
+                                host_st, hides_host, hider)
+            finally:
+                os.close(child)
             return
         if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
             # Only a file with holes can be a metacopy (its data left in the lower layer).
-            self._check_supported(upper_path)
-        if host_st is None or host_path is None:
+            self._check_supported(fdpath.child_path(upper_fd, name), upper_path)
+        if host_st is None or host_path is None or host_fd is None:
             self.add(root, rel, ADDED, None, new, upper_path, True)
             return
         old = Entry.of(host_path, host_st)
         if old.is_dir:
             self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
-            self.expand(root, rel, host_path, upper_path)
+            self.expand(root, rel, host_fd, name, host_path, upper_path)
             return
         if stat.S_IFMT(old.mode) != stat.S_IFMT(new.mode):
             self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
@@ -285,23 +292,62 @@ class _Reader:
         elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
 
+    def _visit_dir(
+        self, root: int, rel: bytes, child: int, upper_path: bytes, new: Entry,
+        host_fd: int | None, name: bytes, host_path: bytes | None,
+        host_st: os.stat_result | None, hides_host: bool, hider: bytes,
+    ) -> None:
+        if host_st is None or host_path is None or host_fd is None:
+            self.add(root, rel, ADDED, None, new, upper_path, True)
+            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            return
+        old = Entry.of(host_path, host_st)
+        if not old.is_dir:
+            self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
+            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            return
+        if old.perms != new.perms:
+            self.add(root, rel, MODIFIED, old, new, upper_path, False)
+        host_child = _open_dir_at(host_fd, name)
+        if host_child is None:  # gone from the host since it was looked at
+            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            return
+        try:
+            if hides_host:
+                self.walk(root, rel, child, upper_path, host_child, host_path, True, hider)
+            elif is_opaque_fd(child):
+                self.walk(root, rel, child, upper_path, host_child, host_path, True, upper_path)
+            else:
+                self.walk(root, rel, child, upper_path, host_child, host_path, False,
+                          upper_path)
+        finally:
+            os.close(host_child)
+
     def deleted(
-        self, root: int, rel: bytes, host_path: bytes, host_st: os.stat_result, hider: bytes
+        self, root: int, rel: bytes, parent_fd: int, name: bytes, host_path: bytes,
+        host_st: os.stat_result, hider: bytes,
     ) -> None:
         self.add(root, rel, DELETED, Entry.of(host_path, host_st), None, hider, True)
         if stat.S_ISDIR(host_st.st_mode):
-            self.expand(root, rel, host_path, hider)
+            self.expand(root, rel, parent_fd, name, host_path, hider)
 
-    def expand(self, root: int, rel: bytes, host_dir: bytes, hider: bytes) -> None:
+    def expand(
+        self, root: int, rel: bytes, parent_fd: int, name: bytes, host_dir: bytes, hider: bytes
+    ) -> None:
         """Every entry under a host directory the view hides is deleted."""
-        for name in _list_dir(host_dir):
-            path = join(rel, name)
-            if not self.selection.relevant(root, path):
-                continue
-            host_path = host_dir + b"/" + name
-            host_st = _lstat(host_path)
-            if host_st is not None:
-                self.deleted(root, path, host_path, host_st, hider)
+        fd = _open_dir_at(parent_fd, name)
+        if fd is None:
+            return
+        try:
+            for child in _list_at(fd):
+                path = join(rel, child)
+                if not self.selection.relevant(root, path):
+                    continue
+                host_st = _lstat_at(fd, child)
+                if host_st is not None:
+                    self.deleted(root, path, fd, child, host_dir + b"/" + child, host_st, hider)
+        finally:
+            os.close(fd)
 
     def add(
         self, root: int, rel: bytes, status: str, old: Entry | None, new: Entry | None,
@@ -309,12 +355,18 @@ class _Reader:
     ) -> None:
         self.found.append(Change(root, rel, status, old, new, seen_from, content_changed))
 
-    def _check_supported(self, upper_path: bytes) -> None:
+    def _layer_error(self, upper_path: bytes, e: OSError) -> StoreError:
+        return StoreError(
+            f"cannot read the layer of env {self.env.name} at {os.fsdecode(upper_path)}: "
+            f"{e.strerror}"
+        )
+
+    def _check_supported(self, xattr_path: bytes, upper_path: bytes) -> None:
         # Our engines mount with userxattr, which rules out metacopy and redirect_dir; a layer
         # carrying them came from elsewhere, and committing it would lose data.
         for name in _UNSUPPORTED_XATTRS:
             try:
-                os.getxattr(upper_path, name, follow_symlinks=False)
+                os.getxattr(xattr_path, name, follow_symlinks=False)
             except OSError:
                 continue
             raise StoreError(
@@ -325,7 +377,7 @@ class _Reader:
 
 def has_capabilities(path: bytes) -> bool:
     try:
-        os.getxattr(path, CAPABILITY_XATTR, follow_symlinks=False)
+        fdpath.getxattr(path, CAPABILITY_XATTR)
     except OSError:
         return False
     return True
@@ -340,18 +392,28 @@ def join(rel: bytes, name: bytes) -> bytes:
     return name if not rel else rel + b"/" + name
 
 
-def _lstat(path: bytes) -> os.stat_result | None:
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
     try:
-        return os.lstat(path)
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
 
 
-def _list_dir(path: bytes) -> list[bytes]:
+def _open_dir_at(dir_fd: int, name: bytes) -> int | None:
+    """An O_PATH fd of the directory `name` (never through a symlink); None when gone."""
     try:
-        return os.listdir(path)
+        return os.open(name, fdpath.DIR_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def _list_at(dir_fd: int) -> list[bytes]:
+    try:
+        return fdpath.listdir_at(dir_fd)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
             return []
@@ -375,7 +437,7 @@ def _same_content(old: Entry, new: Entry) -> bool:
 
 
 def same_file_data(a: bytes, b: bytes) -> bool:
-    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+    with open_file(a) as fa, open_file(b) as fb:
         while True:
             chunk_a = fa.read(_CHUNK)
             chunk_b = fb.read(_CHUNK)
@@ -383,3 +445,8 @@ def same_file_data(a: bytes, b: bytes) -> bool:
                 return False
             if not chunk_a:
                 return True
+
+
+def open_file(path: bytes) -> BinaryIO:
+    """`path` (of any length) opened for reading, unbuffered."""
+    return os.fdopen(fdpath.open_fd(path, os.O_RDONLY), "rb", buffering=0)

@@ -23,6 +23,10 @@ replaced: commit cannot tell a project's own setuid helper from a planted one, s
 reports every such path (`CommitResult.privileged`). `keep_privileges` (`--keep-setuid`) keeps
 them. Directories keep setgid: it only makes new entries inherit the directory's group.
 
+Paths longer than PATH_MAX (a job can build such a tree) go through the same steps: the changeset,
+apply and prune reach them through directory fds (fdpath.py), the journal names them whole, and
+`backup.capture` and the store's `adopt` reach them through fds of their own.
+
 Conflict detection costs nothing at run time. Every change carries the upper entry that made it
 (`Change.seen_from`); overlayfs creates that entry when the env first takes the path over — the
 copy-up on the first write, the create, the whiteout of a delete — so its birth time (statx
@@ -46,6 +50,7 @@ from dataclasses import dataclass, field
 from isolated_agent import libc
 from isolated_agent.backup import Backups
 from isolated_agent.backup.capture import capture
+from isolated_agent.env import fdpath
 from isolated_agent.env.apply import LINK, PUT, REMOVE, Applier, Op
 from isolated_agent.env.changeset import (
     ADDED,
@@ -199,7 +204,7 @@ def find_conflicts(env: Env, changes: list[Change]) -> list[Conflict]:
         seen = seen_cache.get(change.seen_from)
         if seen is None:
             try:
-                seen = libc.birth_time_ns(change.seen_from) or fallback
+                seen = fdpath.birth_time_ns(change.seen_from) or fallback
             except OSError:
                 seen = fallback
             seen_cache[change.seen_from] = seen
@@ -263,7 +268,8 @@ def build_ops(
             ancestor = b"/".join(parts[:depth])
             upper_dir = uppers[change.root] + b"/" + ancestor
             if upper_dir not in opaque_cache:
-                opaque_cache[upper_dir] = is_opaque_dir(upper_dir)
+                with fdpath.xattr_path(upper_dir) as short:
+                    opaque_cache[upper_dir] = is_opaque_dir(short)
             if opaque_cache[upper_dir] and not selection.matches(change.root, ancestor):
                 return False
         return True

@@ -26,6 +26,7 @@ from isolated_agent.env.changeset import (
     Change,
     Changeset,
     Entry,
+    open_file,
     same_file_data,
 )
 
@@ -68,7 +69,7 @@ def content_of(entry: Entry | None) -> Content:
     if not stat.S_ISREG(entry.mode) or entry.size > TEXT_LIMIT:
         return Content([], True, entry.size)
     try:
-        with open(entry.path, "rb") as f:
+        with open_file(entry.path) as f:
             data = f.read()
     except OSError:
         return Content([], True, entry.size)

@@ -12,6 +12,9 @@ with everything needed to redo them). Each further line is a phase marker, JSON 
     {"phase": "applied", "failed": [3, 17]}     every operation ran (the listed ones failed);
                                                 the host's data is flushed
 
+Paths in the plan are whole paths, as surrogate-escaped text, of any length: a tree deeper than
+PATH_MAX is named like any other (apply.py reaches such paths through directory fds).
+
 Write ordering (must): the plan is written to a temp file, fsynced, renamed into place and the
 directory fsynced before any backup is taken; a marker is appended and fsynced only after its
 phase is durable; the journal is removed (and the directory fsynced) only after the env's layers

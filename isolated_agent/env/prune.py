@@ -13,19 +13,31 @@ single step here, so a crash half-way leaves a correct env and a redo simply car
 - a file moved out of the layer whose place is still hidden from the host (its commit failed
   half-way under an opaque directory) is copied back from the host.
 Everything else stays: uncommitted changes and entries the view still needs.
+
+The layer is walked through directory fds (with the host's directory beside it), so trees deeper
+than PATH_MAX are pruned like any other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+from collections.abc import Iterator
 
+from isolated_agent.env import fdpath
 from isolated_agent.env.apply import Op, copy_file, lstat_or_none, set_metadata
 from isolated_agent.env.changeset import join
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
-from isolated_agent.overlay.format import OPAQUE_XATTR, is_opaque_dir, is_whiteout
+from isolated_agent.overlay.format import (
+    OPAQUE_XATTR,
+    fd_path,
+    is_opaque_dir,
+    is_opaque_fd,
+    is_whiteout,
+)
 
 Path = tuple[int, bytes]  # (root index, path relative to the root)
 
@@ -43,13 +55,25 @@ def prune(
         for depth in range(len(parts) + 1):
             blocked.add((root, b"/".join(parts[:depth])))
     for env_root in env.roots:
-        pruner = _Pruner(env_root.index, os.fsencode(env_root.path), selection, committed, blocked)
-        pruner.visit(b"", os.fsencode(env_root.upper), merged=True)
+        host_root = os.fsencode(env_root.path)
+        pruner = _Pruner(env_root.index, host_root, selection, committed, blocked)
+        upper_fd = os.open(env_root.upper, fdpath.DIR_READ)
+        try:
+            host_fd = os.open(host_root, fdpath.DIR_PATH)  # the root as configured
+            try:
+                pruner.visit(b"", upper_fd, host_fd, merged=True)
+            finally:
+                os.close(host_fd)
+        finally:
+            os.close(upper_fd)
     for op in moved:
         _restore_if_hidden(env, op)
 
 
 class _Pruner:
+    """Walks the upper layer through directory fds (one per level; trees can be deeper than
+    PATH_MAX), with the host's directory beside it when there is one."""
+
     def __init__(
         self, root: int, host_root: bytes, selection: Selection, committed: set[Path],
         blocked: set[Path],
@@ -60,88 +84,142 @@ class _Pruner:
         self.committed = committed
         self.blocked = blocked
 
-    def visit(self, rel: bytes, upper_dir: bytes, merged: bool) -> None:
-        """`merged`: the host's entries in this directory show through in the view."""
-        with os.scandir(upper_dir) as it:
-            entries = list(it)
-        for entry in entries:
-            path = join(rel, entry.name)
+    def visit(self, rel: bytes, upper_fd: int, host_fd: int | None, merged: bool) -> None:
+        """`merged`: the host's entries in this directory show through in the view;
+        `host_fd`: the host's directory here (None when the host has none)."""
+        for name in [os.fsencode(n) for n in os.listdir(upper_fd)]:
+            path = join(rel, name)
             if not self.selection.relevant(self.root, path):
                 continue
             selected = (
                 self.selection.matches(self.root, path)
                 and (self.root, path) not in self.blocked
             )
-            upper_path = entry.path
-            st = entry.stat(follow_symlinks=False)
-            host_path = self.host_root + b"/" + path
+            st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
+            host_st = None if host_fd is None else _lstat_at(host_fd, name)
             if is_whiteout(st):
-                if selected or (merged and lstat_or_none(host_path) is None):
-                    _unlink(upper_path)  # hides nothing any more
+                if selected or (merged and host_st is None):
+                    _unlink_at(upper_fd, name)  # hides nothing any more
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self._visit_dir(path, upper_path, host_path, st, merged, selected)
+                self._visit_dir(path, upper_fd, name, host_fd, host_st, st, merged, selected)
                 continue
             if selected and merged:
-                _unlink(upper_path)
+                _unlink_at(upper_fd, name)
 
     def _visit_dir(
-        self, path: bytes, upper_path: bytes, host_path: bytes, st: os.stat_result,
-        merged: bool, selected: bool,
+        self, path: bytes, upper_fd: int, name: bytes, host_fd: int | None,
+        host_st: os.stat_result | None, st: os.stat_result, merged: bool, selected: bool,
     ) -> None:
-        host_st = lstat_or_none(host_path)
         host_is_dir = host_st is not None and stat.S_ISDIR(host_st.st_mode)
-        opaque = is_opaque_dir(upper_path)
-        if (
-            opaque and merged and host_is_dir and selected
-            and self._covered(path, upper_path, host_path)
-        ):
-            os.removexattr(upper_path, OPAQUE_XATTR, follow_symlinks=False)
-            opaque = False
-        child_merged = merged and not opaque and host_is_dir
-        self.visit(path, upper_path, child_merged)
-        if not child_merged or host_st is None:
-            return
-        same_perms = stat.S_IMODE(host_st.st_mode) == stat.S_IMODE(st.st_mode)
-        if (selected or same_perms) and not os.listdir(upper_path):
-            with contextlib.suppress(OSError):
-                os.rmdir(upper_path)
+        child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=upper_fd)
+        host_child = _open_dir_at(host_fd, name) if host_is_dir and host_fd is not None else None
+        try:
+            opaque = is_opaque_fd(child)
+            if (
+                opaque and merged and host_child is not None and selected
+                and self._covered(path, child, host_child)
+            ):
+                os.removexattr(fd_path(child), OPAQUE_XATTR)
+                opaque = False
+            child_merged = merged and not opaque and host_child is not None
+            self.visit(path, child, host_child, child_merged)
+            if not child_merged or host_st is None:
+                return
+            same_perms = stat.S_IMODE(host_st.st_mode) == stat.S_IMODE(st.st_mode)
+            if (selected or same_perms) and not os.listdir(child):
+                with contextlib.suppress(OSError):
+                    os.rmdir(name, dir_fd=upper_fd)
+        finally:
+            os.close(child)
+            if host_child is not None:
+                os.close(host_child)
 
-    def _covered(self, path: bytes, upper_dir: bytes, host_dir: bytes) -> bool:
-        """Is every host entry under `host_dir` shadowed by the layer or written by this
-        commit? Then merging the directory with the host changes nothing."""
-        for name in os.listdir(host_dir):
+    def _covered(self, path: bytes, upper_fd: int, host_fd: int) -> bool:
+        """Is every host entry under the host dir `host_fd` shadowed by the layer (`upper_fd`)
+        or written by this commit? Then merging the directory with the host changes
+        nothing."""
+        for name in fdpath.listdir_at(host_fd):
             child = join(path, name)
-            upper_child = upper_dir + b"/" + name
-            host_child = host_dir + b"/" + name
-            upper_st = lstat_or_none(upper_child)
-            host_st = lstat_or_none(host_child)
+            upper_st = _lstat_at(upper_fd, name)
+            host_st = _lstat_at(host_fd, name)
             if host_st is None:
                 continue
             if upper_st is not None:
-                if (
-                    stat.S_ISDIR(upper_st.st_mode) and stat.S_ISDIR(host_st.st_mode)
-                    and not is_opaque_dir(upper_child)
-                    and not self._covered(child, upper_child, host_child)
-                ):
-                    return False
+                if stat.S_ISDIR(upper_st.st_mode) and stat.S_ISDIR(host_st.st_mode):
+                    with _dirs_at(upper_fd, host_fd, name) as (upper_child, host_child):
+                        if (
+                            upper_child is not None and host_child is not None
+                            and not is_opaque_fd(upper_child)
+                            and not self._covered(child, upper_child, host_child)
+                        ):
+                            return False
                 continue
             if (self.root, child) not in self.committed:
                 return False
-            if stat.S_ISDIR(host_st.st_mode) and not self._all_committed(child, host_child):
-                return False
+            if stat.S_ISDIR(host_st.st_mode):
+                host_child = _open_dir_at(host_fd, name)
+                if host_child is not None:
+                    try:
+                        if not self._all_committed(child, host_child):
+                            return False
+                    finally:
+                        os.close(host_child)
         return True
 
-    def _all_committed(self, path: bytes, host_dir: bytes) -> bool:
-        for name in os.listdir(host_dir):
+    def _all_committed(self, path: bytes, host_fd: int) -> bool:
+        for name in fdpath.listdir_at(host_fd):
             child = join(path, name)
             if (self.root, child) not in self.committed:
                 return False
-            host_child = host_dir + b"/" + name
-            is_dir = os.path.isdir(host_child) and not os.path.islink(host_child)
-            if is_dir and not self._all_committed(child, host_child):
-                return False
+            host_st = _lstat_at(host_fd, name)
+            if host_st is not None and stat.S_ISDIR(host_st.st_mode):
+                host_child = _open_dir_at(host_fd, name)
+                if host_child is None:
+                    continue
+                try:
+                    if not self._all_committed(child, host_child):
+                        return False
+                finally:
+                    os.close(host_child)
         return True
+
+
+@contextlib.contextmanager
+def _dirs_at(upper_fd: int, host_fd: int, name: bytes) -> Iterator[tuple[int | None, int | None]]:
+    upper_child = _open_dir_at(upper_fd, name)
+    host_child = _open_dir_at(host_fd, name)
+    try:
+        yield upper_child, host_child
+    finally:
+        for fd in (upper_child, host_child):
+            if fd is not None:
+                os.close(fd)
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def _open_dir_at(dir_fd: int, name: bytes) -> int | None:
+    """An O_PATH fd of the directory `name` (relative to `dir_fd`, never through a final
+    symlink); None when there is none."""
+    try:
+        return os.open(name, fdpath.DIR_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+
+
+def _unlink_at(dir_fd: int, name: bytes) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _restore_if_hidden(env: Env, op: Op) -> None:
@@ -157,9 +235,9 @@ def _restore_if_hidden(env: Env, op: Op) -> None:
     for depth in range(1, len(parts)):
         ancestor = b"/".join(parts[:depth])
         upper_dir = upper + b"/" + ancestor
-        if not os.path.isdir(upper_dir):
+        if not fdpath.is_dir(upper_dir):
             return  # no layer from here down: the host shows through
-        if is_opaque_dir(upper_dir) or not os.path.isdir(host + b"/" + ancestor):
+        if _is_opaque(upper_dir) or not fdpath.is_dir(host + b"/" + ancestor):
             break
     else:
         return
@@ -172,9 +250,12 @@ def _restore_if_hidden(env: Env, op: Op) -> None:
         op.host, temp, host_st.st_mode, host_st.st_uid, host_st.st_gid, host_st.st_atime_ns,
         host_st.st_mtime_ns, keep_privileges=True,  # the host's file as it is, into the env
     )
-    os.rename(temp, op.source)
+    fdpath.rename(temp, op.source)
 
 
-def _unlink(path: bytes) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+def _is_opaque(path: bytes) -> bool:
+    try:
+        with fdpath.xattr_path(path) as short:
+            return is_opaque_dir(short)
+    except OSError:
+        return False

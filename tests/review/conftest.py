@@ -110,12 +110,12 @@ class Workspace:
 @pytest.fixture
 def ws(project: Path, agentctl: Agentctl, store_home: Path, tmp_path: Path) -> Iterator[Workspace]:
     yield Workspace(project, agentctl, store_home, tmp_path)
-    # Blobs are read-only and some tests leave mode-000 dirs: make tmp_path removable.
-    for dirpath, dirnames, _ in os.walk(tmp_path):
+    # Blobs are read-only and some tests leave mode-000 dirs: make tmp_path removable. Through
+    # dir fds: some trees are deeper than PATH_MAX.
+    for _, dirnames, _, dir_fd in os.fwalk(tmp_path):
         for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o755)
+            if not stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.chmod(name, 0o755, dir_fd=dir_fd)
 
 
 def rmtree(path: Path) -> None:
