@@ -63,6 +63,9 @@ _RIGHTS_BY_ABI = {
     5: libc.LANDLOCK_ACCESS_FS_IOCTL_DEV,
 }
 
+# ABI >= 6: no signal to, and no abstract unix socket of, a process outside the job's domain.
+_SCOPES = libc.LANDLOCK_SCOPE_SIGNAL | libc.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+
 _NOT_AVAILABLE_HINT = (
     "the filter engine needs Linux >= 5.13 with Landlock enabled (lsm=...,landlock)"
 )
@@ -84,12 +87,27 @@ def confine_job(write_paths: Sequence[str]) -> None:
     if abi < 1:
         raise IsolationError(STEP, "Landlock is not available", _NOT_AVAILABLE_HINT)
     handled = handled_rights(abi)
-    scoped = 0
-    if abi >= 6:
-        scoped = libc.LANDLOCK_SCOPE_SIGNAL | libc.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+    scoped = _SCOPES if abi >= 6 else 0
     rules = [("/", _READ & handled, True)]
     rules += [(path, handled, True) for path in write_paths]
     rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS]
+    _restrict(handled, scoped, rules)
+
+
+def scope_job() -> None:
+    """For a job in its own namespaces, which the mounts already keep from writing where it
+    should not: Landlock's scopes alone (ABI >= 6), so that it cannot reach the host's abstract
+    unix sockets (an X server, D-Bus, containerd's shims) nor signal outside its domain. Older
+    kernels have no scopes: nothing to do, and `--network none` is the way to a private
+    abstract namespace there."""
+    if libc.landlock_abi() < 6:
+        return
+    _restrict(0, _SCOPES, [])
+
+
+def _restrict(handled: int, scoped: int, rules: list[tuple[str, int, bool]]) -> None:
+    """Build one ruleset (`rules`: path, rights, whether the path must exist) and enforce it
+    on this process and everything it will run."""
     try:
         ruleset = libc.landlock_create_ruleset(handled, scoped)
     except OSError as e:
@@ -102,28 +120,6 @@ def confine_job(write_paths: Sequence[str]) -> None:
         except OSError as e:
             detail = f"landlock_restrict_self: {os.strerror(e.errno or 0)}"
             raise IsolationError(STEP, detail, "no_new_privs must be set first") from e
-    finally:
-        os.close(ruleset)
-
-
-def scope_job() -> None:
-    """For a job in its own namespaces, which the mounts already keep from writing where it
-    should not: Landlock's scopes alone (ABI >= 6), so that it cannot reach the host's abstract
-    unix sockets (an X server, D-Bus, containerd's shims) nor signal outside its domain. Older
-    kernels have no scopes: nothing to do, and `--network none` is the way to a private
-    abstract namespace there."""
-    if libc.landlock_abi() < 6:
-        return
-    scoped = libc.LANDLOCK_SCOPE_SIGNAL | libc.LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
-    try:
-        ruleset = libc.landlock_create_ruleset(0, scoped)
-    except OSError as e:
-        raise IsolationError(STEP, f"landlock_create_ruleset: {os.strerror(e.errno or 0)}") from e
-    try:
-        libc.landlock_restrict_self(ruleset)
-    except OSError as e:
-        detail = f"landlock_restrict_self: {os.strerror(e.errno or 0)}"
-        raise IsolationError(STEP, detail, "no_new_privs must be set first") from e
     finally:
         os.close(ruleset)
 

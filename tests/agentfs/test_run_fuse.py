@@ -3,8 +3,10 @@ with nothing mounted on the host, and fails closed when its daemon dies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,10 +84,24 @@ def test_the_job_cannot_see_its_daemon_or_unmount_its_view(
 
 
 def _daemons_of(launcher: int) -> list[int]:
-    """The launcher's children that lead their own session: the agentfs daemons."""
+    """The launcher's children that serve /dev/fuse: the agentfs daemons (the job's first
+    process leads a session of its own too)."""
     with open(f"/proc/{launcher}/task/{launcher}/children") as f:
         children = [int(p) for p in f.read().split()]
-    return [pid for pid in children if os.getsid(pid) == pid]
+    return [pid for pid in children if _holds_fuse_device(pid)]
+
+
+def _holds_fuse_device(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:  # by device number: a descriptor passed from the job's namespace has no
+        with contextlib.suppress(OSError):  # host path
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(10, 229):
+                return True
+    return False
 
 
 def test_a_dead_daemon_fails_closed(
