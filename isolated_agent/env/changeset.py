@@ -234,7 +234,7 @@ class _Reader:
                 continue
             st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
             host_path = None if host_dir is None else host_dir + b"/" + name
-            host_st = None if host_fd is None else _lstat_at(host_fd, name)
+            host_st = None if host_fd is None else fdpath.lstat_at(host_fd, name)
             self.visit(root, path, upper_fd, name, upper_dir + b"/" + name, st, host_fd,
                        host_path, host_st, hides_host, hider)
         if hides_host and host_fd is not None and host_dir is not None:
@@ -245,7 +245,7 @@ class _Reader:
                 path = join(rel, host_name)
                 if not self.selection.relevant(root, path):
                     continue
-                host_st = _lstat_at(host_fd, host_name)
+                host_st = fdpath.lstat_at(host_fd, host_name)
                 if host_st is not None:
                     self.deleted(root, path, host_fd, host_name, host_dir + b"/" + host_name,
                                  host_st, hider)
@@ -308,7 +308,7 @@ class _Reader:
             return
         if old.perms != new.perms:
             self.add(root, rel, MODIFIED, old, new, upper_path, False)
-        host_child = _open_dir_at(host_fd, name)
+        host_child = fdpath.open_dir_at(host_fd, name)
         if host_child is None:  # gone from the host since it was looked at
             self.walk(root, rel, child, upper_path, None, None, False, upper_path)
             return
@@ -335,7 +335,7 @@ class _Reader:
         self, root: int, rel: bytes, parent_fd: int, name: bytes, host_dir: bytes, hider: bytes
     ) -> None:
         """Every entry under a host directory the view hides is deleted."""
-        fd = _open_dir_at(parent_fd, name)
+        fd = fdpath.open_dir_at(parent_fd, name)
         if fd is None:
             return
         try:
@@ -343,7 +343,7 @@ class _Reader:
                 path = join(rel, child)
                 if not self.selection.relevant(root, path):
                     continue
-                host_st = _lstat_at(fd, child)
+                host_st = fdpath.lstat_at(fd, child)
                 if host_st is not None:
                     self.deleted(root, path, fd, child, host_dir + b"/" + child, host_st, hider)
         finally:
@@ -390,25 +390,6 @@ def unprivileged_mode(mode: int) -> int:
 
 def join(rel: bytes, name: bytes) -> bytes:
     return name if not rel else rel + b"/" + name
-
-
-def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
-
-
-def _open_dir_at(dir_fd: int, name: bytes) -> int | None:
-    """An O_PATH fd of the directory `name` (never through a symlink); None when gone."""
-    try:
-        return os.open(name, fdpath.DIR_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
 
 
 def _list_at(dir_fd: int) -> list[bytes]:

@@ -139,6 +139,27 @@ def listdir(path: bytes) -> list[bytes]:
         os.close(fd)
 
 
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """lstat of `name` in `dir_fd`; None when there is nothing (or no directory) there."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return None
+        raise
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int | None:
+    """An O_PATH fd of the directory `name` in `dir_fd`, never through a symlink; None when
+    there is none (a symlink there is none)."""
+    try:
+        return os.open(name, DIR_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+
+
 def listdir_at(dir_fd: int) -> list[bytes]:
     """The names in the directory behind `dir_fd` (an O_PATH fd will do)."""
     fd = os.open(".", DIR_READ, dir_fd=dir_fd)

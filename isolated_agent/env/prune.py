@@ -21,7 +21,6 @@ than PATH_MAX are pruned like any other.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -96,7 +95,7 @@ class _Pruner:
                 and (self.root, path) not in self.blocked
             )
             st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
-            host_st = None if host_fd is None else _lstat_at(host_fd, name)
+            host_st = None if host_fd is None else fdpath.lstat_at(host_fd, name)
             if is_whiteout(st):
                 if selected or (merged and host_st is None):
                     _unlink_at(upper_fd, name)  # hides nothing any more
@@ -113,7 +112,9 @@ class _Pruner:
     ) -> None:
         host_is_dir = host_st is not None and stat.S_ISDIR(host_st.st_mode)
         child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=upper_fd)
-        host_child = _open_dir_at(host_fd, name) if host_is_dir and host_fd is not None else None
+        host_child = None
+        if host_is_dir and host_fd is not None:
+            host_child = fdpath.open_dir_at(host_fd, name)
         try:
             opaque = is_opaque_fd(child)
             if (
@@ -141,8 +142,8 @@ class _Pruner:
         nothing."""
         for name in fdpath.listdir_at(host_fd):
             child = join(path, name)
-            upper_st = _lstat_at(upper_fd, name)
-            host_st = _lstat_at(host_fd, name)
+            upper_st = fdpath.lstat_at(upper_fd, name)
+            host_st = fdpath.lstat_at(host_fd, name)
             if host_st is None:
                 continue
             if upper_st is not None:
@@ -158,7 +159,7 @@ class _Pruner:
             if (self.root, child) not in self.committed:
                 return False
             if stat.S_ISDIR(host_st.st_mode):
-                host_child = _open_dir_at(host_fd, name)
+                host_child = fdpath.open_dir_at(host_fd, name)
                 if host_child is not None:
                     try:
                         if not self._all_committed(child, host_child):
@@ -172,9 +173,9 @@ class _Pruner:
             child = join(path, name)
             if (self.root, child) not in self.committed:
                 return False
-            host_st = _lstat_at(host_fd, name)
+            host_st = fdpath.lstat_at(host_fd, name)
             if host_st is not None and stat.S_ISDIR(host_st.st_mode):
-                host_child = _open_dir_at(host_fd, name)
+                host_child = fdpath.open_dir_at(host_fd, name)
                 if host_child is None:
                     continue
                 try:
@@ -187,34 +188,14 @@ class _Pruner:
 
 @contextlib.contextmanager
 def _dirs_at(upper_fd: int, host_fd: int, name: bytes) -> Iterator[tuple[int | None, int | None]]:
-    upper_child = _open_dir_at(upper_fd, name)
-    host_child = _open_dir_at(host_fd, name)
+    upper_child = fdpath.open_dir_at(upper_fd, name)
+    host_child = fdpath.open_dir_at(host_fd, name)
     try:
         yield upper_child, host_child
     finally:
         for fd in (upper_child, host_child):
             if fd is not None:
                 os.close(fd)
-
-
-def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR):
-            return None
-        raise
-
-
-def _open_dir_at(dir_fd: int, name: bytes) -> int | None:
-    """An O_PATH fd of the directory `name` (relative to `dir_fd`, never through a final
-    symlink); None when there is none."""
-    try:
-        return os.open(name, fdpath.DIR_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-            return None
-        raise
 
 
 def _unlink_at(dir_fd: int, name: bytes) -> None:
