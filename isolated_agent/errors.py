@@ -107,3 +107,9 @@ class BackupNotFound(AgentctlError):
 
 class GuardError(AgentctlError):
     pass
+
+
+def store_full(what: str, where: str, detail: str) -> str:
+    """The one message for a store whose filesystem is full: which, and what the user can do."""
+    return (f"{what} at {where} is full ({detail}); free some space there, or point "
+            "ISOLATED_AGENT_HOME at a store on a filesystem with room")

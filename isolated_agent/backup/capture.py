@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from isolated_agent import fdpath
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent, now
-from isolated_agent.backup.store import path_at
 
 Advance = Callable[[int], None]
 _CHUNK = 1 << 20
@@ -96,26 +96,37 @@ def _save(
 ) -> BackupEvent | None:
     with ExitStack() as stack:
         try:  # paths longer than PATH_MAX too
-            dir_fd, name = stack.enter_context(path_at(path))
+            dir_fd, name = stack.enter_context(fdpath.at(path))
         except FileNotFoundError:  # a directory above it is gone: nothing of it to lose
             return None
-        return _save_at(backups, path, dir_fd, name, reason, when, env_id, env_name,
-                        commit_id, adoptable, to_adopt)
+        stored = _store(backups, path, dir_fd, name, adoptable, to_adopt)
+    if stored is None:
+        return None
+    st, kind, digest, size = stored
+    return BackupEvent(
+        id=0,
+        path=path,
+        reason=reason,
+        time=when,
+        kind=kind,
+        size=size,
+        mode=st.st_mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        sha256=digest,
+        env_id=env_id,
+        env_name=env_name,
+        commit_id=commit_id,
+    )
 
 
-def _save_at(
-    backups: Backups,
-    path: bytes,
-    dir_fd: int | None,
-    name: bytes,
-    reason: str,
-    when: float,
-    env_id: str | None,
-    env_name: str | None,
-    commit_id: str | None,
-    adoptable: bool,
+def _store(
+    backups: Backups, path: bytes, dir_fd: int | None, name: bytes, adoptable: bool,
     to_adopt: dict[bytes, str],
-) -> BackupEvent | None:
+) -> tuple[os.stat_result, str, str | None, int] | None:
+    """Put `name` (in `dir_fd`) in the blob store, or mark it for adoption: its metadata,
+    kind, digest and size; None when it is gone."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -145,22 +156,7 @@ def _save_at(
         target = os.readlink(name, dir_fd=dir_fd)
         digest = backups.blobs.put(io.BytesIO(target))
         size = len(target)
-    return BackupEvent(
-        id=0,
-        path=path,
-        reason=reason,
-        time=when,
-        kind=kind,
-        size=size,
-        mode=st.st_mode,
-        uid=st.st_uid,
-        gid=st.st_gid,
-        mtime_ns=st.st_mtime_ns,
-        sha256=digest,
-        env_id=env_id,
-        env_name=env_name,
-        commit_id=commit_id,
-    )
+    return st, kind, digest, size
 
 
 def _hash(file: BinaryIO, size: int) -> str:

@@ -38,7 +38,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
 from isolated_agent import sqlite
-from isolated_agent.errors import BackupError
+from isolated_agent.errors import BackupError, store_full
 
 _MIGRATIONS: list[str] = [
     # version 1
@@ -183,10 +183,9 @@ class BackupCatalog:
         try:
             yield
         except sqlite.OutOfSpace as e:
+            where = os.path.dirname(os.path.abspath(self.path))
             raise BackupError(
-                f"the backup store at {os.path.dirname(os.path.abspath(self.path))} is full "
-                f"({e.free_text} free on its filesystem); free some space there, or point "
-                "ISOLATED_AGENT_HOME at a store on a filesystem with room"
+                store_full("the backup store", where, f"{e.free_text} free on its filesystem")
             ) from e
 
     # -- writing --------------------------------------------------------------------------

@@ -142,22 +142,22 @@ class _Walker:
         return fd
 
     def _open_child(self, fd: int, parts: Parts, depth: int) -> int:
-        name = parts[depth]
+        """The directory parts[depth] in `fd`, made when missing; never through a symlink."""
         try:
-            return os.open(name, _DIR_FLAGS, dir_fd=fd)
+            return self._open_dir(fd, parts, depth)
         except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=fd)
+            with contextlib.suppress(FileExistsError):  # made by someone else meanwhile
+                os.mkdir(parts[depth], 0o755, dir_fd=fd)
+        return self._open_dir(fd, parts, depth)
+
+    def _open_dir(self, fd: int, parts: Parts, depth: int) -> int:
+        try:
+            return os.open(parts[depth], _DIR_FLAGS, dir_fd=fd)
         except OSError as e:
             if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
-            raise _Blocked(self.shown(parts[: depth + 1]), _what(fd, name)) from None
-        try:  # just made (or made by someone else meanwhile): still never followed
-            return os.open(name, _DIR_FLAGS, dir_fd=fd)
-        except OSError as e:
-            if e.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            raise _Blocked(self.shown(parts[: depth + 1]), _what(fd, name)) from None
+            where = self.shown(parts[: depth + 1])
+            raise _Blocked(where, _what(fd, parts[depth])) from None
 
     def _drop_cache(self) -> None:
         if self._cached is not None:

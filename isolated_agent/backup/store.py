@@ -21,7 +21,7 @@ what it returns and raises `BlobCorrupt` at the end of the data on a mismatch.
 Adopted blobs (local store only, `adopt`): a complete file already on the store's filesystem —
 a host file a commit replaces, hashed beforehand and checked untouched since — is renamed to
 its final name directly (RENAME_NOREPLACE: an existing blob wins) and made read-only. Its path
-may be longer than PATH_MAX (`path_at`).
+may be longer than PATH_MAX (`fdpath.at`).
 """
 
 from __future__ import annotations
@@ -36,15 +36,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import BinaryIO, Protocol
 
-from isolated_agent import libc
-from isolated_agent.errors import BackupError, BlobCorrupt
+from isolated_agent import fdpath, libc
+from isolated_agent.errors import BackupError, BlobCorrupt, store_full
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
-_AT_FDCWD = -100
 _KERNEL_COPY_FROM = 8 << 20  # blobs at least this large are copied by the kernel
 _KERNEL_COPY_STEP = 32 << 20
-_PATH_MAX = 4096  # bytes, with the terminating NUL: the longest path one syscall takes
 
 
 class BlobStore(Protocol):
@@ -249,13 +247,11 @@ class LocalBlobStore:
         if fanout not in self._fanout_made:
             os.makedirs(fanout, mode=0o700, exist_ok=True)
             self._fanout_made.add(fanout)
-        with path_at(path) as (dir_fd, name):
-            try:
-                libc.renameat2(_AT_FDCWD if dir_fd is None else dir_fd, name, _AT_FDCWD,
-                               os.fsencode(final), libc.RENAME_NOREPLACE)
-            except FileExistsError:
-                os.unlink(name, dir_fd=dir_fd)
-                return
+        try:
+            fdpath.renameat2(path, os.fsencode(final), libc.RENAME_NOREPLACE)
+        except FileExistsError:
+            fdpath.unlink(path)
+            return
         os.chmod(final, 0o444)
 
     def same_filesystem(self, path: str) -> bool:
@@ -297,32 +293,8 @@ class LocalBlobStore:
 
     def _write_error(self, e: OSError) -> BackupError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return BackupError(
-                f"the backup store at {self.root} is full ({e.strerror}); free some space "
-                "there, or point ISOLATED_AGENT_HOME at a store on a filesystem with room"
-            )
+            return BackupError(store_full("the backup store", self.root, str(e.strerror)))
         return BackupError(f"cannot write to the backup store at {self.root}: {e.strerror}")
-
-
-@contextmanager
-def path_at(path: bytes) -> Iterator[tuple[int | None, bytes]]:
-    """`path` as (dir_fd, name) for the *at calls: (None, path) when one syscall takes it whole;
-    past PATH_MAX, an fd of its parent reached one component at a time — resolved as the
-    kernel would resolve the whole path, symlinks included — and its last name."""
-    if len(path) < _PATH_MAX:
-        yield None, path
-        return
-    parent, name = path.rsplit(b"/", 1)
-    fd = os.open(b"/" if path.startswith(b"/") else b".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parent.split(b"/"):
-            if part:
-                child = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        yield fd, name
-    finally:
-        os.close(fd)
 
 
 def _store_data(data: BinaryIO, fd: int, buffer: bytearray) -> str:

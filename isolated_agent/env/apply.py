@@ -37,8 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from isolated_agent import libc
-from isolated_agent.env import fdpath
+from isolated_agent import fdpath, libc
 from isolated_agent.env.changeset import (
     CAPABILITY_XATTR,
     PRIVILEGE_BITS,
@@ -405,8 +404,7 @@ def set_metadata(
     if keep_privileges and stat.S_ISREG(mode):
         # After the chown: the kernel drops file capabilities on every chown.
         try:
-            with fdpath.xattr_path(source) as name:
-                value = os.getxattr(name, CAPABILITY_XATTR, follow_symlinks=False)
+            value = fdpath.getxattr(source, CAPABILITY_XATTR)
         except OSError:
             pass
         else:

@@ -39,7 +39,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from isolated_agent.env import fdpath
+from isolated_agent import fdpath
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.errors import RootMissing, StoreError
@@ -308,20 +308,16 @@ class _Reader:
             return
         if old.perms != new.perms:
             self.add(root, rel, MODIFIED, old, new, upper_path, False)
-        host_child = fdpath.open_dir_at(host_fd, name)
-        if host_child is None:  # gone from the host since it was looked at
-            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
-            return
-        try:
-            if hides_host:
+        with fdpath.dir_at(host_fd, name) as host_child:
+            if host_child is None:  # gone from the host since it was looked at
+                self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            elif hides_host:
                 self.walk(root, rel, child, upper_path, host_child, host_path, True, hider)
             elif is_opaque_fd(child):
                 self.walk(root, rel, child, upper_path, host_child, host_path, True, upper_path)
             else:
                 self.walk(root, rel, child, upper_path, host_child, host_path, False,
                           upper_path)
-        finally:
-            os.close(host_child)
 
     def deleted(
         self, root: int, rel: bytes, parent_fd: int, name: bytes, host_path: bytes,
@@ -335,10 +331,9 @@ class _Reader:
         self, root: int, rel: bytes, parent_fd: int, name: bytes, host_dir: bytes, hider: bytes
     ) -> None:
         """Every entry under a host directory the view hides is deleted."""
-        fd = fdpath.open_dir_at(parent_fd, name)
-        if fd is None:
-            return
-        try:
+        with fdpath.dir_at(parent_fd, name) as fd:
+            if fd is None:
+                return
             for child in _list_at(fd):
                 path = join(rel, child)
                 if not self.selection.relevant(root, path):
@@ -346,8 +341,6 @@ class _Reader:
                 host_st = fdpath.lstat_at(fd, child)
                 if host_st is not None:
                     self.deleted(root, path, fd, child, host_dir + b"/" + child, host_st, hider)
-        finally:
-            os.close(fd)
 
     def add(
         self, root: int, rel: bytes, status: str, old: Entry | None, new: Entry | None,

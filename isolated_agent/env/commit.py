@@ -47,10 +47,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from isolated_agent import libc
+from isolated_agent import fdpath, libc
 from isolated_agent.backup import Backups
 from isolated_agent.backup.capture import capture
-from isolated_agent.env import fdpath
 from isolated_agent.env.apply import LINK, PUT, REMOVE, Applier, Op
 from isolated_agent.env.changeset import (
     ADDED,

@@ -23,9 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Iterator
 
-from isolated_agent.env import fdpath
+from isolated_agent import fdpath
 from isolated_agent.env.apply import Op, copy_file, lstat_or_none, set_metadata
 from isolated_agent.env.changeset import join
 from isolated_agent.env.selection import Selection
@@ -148,7 +147,8 @@ class _Pruner:
                 continue
             if upper_st is not None:
                 if stat.S_ISDIR(upper_st.st_mode) and stat.S_ISDIR(host_st.st_mode):
-                    with _dirs_at(upper_fd, host_fd, name) as (upper_child, host_child):
+                    with (fdpath.dir_at(upper_fd, name) as upper_child,
+                          fdpath.dir_at(host_fd, name) as host_child):
                         if (
                             upper_child is not None and host_child is not None
                             and not is_opaque_fd(upper_child)
@@ -158,44 +158,23 @@ class _Pruner:
                 continue
             if (self.root, child) not in self.committed:
                 return False
-            if stat.S_ISDIR(host_st.st_mode):
-                host_child = fdpath.open_dir_at(host_fd, name)
-                if host_child is not None:
-                    try:
-                        if not self._all_committed(child, host_child):
-                            return False
-                    finally:
-                        os.close(host_child)
-        return True
-
-    def _all_committed(self, path: bytes, host_fd: int) -> bool:
-        for name in fdpath.listdir_at(host_fd):
-            child = join(path, name)
-            if (self.root, child) not in self.committed:
+            if stat.S_ISDIR(host_st.st_mode) and not self._all_committed_at(host_fd, name, child):
                 return False
-            host_st = fdpath.lstat_at(host_fd, name)
-            if host_st is not None and stat.S_ISDIR(host_st.st_mode):
-                host_child = fdpath.open_dir_at(host_fd, name)
-                if host_child is None:
-                    continue
-                try:
-                    if not self._all_committed(child, host_child):
-                        return False
-                finally:
-                    os.close(host_child)
         return True
 
-
-@contextlib.contextmanager
-def _dirs_at(upper_fd: int, host_fd: int, name: bytes) -> Iterator[tuple[int | None, int | None]]:
-    upper_child = fdpath.open_dir_at(upper_fd, name)
-    host_child = fdpath.open_dir_at(host_fd, name)
-    try:
-        yield upper_child, host_child
-    finally:
-        for fd in (upper_child, host_child):
-            if fd is not None:
-                os.close(fd)
+    def _all_committed_at(self, parent_fd: int, name: bytes, path: bytes) -> bool:
+        """Is every entry under the host directory `name` (in `parent_fd`) committed? (Not a
+        directory, or gone: nothing under it.)"""
+        with fdpath.dir_at(parent_fd, name) as host_fd:
+            if host_fd is None:
+                return True
+            for child_name in fdpath.listdir_at(host_fd):
+                child = join(path, child_name)
+                if (self.root, child) not in self.committed:
+                    return False
+                if not self._all_committed_at(host_fd, child_name, child):
+                    return False
+        return True
 
 
 def _unlink_at(dir_fd: int, name: bytes) -> None:

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from isolated_agent.env.catalog import Catalog, EnvRecord
-from isolated_agent.errors import EnvBusy, EnvNotFound, StoreError, UsageError
+from isolated_agent.errors import EnvBusy, EnvNotFound, StoreError, UsageError, store_full
 from isolated_agent.sqlite import OutOfSpace
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -78,9 +78,7 @@ class Store:
             ) from e
         except OutOfSpace as e:
             raise StoreError(
-                f"the store at {self.home} is full ({e.free_text} free on its filesystem); "
-                "free some space there, or point ISOLATED_AGENT_HOME at a store on a "
-                "filesystem with room"
+                store_full("the store", self.home, f"{e.free_text} free on its filesystem")
             ) from e
         except Exception as e:  # sqlite3.Error: a damaged or foreign catalog file
             raise StoreError(

@@ -1,4 +1,5 @@
-"""Paths of any length for the changeset, diff and commit: descriptor-relative access.
+"""Paths of any length: descriptor-relative access, for the changeset, diff, commit and the
+backup store (capture, adopt).
 
 A job can build a tree deeper than PATH_MAX (4096 bytes with its NUL): `mkdir d; cd d` in a
 loop. The kernel refuses such a path in any system call (ENAMETOOLONG), so the walkers of the
@@ -25,16 +26,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from isolated_agent import libc
-from isolated_agent.overlay.format import fd_path
 
 PATH_LIMIT = 4095  # bytes of a path the kernel takes (PATH_MAX counts the terminating NUL)
 DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 DIR_READ = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _AT_FDCWD = -100
+T = TypeVar("T")
 
 
 def is_long(path: bytes) -> bool:
@@ -78,8 +80,8 @@ def open_dir_path(path: bytes) -> int:
 
 def child_path(dir_fd: int, name: bytes) -> bytes:
     """A short path naming `name` in the directory behind `dir_fd` (for calls with no *at
-    form: the xattr calls, statx through libc)."""
-    return os.fsencode(fd_path(dir_fd)) + b"/" + name
+    form: the xattr calls, statx through libc): the kernel's magic link of the fd."""
+    return b"/proc/self/fd/%d/%s" % (dir_fd, name)
 
 
 @contextmanager
@@ -95,11 +97,25 @@ def xattr_path(path: bytes) -> Iterator[bytes]:
 # makes several of these calls per file) and goes through `at` only past PATH_LIMIT.
 
 
-def lstat(path: bytes) -> os.stat_result:
+def _call(function: Callable[..., T], path: bytes, *args: Any, **kwargs: Any) -> T:
+    """`function(path, ...)`, or `function(name, ..., dir_fd=...)` for a long path."""
     if len(path) <= PATH_LIMIT:
-        return os.stat(path, follow_symlinks=False)
-    with at(path) as (d, name):
-        return os.stat(name, dir_fd=d, follow_symlinks=False)
+        return function(path, *args, **kwargs)
+    with at(path) as (dir_fd, name):
+        return function(name, *args, dir_fd=dir_fd, **kwargs)
+
+
+def _call2(function: Callable[..., T], source: bytes, target: bytes, **kwargs: Any) -> T:
+    """`function(source, target, ...)` for two paths, either of which may be long."""
+    if len(source) <= PATH_LIMIT and len(target) <= PATH_LIMIT:
+        return function(source, target, **kwargs)
+    with at(source) as (source_fd, source_name), at(target) as (target_fd, target_name):
+        return function(source_name, target_name, src_dir_fd=source_fd,
+                        dst_dir_fd=target_fd, **kwargs)
+
+
+def lstat(path: bytes) -> os.stat_result:
+    return _call(os.stat, path, follow_symlinks=False)
 
 
 def lstat_or_none(path: bytes) -> os.stat_result | None:
@@ -114,21 +130,13 @@ def lstat_or_none(path: bytes) -> os.stat_result | None:
 def is_dir(path: bytes) -> bool:
     """Is `path` a directory (following a final symlink, as os.path.isdir)?"""
     try:
-        if len(path) <= PATH_LIMIT:
-            st = os.stat(path)
-        else:
-            with at(path) as (d, name):
-                st = os.stat(name, dir_fd=d)
+        return stat.S_ISDIR(_call(os.stat, path).st_mode)
     except (OSError, ValueError):
         return False
-    return stat.S_ISDIR(st.st_mode)
 
 
 def open_fd(path: bytes, flags: int, mode: int = 0o777) -> int:
-    if len(path) <= PATH_LIMIT:
-        return os.open(path, flags | os.O_CLOEXEC, mode)
-    with at(path) as (d, name):
-        return os.open(name, flags | os.O_CLOEXEC, mode, dir_fd=d)
+    return _call(os.open, path, flags | os.O_CLOEXEC, mode)
 
 
 def listdir(path: bytes) -> list[bytes]:
@@ -160,6 +168,17 @@ def open_dir_at(dir_fd: int, name: bytes) -> int | None:
         raise
 
 
+@contextmanager
+def dir_at(dir_fd: int, name: bytes) -> Iterator[int | None]:
+    """`open_dir_at`, closed when the `with` block ends."""
+    fd = open_dir_at(dir_fd, name)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def listdir_at(dir_fd: int) -> list[bytes]:
     """The names in the directory behind `dir_fd` (an O_PATH fd will do)."""
     fd = os.open(".", DIR_READ, dir_fd=dir_fd)
@@ -172,93 +191,63 @@ def listdir_at(dir_fd: int) -> list[bytes]:
 def readlink(path: bytes) -> bytes:
     if len(path) <= PATH_LIMIT:
         return os.readlink(path)
-    with at(path) as (d, name):
-        return os.readlink(name, dir_fd=d)
+    with at(path) as (dir_fd, name):
+        return os.readlink(name, dir_fd=dir_fd)
 
 
 def unlink(path: bytes) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.unlink(path)
-    with at(path) as (d, name):
-        os.unlink(name, dir_fd=d)
+    _call(os.unlink, path)
 
 
 def rmdir(path: bytes) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.rmdir(path)
-    with at(path) as (d, name):
-        os.rmdir(name, dir_fd=d)
+    _call(os.rmdir, path)
 
 
 def mkdir(path: bytes, mode: int) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.mkdir(path, mode)
-    with at(path) as (d, name):
-        os.mkdir(name, mode, dir_fd=d)
+    _call(os.mkdir, path, mode)
 
 
 def symlink(target: bytes, path: bytes) -> None:
     if len(path) <= PATH_LIMIT:
         return os.symlink(target, path)
-    with at(path) as (d, name):
-        os.symlink(target, name, dir_fd=d)
+    with at(path) as (dir_fd, name):
+        os.symlink(target, name, dir_fd=dir_fd)
 
 
 def mknod(path: bytes, mode: int, rdev: int) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.mknod(path, mode, rdev)
-    with at(path) as (d, name):
-        os.mknod(name, mode, rdev, dir_fd=d)
+    _call(os.mknod, path, mode, rdev)
 
 
 def chmod(path: bytes, mode: int) -> None:
     """chmod, following a final symlink (as os.chmod; Linux has no lchmod)."""
-    if len(path) <= PATH_LIMIT:
-        return os.chmod(path, mode)
-    with at(path) as (d, name):
-        os.chmod(name, mode, dir_fd=d)
+    _call(os.chmod, path, mode)
 
 
 def lchown(path: bytes, uid: int, gid: int) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.chown(path, uid, gid, follow_symlinks=False)
-    with at(path) as (d, name):
-        os.chown(name, uid, gid, dir_fd=d, follow_symlinks=False)
+    _call(os.chown, path, uid, gid, follow_symlinks=False)
 
 
 def lutime(path: bytes, ns: tuple[int, int]) -> None:
-    if len(path) <= PATH_LIMIT:
-        return os.utime(path, ns=ns, follow_symlinks=False)
-    with at(path) as (d, name):
-        os.utime(name, ns=ns, dir_fd=d, follow_symlinks=False)
+    _call(os.utime, path, ns=ns, follow_symlinks=False)
 
 
 def rename(source: bytes, target: bytes) -> None:
-    if len(source) <= PATH_LIMIT and len(target) <= PATH_LIMIT:
-        return os.rename(source, target)
-    with at(source) as (sd, sname), at(target) as (td, tname):
-        os.rename(sname, tname, src_dir_fd=sd, dst_dir_fd=td)
-
-
-def renameat2(source: bytes, target: bytes, flags: int) -> None:
-    with at(source) as (sd, sname), at(target) as (td, tname):
-        libc.renameat2(_AT_FDCWD if sd is None else sd, sname,
-                       _AT_FDCWD if td is None else td, tname, flags)
+    _call2(os.rename, source, target)
 
 
 def link(source: bytes, target: bytes) -> None:
     """A hard link `target` to `source` (a final symlink is linked, not followed)."""
-    if len(source) <= PATH_LIMIT and len(target) <= PATH_LIMIT:
-        return os.link(source, target, follow_symlinks=False)
-    with at(source) as (sd, sname), at(target) as (td, tname):
-        os.link(sname, tname, src_dir_fd=sd, dst_dir_fd=td, follow_symlinks=False)
+    _call2(os.link, source, target, follow_symlinks=False)
+
+
+def renameat2(source: bytes, target: bytes, flags: int) -> None:
+    with at(source) as (source_fd, source_name), at(target) as (target_fd, target_name):
+        libc.renameat2(_AT_FDCWD if source_fd is None else source_fd, source_name,
+                       _AT_FDCWD if target_fd is None else target_fd, target_name, flags)
 
 
 def birth_time_ns(path: bytes) -> int | None:
-    if len(path) <= PATH_LIMIT:
-        return libc.birth_time_ns(path)
-    with at(path) as (d, name):
-        return libc.birth_time_ns(name, dir_fd=d)
+    return _call(libc.birth_time_ns, path)
 
 
 def getxattr(path: bytes, attribute: str) -> bytes:
