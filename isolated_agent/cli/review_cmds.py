@@ -20,6 +20,7 @@ from isolated_agent.env.commit import (
     Progress,
     commit,
     describe_recovery,
+    find_privileged,
     recover_pending,
     resume,
 )
@@ -116,55 +117,45 @@ def diff_cmd(
         _write_lines(render.patch(changeset, colored))
     if not as_json:
         # After the output, so that it is the last thing a terminal shows.
-        found = [(c, c.privileges()) for c in changeset.changes]
-        _privilege_warnings([(os.fsdecode(render.display_path(changeset, c)), c, p)
-                             for c, p in found if p], keep=False)
+        _privilege_lines([(os.fsdecode(render.display_path(changeset, item.change)), item)
+                          for item in find_privileged(changeset.changes)], committed=False)
 
 
 def _listed(names: tuple[str, ...]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _privilege_text(change: Change, privileges: tuple[str, ...]) -> str:
-    assert change.new is not None
-    return f"{_listed(privileges)} in the env (mode {change.new.mode & 0o177777:06o})"
-
-
-def _privilege_warnings(found: list[tuple[str, Change, tuple[str, ...]]], keep: bool) -> None:
-    """Warn about entries a commit would make privileged on the host (diff, commit --dry-run)."""
-    for path, change, privileges in found[:PRIVILEGE_LINES]:
-        pronoun = "it" if len(privileges) == 1 else "them"
-        had = change.old.privileges() if change.old is not None else ()
-        text = f"warning: {path}: {_privilege_text(change, privileges)}"
-        if had:
-            text += "; your file has " + _listed(had) + " too"
-        if keep:
-            text += f"; commit keeps {pronoun} (--keep-setuid)"
-        else:
-            text += f"; commit clears {pronoun} unless --keep-setuid"
-        notice(text)
-    if len(found) > PRIVILEGE_LINES:
-        notice(f"warning: {len(found) - PRIVILEGE_LINES} more setuid, setgid or capable "
-               "file(s) (`--json` lists them)")
-
-
-def _privilege_report(result: CommitResult, env: Env) -> None:
-    """What a commit did about privileged entries: one line per path (the first few)."""
-    for item in result.privileged[:PRIVILEGE_LINES]:
-        change = item.change
-        path = os.path.join(env.roots[change.root].path, os.fsdecode(change.rel))
-        listed, detail = _listed(item.privileges), _privilege_text(change, item.privileges)
-        if result.keep_privileges:
-            notice(f"kept {listed} on {path} ({detail}), as --keep-setuid asked")
-            continue
+def _privilege_lines(
+    found: list[tuple[str, Privileged]], *, committed: bool, keep: bool = False
+) -> None:
+    """One line per entry (the first PRIVILEGE_LINES) that a commit would make privileged on
+    the host: a warning before (diff, commit --dry-run), what it did after (`committed`)."""
+    for path, item in found[:PRIVILEGE_LINES]:
+        assert item.change.new is not None
+        listed = _listed(item.privileges)
         pronoun = "it" if len(item.privileges) == 1 else "them"
-        had = "; your file had it too" if item.host_had else ""
-        notice(f"cleared {listed} on {path} ({detail}{had}); --keep-setuid keeps {pronoun}")
-    more = len(result.privileged) - PRIVILEGE_LINES
+        detail = f"{listed} in the env (mode {item.change.new.mode & 0o177777:06o})"
+        if not committed:
+            text = f"warning: {path}: {detail}"
+            if item.host_had:
+                text += f"; your file has {_listed(item.host_had)} too"
+            text += (f"; commit keeps {pronoun} (--keep-setuid)" if keep
+                     else f"; commit clears {pronoun} unless --keep-setuid")
+        elif keep:
+            text = f"kept {listed} on {path} ({detail}), as --keep-setuid asked"
+        else:
+            had = "; your file had it too" if item.host_had else ""
+            text = f"cleared {listed} on {path} ({detail}{had}); --keep-setuid keeps {pronoun}"
+        notice(text)
+    more = len(found) - PRIVILEGE_LINES
     if more > 0:
-        verb = "kept" if result.keep_privileges else "cleared"
-        notice(f"{verb} setuid, setgid or capabilities on {more} more file(s) "
+        what = "warning" if not committed else "kept" if keep else "cleared"
+        notice(f"{what}: setuid, setgid or capabilities on {more} more file(s) "
                "(`--json` lists them)")
+
+
+def _host_path(env: Env, change: Change) -> str:
+    return os.path.join(env.roots[change.root].path, os.fsdecode(change.rel))
 
 
 # -- commit -------------------------------------------------------------------------------------
@@ -217,7 +208,7 @@ def _result_json(result: CommitResult, env: Env, remaining: int | None) -> dict[
 def _privileged_json(item: Privileged, env: Env, keep: bool) -> dict[str, Any]:
     change = item.change
     return {
-        "path": os.path.join(env.roots[change.root].path, os.fsdecode(change.rel)),
+        "path": _host_path(env, change),
         "privileges": list(item.privileges),
         "host_had": list(item.host_had),
         "cleared": not keep,
@@ -294,13 +285,13 @@ def commit_cmd(
         for conflict in result.conflicts:
             click.echo(f"  {os.fsdecode(conflict.change.old.path if conflict.change.old else b'')}",
                        err=True)
-        _privilege_warnings(
-            [(os.path.join(env.roots[p.change.root].path, os.fsdecode(p.change.rel)), p.change,
-              p.privileges) for p in result.privileged], keep=keep_setuid)
+        _privilege_lines([(_host_path(env, p.change), p) for p in result.privileged],
+                         committed=False, keep=keep_setuid)
     elif not result.changes:
         notice(f"nothing to commit in env {env.name}")
     else:
-        _privilege_report(result, env)
+        _privilege_lines([(_host_path(env, p.change), p) for p in result.privileged],
+                         committed=True, keep=result.keep_privileges)
         notice(_summary(result, remaining))
     if result.problems:
         for problem in result.problems:
