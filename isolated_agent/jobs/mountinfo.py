@@ -12,6 +12,7 @@ _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 class MountEntry:
     mount_id: int
     device: str  # "major:minor" of the mounted filesystem (a FUSE mount's bdi is named so)
+    root: str  # the directory of that filesystem mounted here ("/" unless a bind mount)
     mount_point: str
     options: frozenset[str]  # per-mount options: rw/ro, nosuid, nodev, noexec, *atime
     fstype: str
@@ -34,6 +35,7 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
                 MountEntry(
                     mount_id=int(fields[0]),
                     device=fields[2],
+                    root=_unescape(fields[3]),
                     mount_point=_unescape(fields[4]),
                     options=frozenset(fields[5].split(",")),
                     fstype=fields[separator + 1],

@@ -23,19 +23,18 @@ Everything here only reads; a process or a file that vanishes while it is looked
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from isolated_agent.env.store import is_within
+from isolated_agent.jobs.mountinfo import read_mountinfo
 
 MAX_HOLDERS_FDS = 4096  # descriptors read per process at most (a process may hold millions)
 WALK_MAX_ENTRIES = 200_000  # entries the hard-link walk looks at, at most
 WALK_MAX_SECONDS = 2.0  # and for this long at most: `guard start` must stay quick
 EXAMPLES = 3  # names given as examples of files with links outside
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -183,47 +182,28 @@ def other_views(directory: str, skip_fstype: str) -> list[str]:
     """Places in this mount namespace where DIR (or part of it) is reachable other than at
     DIR: bind mounts of DIR's filesystem whose root is DIR, a parent of it or a directory under
     it. Mounts of type `skip_fstype` (the guard's own) are not looked at."""
-    mounts = _mountinfo_roots()
-    below = [m for m in mounts if m[3] != skip_fstype]
+    below = [m for m in read_mountinfo() if m.fstype != skip_fstype]
     # The mount DIR is reached through: the deepest one whose mount point contains DIR.
-    holding = [m for m in below if is_within(directory, m[2])]
+    holding = [m for m in below if is_within(directory, m.mount_point)]
     if not holding:
         return []
-    device, root, mount_point, _ = max(holding, key=lambda m: len(m[2]))
-    relative = directory[len(mount_point.rstrip("/")):] or "/"
-    inside_fs = (root.rstrip("/") + relative) if relative != "/" else root
+    mount = max(holding, key=lambda m: len(m.mount_point))
+    relative = directory[len(mount.mount_point.rstrip("/")):] or "/"
+    inside_fs = (mount.root.rstrip("/") + relative) if relative != "/" else mount.root
     views = []
-    for other_device, other_root, other_point, _ in below:
-        if other_device != device or other_point == mount_point:
+    for other in below:
+        if other.device != mount.device or other.mount_point == mount.mount_point:
             continue
-        if is_within(inside_fs, other_root):  # a parent of DIR (or DIR) mounted there
-            rest = inside_fs[len(other_root.rstrip("/")):]
-            view = other_point.rstrip("/") + rest if rest else other_point
-        elif is_within(other_root, inside_fs):  # a directory under DIR mounted there
-            view = other_point
+        if is_within(inside_fs, other.root):  # a parent of DIR (or DIR) mounted there
+            rest = inside_fs[len(other.root.rstrip("/")):]
+            view = other.mount_point.rstrip("/") + rest if rest else other.mount_point
+        elif is_within(other.root, inside_fs):  # a directory under DIR mounted there
+            view = other.mount_point
         else:
             continue
         if view != directory and not is_within(view, directory):
             views.append(view)
     return sorted(set(views))
-
-
-def _mountinfo_roots() -> list[tuple[str, str, str, str]]:
-    """(major:minor, root within the filesystem, mount point, fstype) of each mount."""
-    found = []
-    with open("/proc/self/mountinfo", encoding="latin-1") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            found.append((fields[2], _unescape(fields[3]), _unescape(fields[4]),
-                          fields[separator + 1]))
-    return found
-
-
-def _unescape(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo.
-    raw = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
-    return raw.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 # -- gaps: the mount vanished without `guard stop` ----------------------------------------------

@@ -81,7 +81,7 @@ from isolated_agent.engines.fuse.mount import (
 )
 from isolated_agent.env.store import is_within
 from isolated_agent.errors import GuardError
-from isolated_agent.jobs.mountinfo import read_mountinfo
+from isolated_agent.jobs.mountinfo import MountEntry, read_mountinfo
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 
@@ -151,8 +151,7 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
     """Mount the guard over `config.directory`; return once it serves."""
     directory = os.path.realpath(config.directory)
     recovered = False
-    entry = mount_entry(directory)
-    if entry is not None and entry.fstype == FSTYPE:
+    if _is_guard_mount(directory):
         if not is_dead(directory):
             raise GuardError(f"{directory} is guarded already; `agentctl guard status` shows it")
         _detach(directory)  # its daemon died: DIR answers ENOTCONN until this
@@ -372,9 +371,9 @@ class GuardState:
                  config: GuardConfig, gaps: list[Gap]) -> None:
         self.path = state_path(run_dir, guard.id)
         self.directory = os.fsdecode(guard.dir)
-        entry = mount_entry(self.directory)
+        entry = _guard_entry(self.directory)
         # The mount's device tells ours from another mount at the same path later.
-        self.device = entry.device if entry is not None and entry.fstype == FSTYPE else None
+        self.device = None if entry is None else entry.device
         now = time.time()
         self.data: dict[str, Any] = {
             "pid": os.getpid(), "staging_fd": staging.fd, "dir": self.directory,
@@ -386,8 +385,7 @@ class GuardState:
         """Where this guard's mount is in this namespace: DIR, a new path (a parent of DIR
         was renamed), or None (unmounted, or detached by `umount -l`)."""
         if self.device is None:  # not found at the start: judge by the path alone
-            entry = mount_entry(self.directory)
-            return self.directory if entry is not None and entry.fstype == FSTYPE else None
+            return self.directory if _is_guard_mount(self.directory) else None
         places = [e.mount_point for e in read_mountinfo()
                   if e.device == self.device and e.fstype == FSTYPE]
         if self.directory in places or not places:
@@ -515,8 +513,8 @@ def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     directory = os.fsdecode(guard.dir)
     run_dir = os.path.join(home, "run")
     state = read_state(run_dir, guard.id)
-    entry = mount_entry(directory)
-    mounted = entry is not None and entry.fstype == FSTYPE
+    entry = _guard_entry(directory)
+    mounted = entry is not None
     pid = _running_pid(run_dir, guard)
     moved = state is not None and isinstance(state.get("moved_to"), str) and pid is not None
     gap = None
@@ -538,9 +536,14 @@ def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     return Stopped(guard, gap)
 
 
-def _is_guard_mount(path: str) -> bool:
+def _guard_entry(path: str) -> MountEntry | None:
+    """The guard mount at `path`, if a guard's is there."""
     entry = mount_entry(path)
-    return entry is not None and entry.fstype == FSTYPE
+    return entry if entry is not None and entry.fstype == FSTYPE else None
+
+
+def _is_guard_mount(path: str) -> bool:
+    return _guard_entry(path) is not None
 
 
 def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
@@ -557,8 +560,7 @@ def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[s
     run_dir = os.path.join(home, "run")
     state = read_state(run_dir, guard.id)
     pid = _running_pid(run_dir, guard)
-    entry = mount_entry(directory)
-    mounted = entry is not None and entry.fstype == FSTYPE
+    mounted = _is_guard_mount(directory)
     gap = None
     moved_to = None if state is None else state.get("moved_to")
     if mounted and pid is not None and not is_dead(directory):
