@@ -22,8 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # Where tests put their files: pytest's tmp_path, and scratch dirs on the disk outside /tmp
-# (which every job sees as its own tmpfs) named with this prefix.
-DISK_SCRATCH_PREFIX = "/var/tmp/ia-"
+# (which every job sees as its own tmpfs) named with this prefix — one per test session (its
+# pid), so that the mount sweep below judges this session's mounts only, never those of
+# another session running at the same time on the machine.
+DISK_SCRATCH_PREFIX = f"/var/tmp/ia-{os.getpid()}-"
 
 
 def _mounts_of_this_test(tmp_path: Path) -> set[str]:

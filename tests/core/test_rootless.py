@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import snapshot
+from tests.conftest import DISK_SCRATCH_PREFIX, snapshot
 from tests.core.test_run import MANIFEST, WORKLOAD
 
 pytestmark = pytest.mark.rootless
@@ -61,7 +61,7 @@ def package_copy() -> Iterator[Path]:
 
 @pytest.fixture
 def user_dir(unprivileged_user: pwd.struct_passwd) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ia-rootless-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "rootless-"))
     os.chown(path, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -203,7 +203,7 @@ def test_rootless_run_ignores_mounts_it_cannot_reach(
 
 @pytest.fixture
 def disk_dir_root_only() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="ia-rootonly-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "rootonly-"))
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)

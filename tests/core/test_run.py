@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Agentctl, snapshot
+from tests.conftest import DISK_SCRATCH_PREFIX, Agentctl, snapshot
 
 # Every kind of change a job can make under a root (mv of a lower dir goes through EXDEV →
 # copy + delete inside mv, which is what a user's tools do).
@@ -126,7 +126,7 @@ def test_keep_running_waits_for_daemons_which_still_write_in_env(
 @pytest.fixture
 def disk_dir() -> Iterator[Path]:
     """A scratch dir on the host disk, outside /tmp (which every job sees as its own tmpfs)."""
-    path = Path(tempfile.mkdtemp(prefix="ia-test-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

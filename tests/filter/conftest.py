@@ -11,6 +11,7 @@ the lower is bind-mounted read-only first, so a write leaking to the host fails 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -25,6 +26,18 @@ from isolated_agent.protocol.client import request
 from isolated_agent.protocol.frames import Code, Frame
 from tests.agentfs.conftest import Agentfs, bind_read_only, force_unmount, wait_for
 from tests.conftest import snapshot
+
+
+def stop_filter_daemons(store: Path) -> None:
+    """Kill every filter daemon a store's runs started, and take their mounts down."""
+    for record in (store / "run" / "filters").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            data = json.loads(record.read_text())
+            pid = int(data["pid"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            mounts.wait_exited(pid, timeout=5)
+            force_unmount(Path(data["root"]))
 
 
 class FilterDaemon:

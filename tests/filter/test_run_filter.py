@@ -6,7 +6,6 @@ private one), and `run` refuses a store the job could write to.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from isolated_agent.engines.fuse import mount as mounts
-from tests.agentfs.conftest import force_unmount, wait_for
+from tests.agentfs.conftest import wait_for
 from tests.conftest import DISK_SCRATCH_PREFIX, snapshot
+from tests.filter.conftest import stop_filter_daemons
 
 
 @pytest.fixture
@@ -31,13 +31,7 @@ def home() -> Iterator[Path]:
     try:
         yield path / "store"
     finally:
-        for record in (path / "store" / "run" / "filters").glob("*.json"):
-            data = json.loads(record.read_text())
-            pid = int(data["pid"])
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            mounts.wait_exited(pid, timeout=5)
-            force_unmount(Path(data["root"]))
+        stop_filter_daemons(path / "store")
         shutil.rmtree(path, ignore_errors=True)
 
 

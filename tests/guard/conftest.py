@@ -246,28 +246,6 @@ def wait_all_purged(home: Path, count: int, timeout: float = 60.0) -> None:
     wait_for(done, timeout=timeout, what=f"{count} items purged")
 
 
-# -- guard mounts --------------------------------------------------------------------------------
-
-
-def _mounts_under(root: Path) -> set[str]:
-    prefix = str(root) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return {p for p in (line.split()[4] for line in f) if p.startswith(prefix)}
-
-
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """The shared sweep, narrowed to tmp_path: every guard test mounts there only, and the
-    shared one also judges (and lazily unmounts) every /var/tmp/ia-* mount that appears
-    meanwhile — other sessions' mounts, when they run at the same time as this one."""
-    before = _mounts_under(tmp_path)
-    yield
-    leaked = sorted(_mounts_under(tmp_path) - before, key=len, reverse=True)
-    for mount_point in leaked:
-        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
-    assert not leaked, f"mounts left behind on the host: {leaked}"
-
-
 def agentctl_cmd(home: Path, *args: str, env: dict[str, str] | None = None,
                  cwd: Path | str | None = None,
                  timeout: float = 120) -> subprocess.CompletedProcess[str]:

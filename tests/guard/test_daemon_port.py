@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from isolated_agent.backup.daemon import Daemon, Settings, Worker
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import HEADER, VERSION, Code, Frame, FrameReader
+from tests.conftest import DISK_SCRATCH_PREFIX
 from tests.guard.conftest import Backupd, Staged
 from tests.protocol.test_control_port import frames, json_values
 
@@ -128,7 +129,7 @@ def test_a_client_of_another_uid_is_refused(
         pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
-    reachable = Path(tempfile.mkdtemp(prefix="ia-backupd-", dir="/var/tmp"))
+    reachable = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "backupd-"))
     try:
         reachable.chmod(0o755)
         home = reachable / "home"

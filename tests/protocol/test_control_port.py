@@ -190,7 +190,7 @@ def test_a_client_of_another_uid_is_refused(package_copy: str) -> None:
         pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
-    reachable = Path(tempfile.mkdtemp(prefix="ia-port-", dir="/var/tmp"))
+    reachable = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "port-"))
     try:
         reachable.chmod(0o755)
         with RunningDaemon(reachable / "control.sock") as daemon:

@@ -8,11 +8,8 @@ stops whatever filter daemon the run started when the test ends.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.engines.fuse import mount as mounts
-from tests.agentfs.conftest import force_unmount
 from tests.conftest import DISK_SCRATCH_PREFIX
+from tests.filter.conftest import stop_filter_daemons
+from tests.guard.conftest import guards  # noqa: F401 - the guard battery's fixture
 
 ENGINES = ("kernel", "fuse", "filter")
 
@@ -61,24 +58,6 @@ class Hostile:
         return subprocess.run(self.argv(*command, options=options), cwd=self.project,
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def python(self, script: str, options: tuple[str, ...] = (),
-               timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.run("python3", "-c", script, options=options, timeout=timeout)
-
-    def agentctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "isolated_agent", *args], cwd=self.project,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
-
-    def stop_filters(self) -> None:
-        for record in (self.store / "run" / "filters").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                data = json.loads(record.read_text())
-                pid = int(data["pid"])
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                mounts.wait_exited(pid, timeout=5)
-                force_unmount(Path(data["root"]))
-
 
 @pytest.fixture(params=ENGINES)
 def hostile(request: pytest.FixtureRequest) -> Iterator[Hostile]:
@@ -90,5 +69,5 @@ def hostile(request: pytest.FixtureRequest) -> Iterator[Hostile]:
     try:
         yield battery
     finally:
-        battery.stop_filters()
+        stop_filter_daemons(battery.store)
         shutil.rmtree(base, ignore_errors=True)

@@ -41,28 +41,6 @@ for line in sys.stdin:
 """
 
 
-@pytest.fixture
-def guards(tmp_path: Path) -> Iterator[Guards]:
-    manager = Guards(tmp_path / "home")
-    try:
-        yield manager
-    finally:
-        manager.cleanup()
-
-
-@pytest.fixture(autouse=True)
-def no_mount_left_behind(tmp_path: Path) -> Iterator[None]:
-    """Narrowed to tmp_path, as in tests/guard (other sessions mount under /var/tmp/ia-*)."""
-    from tests.guard.conftest import _mounts_under
-
-    before = _mounts_under(tmp_path)
-    yield
-    leaked = sorted(_mounts_under(tmp_path) - before, key=len, reverse=True)
-    for mount_point in leaked:
-        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True)
-    assert not leaked, f"mounts left behind on the host: {leaked}"
-
-
 def backed_up(home: Path) -> list[str]:
     done = agentctl_cmd(home, "backup", "list", "--json")
     assert done.returncode == 0, done.stderr
@@ -82,6 +60,17 @@ def start(home: Path, guards: Guards, directory: Path, *args: str
     guards.started.add(str(directory))
     assert done.returncode == 0, done.stderr
     return done
+
+
+def guarded_file(tmp_path: Path, guards: Guards, content: bytes) -> tuple[Path, int]:
+    """A guarded directory holding one file `f`, and the pid of its guard daemon."""
+    directory = tmp_path / "guarded"
+    directory.mkdir()
+    (directory / "f").write_bytes(content)
+    start(guards.home, guards, directory)
+    pid = guards.pid(directory)
+    assert pid is not None
+    return directory, pid
 
 
 def test_descriptors_opened_before_start_are_listed(tmp_path: Path, guards: Guards) -> None:
@@ -194,12 +183,7 @@ def lazy_unmount(directory: Path) -> None:
 
 
 def test_umount_l_under_a_live_guard_is_a_reported_gap(tmp_path: Path, guards: Guards) -> None:
-    directory = tmp_path / "guarded"
-    directory.mkdir()
-    (directory / "f").write_bytes(b"deleted after umount -l")
-    start(guards.home, guards, directory)
-    pid = guards.pid(directory)
-    assert pid is not None
+    directory, pid = guarded_file(tmp_path, guards, b"deleted after umount -l")
     # A process working in the mount keeps it alive after the lazy unmount: the kernel does
     # not end the session, the guard's heartbeat must notice.
     inside = subprocess.Popen(["sleep", "60"], cwd=directory)
@@ -242,12 +226,7 @@ def test_umount_l_under_a_live_guard_is_a_reported_gap(tmp_path: Path, guards: G
 def test_a_killed_guard_then_umount_l_is_a_gap_since_its_last_heartbeat(
     tmp_path: Path, guards: Guards
 ) -> None:
-    directory = tmp_path / "guarded"
-    directory.mkdir()
-    (directory / "f").write_bytes(b"x")
-    start(guards.home, guards, directory)
-    pid = guards.pid(directory)
-    assert pid is not None
+    directory, pid = guarded_file(tmp_path, guards, b"x")
     time.sleep(2.5)
     os.kill(pid, signal.SIGKILL)
     killed = time.time()
