@@ -9,6 +9,7 @@ guard lost its mount; `guard status` reports a lost mount the same way. `--json`
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -109,11 +110,15 @@ def start_cmd(directory: str, excludes: tuple[str, ...], max_size: str | None, s
     if links is not None and not links.complete:
         warn(f"looked for hard links to outside in the first {links.scanned} entries of "
              f"{started.directory} only ({links.seconds:.1f} s)")
-    for view in started.other_views[:LISTED]:
-        warn(f"{started.directory} is also reachable at {view} (another mount of its "
-             "filesystem); deletes there are not backed up")
-    if len(started.other_views) > LISTED:
-        notice(f"  and {len(started.other_views) - LISTED} more")
+    warn_other_views(started.directory, started.other_views)
+
+
+def warn_other_views(directory: str, views: Sequence[str]) -> None:
+    for view in views[:LISTED]:
+        warn(f"{directory} is also reachable at {view} (another mount of its filesystem); "
+             "deletes there are not backed up")
+    if len(views) > LISTED:
+        notice(f"  and {len(views) - LISTED} more (`--json` lists them all)")
 
 
 def warn(message: str) -> None:
@@ -187,7 +192,5 @@ def status_cmd(as_json: bool) -> None:
             if gap is not None:
                 warn(f"{gap.describe(r['dir'])}: its guard's mount is gone; "
                      f"`agentctl guard start {r['dir']}` guards it again")
-        for view in r["other_views"][:LISTED]:
-            warn(f"{r['dir']} is also reachable at {view} (another mount of its filesystem); "
-                 "deletes there are not backed up")
+        warn_other_views(r["dir"], r["other_views"])
     notice(f"backupd: {'running, pid ' + str(daemon) if daemon else 'not running'}")
