@@ -24,8 +24,8 @@ reports every such path (`CommitResult.privileged`). `keep_privileges` (`--keep-
 them. Directories keep setgid: it only makes new entries inherit the directory's group.
 
 Paths longer than PATH_MAX (a job can build such a tree) go through the same steps: the changeset,
-apply and prune reach them through directory fds (fdpath.py), the journal names them whole, and
-`backup.capture` and the store's `adopt` reach them through fds of their own.
+apply and prune, `backup.capture` and the store's `adopt` reach them through directory fds
+(isolated_agent/fdpath.py), and the journal names them whole.
 
 Conflict detection costs nothing at run time. Every change carries the upper entry that made it
 (`Change.seen_from`); overlayfs creates that entry when the env first takes the path over — the
