@@ -399,3 +399,104 @@ def landlock_restrict_self(ruleset_fd: int) -> None:
 
 def _bytes_or_none(value: str | None) -> bytes | None:
     return None if value is None else os.fsencode(value)
+
+
+# <linux/seccomp.h>: a filter whose matching calls wait for a supervisor (user notification).
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine, 317)
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5  # 5.19
+_SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+_SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
+_SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
+# struct seccomp_notif: u64 id, u32 pid, u32 flags, then struct seccomp_data: s32 nr,
+# u32 arch, u64 instruction_pointer, u64 args[6].
+_SECCOMP_NOTIF = struct.Struct("=QIIiIQ6Q")
+_SECCOMP_NOTIF_RESP = struct.Struct("=QqiI")  # u64 id, s64 val, s32 error, u32 flags
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_load_listener(program: bytes) -> int:
+    """Load a BPF program (libseccomp's export) whose SCMP_ACT_NOTIFY calls wait for whoever
+    holds the returned listener fd. Once the supervisor has received a call, only a fatal
+    signal interrupts the caller (WAIT_KILLABLE_RECV, Linux 5.19), so that an operation done
+    on its behalf is never repeated by a restarted call; older kernels load without it."""
+    buffer = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    flags = _SECCOMP_FILTER_FLAG_NEW_LISTENER | _SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    while True:
+        result = _libc.syscall(ctypes.c_long(_SYS_SECCOMP), ctypes.c_uint(_SECCOMP_SET_MODE_FILTER),
+                               ctypes.c_uint(flags), ctypes.byref(prog))
+        if result >= 0:
+            return int(result)
+        if ctypes.get_errno() != errno.EINVAL or flags == _SECCOMP_FILTER_FLAG_NEW_LISTENER:
+            return _check(int(result), "seccomp(SET_MODE_FILTER)")
+        flags = _SECCOMP_FILTER_FLAG_NEW_LISTENER
+
+
+def seccomp_receive(listener: int) -> tuple[int, int, int, tuple[int, ...]]:
+    """The next call waiting on `listener`: (id, thread id, syscall number, six raw args)."""
+    buffer = bytearray(_SECCOMP_NOTIF.size)  # the kernel insists on a zeroed one
+    fcntl.ioctl(listener, _SECCOMP_IOCTL_NOTIF_RECV, buffer, True)
+    call_id, tid, _flags, number, _arch, _ip, *args = _SECCOMP_NOTIF.unpack(buffer)
+    return call_id, tid, number, tuple(args)
+
+
+def seccomp_respond(listener: int, call_id: int, value: int, error: int) -> None:
+    """Complete a waiting call: it returns `value`, or fails with errno `error` if non-zero.
+    ENOENT (the caller was killed meanwhile) is not an error."""
+    response = _SECCOMP_NOTIF_RESP.pack(call_id, value, -error if error else 0, 0)
+    try:
+        fcntl.ioctl(listener, _SECCOMP_IOCTL_NOTIF_SEND, response)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+
+
+def seccomp_call_is_waiting(listener: int, call_id: int) -> bool:
+    """Whether the call is still waiting: after opening a thread's /proc files by its id, this
+    proves the id was not reused by another process meanwhile."""
+    try:
+        fcntl.ioctl(listener, _SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", call_id))
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+# pidfd_getfd(2): the same number on every architecture (5.6).
+_SYS_PIDFD_GETFD = 438
+PIDFD_THREAD = os.O_EXCL  # pidfd_open(2) of a thread, not only of a process (6.9)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A duplicate (close-on-exec) of another process's descriptor: the same open file."""
+    result = _libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd),
+                           ctypes.c_int(target_fd), ctypes.c_uint(0))
+    return _check(int(result), "pidfd_getfd")
+
+
+def connect(fd: int, address: bytes) -> None:
+    """connect(2) with a raw socket address, as a program passed it."""
+    _check(_libc.connect(ctypes.c_int(fd), address, ctypes.c_uint(len(address))), "connect")
+
+
+AT_EMPTY_PATH = 0x1000
+
+
+def fchownat_empty(fd: int, uid: int, gid: int) -> None:
+    """chown the object an O_PATH descriptor names, itself (a symlink included)."""
+    flags = AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW
+    _check(_libc.fchownat(ctypes.c_int(fd), b"", ctypes.c_uint(uid & 0xFFFFFFFF),
+                          ctypes.c_uint(gid & 0xFFFFFFFF), ctypes.c_int(flags)), "fchownat")
+
+
+def utimensat_empty(fd: int, times: bytes | None) -> None:
+    """utimensat(2) on the object an O_PATH descriptor names, itself; `times` is the raw
+    struct timespec[2] (UTIME_NOW / UTIME_OMIT included) or None for "now"."""
+    flags = AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW
+    _check(_libc.utimensat(ctypes.c_int(fd), b"", times, ctypes.c_int(flags)), "utimensat")
