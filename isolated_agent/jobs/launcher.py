@@ -54,10 +54,11 @@ from isolated_agent.errors import (
     CommandNotFound,
     IsolationError,
 )
+from isolated_agent.jobs import supervisor
 from isolated_agent.jobs.cgroup import JobCgroup
 from isolated_agent.jobs.confine import confine_job, scope_job
 from isolated_agent.jobs.sandbox import SandboxSpec, build_view
-from isolated_agent.jobs.syscall_filter import install_baseline
+from isolated_agent.jobs.syscall_filter import install_baseline, install_supervised
 from isolated_agent.jobs.terminal import JobTerminal
 
 EXIT_SETUP_FAILED = 125
@@ -312,12 +313,23 @@ def _process_b(
     return _run_command(spec, terminal, messages, release)
 
 
-def _run_command(spec: JobSpec, terminal: JobTerminal, messages: int, release: int) -> int:
+def _run_command(
+    spec: JobSpec, terminal: JobTerminal, messages: int, release: int,
+    supervised: tuple[supervisor.Handover, supervisor.Places] | None = None,
+) -> int:
     """Start C and reap every orphan as it dies until the command itself exits (then, with
-    --keep-running, until the daemons it left behind exit too); return its status."""
+    --keep-running, until the daemons it left behind exit too); return its status. With
+    `supervised` (no namespaces), also serve the command's supervised calls (supervisor.py)."""
+    handover = supervised[0] if supervised else None
     pid = os.fork()
     if pid == 0:
-        _child_main(_process_c, spec, terminal, messages, release)
+        _child_main(_process_c, spec, terminal, messages, release, handover)
+    if supervised is not None:
+        try:
+            supervisor.start(*supervised, stop_job=_stop_keeper)
+        except IsolationError as e:
+            _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+            os.kill(pid, signal.SIGKILL)
     os.close(messages)
     os.close(release)
     terminal.close_slave()
@@ -358,10 +370,26 @@ def _keeper(
     except OSError as e:
         _send(messages, kind="setup_failed", step="child subreaper", detail=str(e))
         return EXIT_SETUP_FAILED
+    # Decided before the command exists, while the keeper may still read every process's
+    # network namespace: which host sockets were bound when the job started.
+    sandbox = spec.sandbox
+    places = supervisor.Places.for_job([root.path for root in sandbox.roots], sandbox.allow,
+                                       sandbox.allow_sockets)
+    _send(messages, kind="masked_sockets", paths=places.refused_host_sockets())
     try:
-        return _run_command(spec, terminal, messages, release)
+        supervisor.enter_job_domain()
+    except IsolationError as e:
+        _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
+        return EXIT_SETUP_FAILED
+    try:
+        return _run_command(spec, terminal, messages, release, (supervisor.Handover(), places))
     finally:
         _kill_descendants()
+
+
+def _stop_keeper() -> None:
+    """From any thread of the keeper: end the job as if its launcher had died."""
+    os.kill(os.getpid(), _KEEPER_DEATH_SIGNAL)
 
 
 def _kill_descendants() -> None:
@@ -399,7 +427,10 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _process_c(spec: JobSpec, terminal: JobTerminal, messages: int, release: int) -> int:
+def _process_c(
+    spec: JobSpec, terminal: JobTerminal, messages: int, release: int,
+    handover: supervisor.Handover | None,
+) -> int:
     for signum in range(1, signal.NSIG):  # the command starts with default dispositions
         with contextlib.suppress(OSError, ValueError, RuntimeError):
             signal.signal(signum, signal.SIG_DFL)
@@ -423,6 +454,10 @@ def _process_c(spec: JobSpec, terminal: JobTerminal, messages: int, release: int
         else:
             confine_job([*(root.path for root in spec.sandbox.roots), *spec.sandbox.allow])
         install_baseline()
+        if handover is not None:  # last: from here on these calls wait for the keeper
+            listener = install_supervised()
+            handover.send(listener)
+            os.close(listener)
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED

@@ -28,6 +28,11 @@ Refused:
 Not refused, on purpose: ptrace and process_vm_* (debuggers, profilers; the job sees only its
 own processes: a pid namespace, or Landlock's ptrace scoping under the filter engine).
 
+The filter engine's job, which sees the host's tree itself, also runs a second filter
+(`install_supervised`): the calls Landlock does not judge — a change of mode, owner, times or
+extended attributes, and connect(2) — wait for the job's keeper, which does them on the job's
+behalf where they may act (supervisor.py).
+
 System calls are resolved by name for the native architecture; any other architecture
 (32-bit calls from a 64-bit process) kills the caller, libseccomp's default for a foreign
 architecture, so the numbers of another ABI cannot be used to get around the list.
@@ -37,8 +42,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import termios
+from typing import Any
 
+from isolated_agent import libc
 from isolated_agent.errors import IsolationError
 
 STEP = "seccomp filter"
@@ -89,15 +97,12 @@ _MISSING_HINT = "install libseccomp's Python binding: apt-get install python3-se
 def install_baseline() -> None:
     """Load the baseline into this thread's process (no_new_privs must be set). It stays for
     every descendant, across exec, and can only be narrowed. Raises IsolationError."""
-    try:
-        import seccomp  # type: ignore[import-not-found]  # Debian's binding, no stubs
-    except ImportError as e:
-        raise IsolationError(STEP, "libseccomp's Python module is missing", _MISSING_HINT) from e
+    seccomp = _binding()
     try:
         rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
         refuse = seccomp.ERRNO(errno.EPERM)
         for name in DENIED:
-            _deny(rules, refuse, name)
+            _add_rule(rules, refuse, name)
         for request in DENIED_IOCTLS.values():
             rules.add_rule(refuse, "ioctl", seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
         for flag in CLONE_NEW_FLAGS.values():
@@ -110,9 +115,67 @@ def install_baseline() -> None:
         raise IsolationError(STEP, f"cannot load it: {e}") from e
 
 
-def _deny(rules: object, action: object, name: str) -> None:
-    """Refuse one system call. libseccomp knows every architecture's names and turns one this
-    architecture lacks (vm86 on aarch64) into a rule that never matches; a name it does not know
-    at all (an old libseccomp) is a call its kernel generation did not have, and is skipped."""
+def _binding() -> Any:
+    try:
+        import seccomp  # type: ignore[import-not-found]  # Debian's binding, no stubs
+    except ImportError as e:
+        raise IsolationError(STEP, "libseccomp's Python module is missing", _MISSING_HINT) from e
+    return seccomp
+
+
+def _add_rule(rules: object, action: object, name: str) -> None:
+    """One rule for a system call named. libseccomp knows every architecture's names and turns
+    one this architecture lacks (vm86 on aarch64) into a rule that never matches; a name it
+    does not know at all (an old libseccomp) is a call of a later kernel: skipped."""
     with contextlib.suppress(RuntimeError):
         rules.add_rule(action, name)  # type: ignore[attr-defined]
+
+
+# The filter engine: calls that wait for the keeper (supervisor.py), which does them itself
+# where Landlock's rules would let the job write. Names this architecture lacks (chmod on
+# aarch64) match nothing.
+SUPERVISED = (
+    "chmod", "fchmod", "fchmodat",
+    "chown", "fchown", "lchown", "fchownat",
+    "utime", "utimes", "futimesat", "utimensat",
+    "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
+    "connect",
+)
+
+# ioctl requests that change a file's attributes (chattr's flags, the XFS-style fsxattr).
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC32_SETFLAGS = 0x40046602
+FS_IOC_FSSETXATTR = 0x401C5820
+SUPERVISED_IOCTLS = (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR)
+
+# Newer calls that do what a supervised one does: ENOSYS, as on a kernel without them, so
+# that the C library falls back to the older call. By number (the same on every architecture
+# since 5.1), as libseccomp releases older than the calls do not know their names.
+NEWER_EQUIVALENTS = {"fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
+                     "file_setattr": 469}
+
+
+def install_supervised() -> int:
+    """Load the filter engine's supervised calls into this process (no_new_privs set, after
+    the baseline) and return the listener fd the keeper serves them from."""
+    seccomp = _binding()
+    try:
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        for name in SUPERVISED:
+            _add_rule(rules, seccomp.NOTIFY, name)
+        for request in SUPERVISED_IOCTLS:
+            rules.add_rule(seccomp.NOTIFY, "ioctl",
+                           seccomp.Arg(1, seccomp.MASKED_EQ, 0xFFFFFFFF, request))
+        for number in NEWER_EQUIVALENTS.values():
+            rules.add_rule(seccomp.ERRNO(errno.ENOSYS), number)
+        return libc.seccomp_load_listener(_program(rules))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise IsolationError(STEP, f"cannot load the supervised calls: {e}") from e
+
+
+def _program(rules: object) -> bytes:
+    """The BPF program libseccomp would load (its export writes to a file)."""
+    with open(os.memfd_create("seccomp", os.MFD_CLOEXEC), "w+b", buffering=0) as f:
+        rules.export_bpf(f)  # type: ignore[attr-defined]
+        f.seek(0)
+        return f.read()

@@ -15,6 +15,7 @@ from isolated_agent.jobs.host_sockets import (
     parse_unix_table,
     sockets_to_mask,
 )
+from isolated_agent.jobs.supervisor import Places
 
 TABLE = (
     b"Num       RefCount Protocol Flags    Type St Inode Path\n"
@@ -80,3 +81,33 @@ def test_the_baseline_refuses_what_it_lists(attempt: str) -> None:
     os.waitpid(pid, 0)
     expected = errno.ENOSYS if attempt == "clone3" else errno.EPERM
     assert got == expected, os.strerror(got) if got > 0 else got
+
+
+def _places() -> Places:
+    return Places(writable=("/srv/project", "/home/u/.cache"), scratch=("/tmp", "/dev/shm"),
+                  kept_sockets=("/run/user/1000/ssh.sock", "/run/nscd/socket"),
+                  host_sockets=frozenset({"/run/docker.sock", "/tmp/tmux-0/default",
+                                          "/srv/project/dev.sock", "/run/nscd/socket"}))
+
+
+@pytest.mark.unit
+def test_the_filter_job_changes_metadata_only_where_it_may_write() -> None:
+    places = _places()
+    for allowed in ("/srv/project", "/srv/project/a/b", "/home/u/.cache/x", "/tmp/x",
+                    "/dev/shm/y", None):
+        assert places.may_change(allowed), allowed
+    for refused in ("/tmp", "/dev/shm", "/srv", "/srv/project2", "/usr/bin/su", "/etc/passwd",
+                    "/home/u/.bashrc", "/tmpx"):
+        assert not places.may_change(refused), refused
+
+
+@pytest.mark.unit
+def test_the_filter_job_reaches_its_own_sockets_and_the_kept_ones() -> None:
+    places = _places()
+    for allowed in ("/srv/project/dev.sock", "/srv/project/t.sock", "/tmp/job.sock",
+                    "/run/user/1000/ssh.sock", "/run/nscd/socket"):
+        assert places.may_connect(allowed), allowed
+    for refused in ("/run/docker.sock", "/tmp/tmux-0/default", "/run/later.sock",
+                    "/run/user/1000/bus"):
+        assert not places.may_connect(refused), refused
+    assert places.refused_host_sockets() == ["/run/docker.sock", "/tmp/tmux-0/default"]
