@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import Agentctl
 from tests.review.conftest import Workspace
+from tests.security.conftest import Hostile
 
 CAPS = "security.capability"
 # VFS_CAP_REVISION_2 with the effective flag; permitted = CAP_NET_BIND_SERVICE (bit 10).
@@ -182,3 +183,22 @@ def test_a_new_link_to_the_hosts_setuid_file_is_a_plain_copy(ws: Workspace) -> N
     assert _mode(alias) == 0o755 and alias.read_text() == helper.read_text()
     assert os.stat(alias).st_ino != os.stat(helper).st_ino
     assert _mode(helper) == 0o4755  # the host's own file, not part of the change, is untouched
+
+
+def test_a_job_cannot_make_a_device_node(hostile: Hostile) -> None:
+    """A device node in the layer would reach the host with a root commit (a /dev/mem of its
+    own): no engine lets a job make one, so there is none to commit."""
+    script = r"""
+import os, stat
+for name, kind, device in (("mem", stat.S_IFCHR, os.makedev(1, 1)),
+                           ("disk", stat.S_IFBLK, os.makedev(8, 0))):
+    try:
+        os.mknod(name, 0o666 | kind, device)
+        print(name, "made")
+    except OSError as e:
+        print(name, "refused", e.errno)
+"""
+    result = hostile.run("python3", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["mem refused 1", "disk refused 1"], result.stdout
+    assert not (hostile.project / "mem").exists() and not (hostile.project / "disk").exists()
