@@ -41,14 +41,15 @@ from isolated_agent import fdpath, libc
 from isolated_agent.env.changeset import (
     CAPABILITY_XATTR,
     PRIVILEGE_BITS,
+    data_xattrs,
     has_capabilities,
     unprivileged_mode,
 )
+from isolated_agent.overlay.format import is_private_xattr
 
 Identity = tuple[int, int, int]  # (st_ino, st_ctime_ns, st_mode) of a host entry at plan time
 
 REMOVE, PUT, LINK = "remove", "put", "link"
-OVERLAY_XATTR_PREFIX = "user.overlay."
 _COPY_CHUNK = 1 << 30
 
 
@@ -323,6 +324,8 @@ class Applier:
             fdpath.lchown(op.host, op.uid, op.gid)
         if st is None or stat.S_IMODE(st.st_mode) != stat.S_IMODE(op.mode):
             fdpath.chmod(op.host, stat.S_IMODE(op.mode))
+        if st is not None and op.source is not None and fdpath.is_dir(op.source):
+            sync_data_xattrs(op.source, op.host)
 
     def _link(self, op: Op) -> None:
         assert op.link_to is not None
@@ -444,6 +447,17 @@ def _privileged(path: bytes) -> bool:
     )
 
 
+def sync_data_xattrs(source: bytes, target: bytes) -> None:
+    """Make `target`'s data xattrs (changeset.data_xattrs) exactly `source`'s, in place."""
+    wanted, present = data_xattrs(source), data_xattrs(target)
+    with fdpath.xattr_path(target) as name:
+        for key in present.keys() - wanted.keys():
+            os.removexattr(name, key, follow_symlinks=False)
+        for key, value in wanted.items():
+            if present.get(key) != value:
+                os.setxattr(name, key, value, follow_symlinks=False)
+
+
 def copy_xattrs(source: bytes, target: bytes) -> None:
     """Copy extended attributes, except overlayfs's own (format metadata, never user data) and
     file capabilities (`set_metadata` sets those, when kept, after the owner)."""
@@ -451,7 +465,7 @@ def copy_xattrs(source: bytes, target: bytes) -> None:
     try:
         with fdpath.xattr_path(source) as source_name:
             for name in os.listxattr(source_name, follow_symlinks=False):
-                if name.startswith(OVERLAY_XATTR_PREFIX) or name == CAPABILITY_XATTR:
+                if is_private_xattr(name) or name == CAPABILITY_XATTR:
                     continue
                 with contextlib.suppress(OSError):
                     values[name] = os.getxattr(source_name, name, follow_symlinks=False)
@@ -469,7 +483,7 @@ def _strip_overlay_xattrs(path: bytes) -> None:
     try:
         with fdpath.xattr_path(path) as short:
             for name in os.listxattr(short, follow_symlinks=False):
-                if name.startswith(OVERLAY_XATTR_PREFIX):
+                if is_private_xattr(name):
                     with contextlib.suppress(OSError):
                         os.removexattr(short, name, follow_symlinks=False)
     except OSError:

@@ -6,15 +6,17 @@ There the view is the upper subtree alone. A change is a path whose entry in the
 the host's entry:
 
     A  added      the view has an entry where the host has none
-    M  modified   same type; different content, permission bits or symlink target
+    M  modified   same type; different content, permission bits, symlink target or data xattrs
     T  type       different type (file -> symlink, dir -> file, ...)
     D  deleted    the host has an entry the view does not (whiteout, or hidden by a directory)
 
 A deleted directory is expanded: every entry of the host subtree is a D of its own, so a commit
 can back each one up and a diff can show each file. A copied-up entry that ended identical to the
 host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change; neither are owner
-or time differences (commit carries them along with the entries it writes). Changes come out in
-path order (by root, then by the bytes of the path), so output is deterministic.
+or time differences (commit carries them along with the entries it writes). Extended attributes
+are compared where they are the file's own data (`data_xattrs`): a `setfattr` alone is a change.
+Changes come out in path order (by root, then by the bytes of the path), so output is
+deterministic.
 
 The walk goes through directory fds, one per level and side, with the *at calls, so a tree deeper
 than PATH_MAX reads like any other; `Entry.path` names an entry for later reads, which go through
@@ -33,6 +35,7 @@ birth time to tell whether the host changed the path afterwards (see `commit.fin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -43,7 +46,7 @@ from isolated_agent import fdpath
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.errors import RootMissing, StoreError
-from isolated_agent.overlay.format import is_opaque_fd, is_whiteout
+from isolated_agent.overlay.format import is_opaque_fd, is_private_xattr, is_whiteout
 
 ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
 
@@ -134,6 +137,7 @@ class Change:
     new: Entry | None  # the env's entry (None for D)
     seen_from: bytes  # the upper entry whose birth is when the env took this path over
     content_changed: bool  # data or symlink target differ (always True for A/D/T non-dirs)
+    xattrs_changed: bool = False  # M only: the data xattrs differ (see `data_xattrs`)
 
     @property
     def mode_changed(self) -> bool:
@@ -287,8 +291,9 @@ class _Reader:
             self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
             return
         content_changed = not _same_content(old, new)
-        if content_changed or old.perms != new.perms:
-            self.add(root, rel, MODIFIED, old, new, upper_path, content_changed)
+        xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
+        if content_changed or xattrs_changed or old.perms != new.perms:
+            self.add(root, rel, MODIFIED, old, new, upper_path, content_changed, xattrs_changed)
         elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
 
@@ -306,8 +311,9 @@ class _Reader:
             self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
             self.walk(root, rel, child, upper_path, None, None, False, upper_path)
             return
-        if old.perms != new.perms:
-            self.add(root, rel, MODIFIED, old, new, upper_path, False)
+        xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
+        if old.perms != new.perms or xattrs_changed:
+            self.add(root, rel, MODIFIED, old, new, upper_path, False, xattrs_changed)
         with fdpath.dir_at(host_fd, name) as host_child:
             if host_child is None:  # gone from the host since it was looked at
                 self.walk(root, rel, child, upper_path, None, None, False, upper_path)
@@ -344,9 +350,10 @@ class _Reader:
 
     def add(
         self, root: int, rel: bytes, status: str, old: Entry | None, new: Entry | None,
-        seen_from: bytes, content_changed: bool,
+        seen_from: bytes, content_changed: bool, xattrs_changed: bool = False,
     ) -> None:
-        self.found.append(Change(root, rel, status, old, new, seen_from, content_changed))
+        self.found.append(
+            Change(root, rel, status, old, new, seen_from, content_changed, xattrs_changed))
 
     def _layer_error(self, upper_path: bytes, e: OSError) -> StoreError:
         return StoreError(
@@ -366,6 +373,27 @@ class _Reader:
                 f"{os.fsdecode(upper_path)} carries {name}, which agentctl does not support; "
                 "this layer was not made by agentctl"
             )
+
+
+# Extended attributes that are the file's own data. Security labels belong to the machine (each
+# filesystem and policy gives its own), file capabilities are privileges (see the module), and
+# user.overlay.* is the layer format's.
+DATA_XATTR_PREFIXES = ("user.", "system.posix_acl_")
+
+
+def data_xattrs(path: bytes) -> dict[str, bytes]:
+    """The data xattrs of `path` (a symlink's own), by name; empty where it has none or the
+    filesystem keeps none."""
+    values: dict[str, bytes] = {}
+    try:
+        with fdpath.xattr_path(path) as short:
+            for name in os.listxattr(short, follow_symlinks=False):
+                if name.startswith(DATA_XATTR_PREFIXES) and not is_private_xattr(name):
+                    with contextlib.suppress(OSError):
+                        values[name] = os.getxattr(short, name, follow_symlinks=False)
+    except OSError:
+        pass
+    return values
 
 
 def has_capabilities(path: bytes) -> bool:

@@ -26,6 +26,7 @@ from isolated_agent.env.changeset import (
     Change,
     Changeset,
     Entry,
+    data_xattrs,
     open_file,
     same_file_data,
 )
@@ -79,11 +80,12 @@ def content_of(entry: Entry | None) -> Content:
 
 
 def _is_shown(change: Change) -> bool:
-    """Directories appear in a patch or --stat only when their permissions changed."""
+    """Directories appear in a patch or --stat only when their permissions or data xattrs
+    changed."""
     old_dir = change.old is not None and change.old.is_dir
     new_dir = change.new is not None and change.new.is_dir
     if old_dir and new_dir:
-        return change.mode_changed
+        return change.mode_changed or change.xattrs_changed
     return not (old_dir and change.new is None) and not (new_dir and change.old is None)
 
 
@@ -134,7 +136,24 @@ def patch(changeset: Changeset, color: bool = False) -> Iterator[bytes]:
     for change, sides in _with_contents(changeset.changes):
         path = display_path(changeset, change)
         for old, new, a, b in sides:
-            yield from _file_patch(path, old, new, a, b, style)
+            yield from _file_patch(path, old, new, a, b, style, change.xattrs_changed)
+
+
+def xattr_lines(old: Entry, new: Entry) -> Iterator[bytes]:
+    """Extended header lines for data xattrs that differ, in the manner of git's mode lines:
+    `old xattr NAME "VALUE"` and/or `new xattr NAME "VALUE"` (git apply passes them by)."""
+    before, after = data_xattrs(old.path), data_xattrs(new.path)
+    for name in sorted(before.keys() | after.keys()):
+        if before.get(name) == after.get(name):
+            continue
+        for side, values in ((b"old", before), (b"new", after)):
+            if name in values:
+                yield side + b" xattr " + os.fsencode(name) + b" " + _quoted(values[name])
+
+
+def _quoted(value: bytes, limit: int = 80) -> bytes:
+    shown = value[:limit].decode("utf-8", "backslashreplace").encode("unicode_escape")
+    return b'"' + shown.replace(b'"', b'\\"') + b'"' + (b"..." if len(value) > limit else b"")
 
 
 def _mode(entry: Entry) -> bytes:
@@ -144,7 +163,8 @@ def _mode(entry: Entry) -> bytes:
 
 
 def _file_patch(
-    path: bytes, old: Entry | None, new: Entry | None, a: Content, b: Content, style: _Styler
+    path: bytes, old: Entry | None, new: Entry | None, a: Content, b: Content, style: _Styler,
+    xattrs_changed: bool = False,
 ) -> Iterator[bytes]:
     yield style.meta(b"diff --git a/" + path + b" b/" + path)
     if old is None and new is not None:
@@ -154,6 +174,9 @@ def _file_patch(
     elif old is not None and new is not None and old.mode != new.mode:
         yield style.meta(b"old mode " + _mode(old))
         yield style.meta(b"new mode " + _mode(new))
+    if xattrs_changed and old is not None and new is not None:
+        for line in xattr_lines(old, new):
+            yield style.meta(line)
     if (old is not None and old.is_dir) or (new is not None and new.is_dir):
         return
     if a.lines == b.lines and not (a.binary or b.binary):
@@ -368,6 +391,7 @@ def to_json(changeset: Changeset) -> list[dict[str, Any]]:
                 "new": _side_json(change.new),
                 "content_changed": change.content_changed,
                 "mode_changed": change.mode_changed,
+                "xattrs_changed": change.xattrs_changed,
                 # setuid/setgid/capabilities the env's entry would bring to the host
                 "privileges": list(change.privileges()),
                 "binary": counted.binary if counted else False,

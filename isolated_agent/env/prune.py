@@ -9,7 +9,7 @@ single step here, so a crash half-way leaves a correct env and a redo simply car
 - an opaque directory loses its opaque mark when every host entry beneath it is either shadowed
   by the layer or was written by this commit — merging it with the host then changes nothing;
 - a directory left empty, with the host's directory showing through, goes when it was committed
-  or adds nothing (same permissions as the host's);
+  or adds nothing (same permissions and data xattrs as the host's);
 - a file moved out of the layer whose place is still hidden from the host (its commit failed
   half-way under an opaque directory) is copied back from the host.
 Everything else stays: uncommitted changes and entries the view still needs.
@@ -26,7 +26,7 @@ import stat
 
 from isolated_agent import fdpath
 from isolated_agent.env.apply import Op, copy_file, lstat_or_none, set_metadata
-from isolated_agent.env.changeset import join
+from isolated_agent.env.changeset import data_xattrs, join
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.overlay.format import (
@@ -126,14 +126,23 @@ class _Pruner:
             self.visit(path, child, host_child, child_merged)
             if not child_merged or host_st is None:
                 return
-            same_perms = stat.S_IMODE(host_st.st_mode) == stat.S_IMODE(st.st_mode)
-            if (selected or same_perms) and not os.listdir(child):
+            assert host_child is not None  # child_merged
+            if (selected or self._adds_nothing(st, host_st, child, host_child)) \
+                    and not os.listdir(child):
                 with contextlib.suppress(OSError):
                     os.rmdir(name, dir_fd=upper_fd)
         finally:
             os.close(child)
             if host_child is not None:
                 os.close(host_child)
+
+    @staticmethod
+    def _adds_nothing(st: os.stat_result, host_st: os.stat_result, upper_fd: int,
+                      host_fd: int) -> bool:
+        """An upper directory whose permissions and data xattrs are the host's."""
+        return (stat.S_IMODE(host_st.st_mode) == stat.S_IMODE(st.st_mode)
+                and data_xattrs(os.fsencode(fd_path(upper_fd)))
+                == data_xattrs(os.fsencode(fd_path(host_fd))))
 
     def _covered(self, path: bytes, upper_fd: int, host_fd: int) -> bool:
         """Is every host entry under the host dir `host_fd` shadowed by the layer (`upper_fd`)
