@@ -14,6 +14,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -151,3 +153,59 @@ def fs(tmp_path: Path) -> Iterator[FilterFs]:
 @pytest.fixture
 def fs_factory() -> None:
     pytest.skip("the filter mount has one lower: the host's files")
+
+
+# A process that does one file operation per line it reads ([op, path]) and prints the result
+# (or "errno N"): registered as a job, it is that job's view; unregistered, the host's.
+WORKER = r"""
+import json, os, sys
+for line in sys.stdin:
+    op, path = json.loads(line)
+    try:
+        if op == "read":
+            with open(path, "rb") as f:
+                result = f.read().decode()
+        elif op == "stat":
+            st = os.stat(path)
+            result = [st.st_size, st.st_mode, st.st_mtime_ns, st.st_nlink]
+        elif op == "list":
+            result = sorted(os.listdir(path))
+        elif op == "write":
+            with open(path, "w") as f:
+                f.write("written")
+            result = "ok"
+        elif op == "unlink":
+            os.unlink(path)
+            result = "ok"
+        elif op == "mkdir":
+            os.mkdir(path)
+            result = "ok"
+        elif op == "rmdir":
+            os.rmdir(path)
+            result = "ok"
+    except OSError as e:
+        result = f"errno {e.errno}"
+    print(json.dumps(result), flush=True)
+"""
+
+
+class Worker:
+    """A WORKER process, in `cwd`."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", WORKER], cwd=cwd, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def __call__(self, op: str, path: Path) -> object:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps([op, str(path)]) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()

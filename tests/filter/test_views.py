@@ -10,64 +10,16 @@ a leaked page or attribute cache visible.
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from isolated_agent.overlay.format import make_whiteout_at
-from tests.filter.conftest import FilterDaemon
-
-WORKER = r"""
-import json, os, sys
-for line in sys.stdin:
-    op, path = json.loads(line)
-    try:
-        if op == "read":
-            with open(path, "rb") as f:
-                result = f.read().decode()
-        elif op == "stat":
-            st = os.stat(path)
-            result = [st.st_size, st.st_mode, st.st_mtime_ns, st.st_nlink]
-        elif op == "list":
-            result = sorted(os.listdir(path))
-        elif op == "write":
-            with open(path, "w") as f:
-                f.write("written")
-            result = "ok"
-        elif op == "unlink":
-            os.unlink(path)
-            result = "ok"
-    except OSError as e:
-        result = f"errno {e.errno}"
-    print(json.dumps(result), flush=True)
-"""
+from tests.filter.conftest import FilterDaemon, Worker
 
 MTIME = 1_700_000_000_000_000_000
-
-
-class Worker:
-    def __init__(self, cwd: Path) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", WORKER], cwd=cwd, text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def __call__(self, op: str, path: Path) -> object:
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(json.dumps([op, str(path)]) + "\n")
-        self.process.stdin.flush()
-        return json.loads(self.process.stdout.readline())
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
 
 
 def _file(path: Path, text: str) -> None:

@@ -265,10 +265,13 @@ class FilterOperations(pyfuse3.Operations):
 
     def _remember_shadow(self, view: View, host: Node, node: Node) -> None:
         """Keep `node` (and with it its parents) alive while it stands for `host`: the
-        kernel holds the host's inode, not this view's node."""
+        kernel holds the host's inode, not this view's node. The new reference is taken
+        before stale shadows are let go: `node` may be one of them, held by nothing else."""
+        view.overlay.ref(node)
         self._expire_shadows(view)
-        if host not in view.shadows:
-            view.overlay.ref(node)
+        if host in view.shadows:
+            view.overlay.unref(node)  # remembered already in this epoch: held once is enough
+        else:
             view.shadows[host] = node
 
     def _expire_shadows(self, view: View) -> None:
