@@ -6,7 +6,8 @@ halves: `check()` runs in the launcher, on the host, and says whether the engine
 at a given path (the filter engine, `namespaces = False`, has no such namespace: its view is on
 the host). An engine that needs processes on the host side while the job runs (the fuse
 engine's daemons, the filter daemons) also has `start()` / `job_started()` / `stop()`
-(`HostSide`), which `serving()` and the launcher call around the job.
+(`HostSide`), which `serving()` and the launcher call around the job, and `problems()`, which
+tells the user when a daemon answered a request with EIO on an internal error.
 
 `auto` picks the kernel engine whenever namespaces can be made and overlayfs exists (native
 speed), else the fuse engine; where namespaces cannot be made at all, the filter engine
@@ -50,6 +51,10 @@ class HostSide(Protocol):
         """The job exists (suspended): `pid` is its outermost process, `cgroup_dir` its
         cgroup v2 group (or None). Runs before the command is released."""
 
+    def problems(self) -> list[str]:
+        """After the job: one line for each daemon that failed requests on a bug meanwhile
+        (the job saw EIO), naming its log."""
+
 
 ENGINE_NAMES = ("auto", "kernel", "fuse", "filter")
 
@@ -91,6 +96,11 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
 def _checked(engine: Engine, rootless: bool) -> Engine:
     engine.check(rootless)
     return engine
+
+
+def problems(engine: Engine) -> list[str]:
+    """What went wrong on the engine's host side during the last job (see HostSide)."""
+    return engine.problems() if isinstance(engine, HostSide) else []
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from isolated_agent.engines import select_engine, serving
+from isolated_agent.engines import problems, select_engine, serving
 from isolated_agent.env.store import Env, Store, is_within
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
@@ -182,4 +182,6 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
             status = run_job(spec, ready)
     if status not in (0, 128 + signal.SIGINT) and started and started[0].masked_sockets:
         notify(socket_hint(started[0].masked_sockets))
+    for line in problems(engine):
+        notify(line)
     return status

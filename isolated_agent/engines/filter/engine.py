@@ -21,6 +21,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from isolated_agent import libc
+from isolated_agent.engines.daemon_log import LogWatch
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError
 
@@ -38,6 +39,7 @@ class FilterEngine:
         self.job_id = f"job-{uuid.uuid4().hex[:12]}"
         self._served: list[tuple[FilterRecord, Root]] = []
         self._registered: list[FilterRecord] = []
+        self._logs: list[tuple[str, LogWatch]] = []
         # Why `auto` fell back to this engine (namespaces cannot be made), if it did.
         self.fallback_from: IsolationError | None = None
 
@@ -76,6 +78,7 @@ class FilterEngine:
                 raise IsolationError(reason.step, reason.detail, f"{reason.hint}; the filter "
                                      f"engine could not start either: {e}") from None
             self._served.append((record, root))
+            self._logs.append((root.path, LogWatch(record.log)))
 
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:
         """Before the command is released: every root's daemon learns the job."""
@@ -92,6 +95,10 @@ class FilterEngine:
             except FilterError as e:
                 raise IsolationError("registering the job with the filter", str(e)) from None
             self._registered.append(record)
+
+    def problems(self) -> list[str]:
+        return [line for root, watch in self._logs
+                for line in watch.problem(f"the filter daemon over {root}")]
 
     def stop(self) -> None:
         from isolated_agent.engines.filter.control import FilterError, unregister_job

@@ -30,6 +30,7 @@ import stat
 import time
 
 from isolated_agent import libc
+from isolated_agent.engines.daemon_log import LogWatch
 from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
 
@@ -43,6 +44,7 @@ class FuseEngine:
     def __init__(self) -> None:
         self._links: dict[int, socket.socket] = {}
         self._daemons: list[int] = []
+        self._logs: list[tuple[str, LogWatch]] = []
 
     def check(self, rootless: bool) -> None:
         if not os.path.exists("/dev/fuse"):
@@ -69,6 +71,7 @@ class FuseEngine:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             key = hashlib.sha256(os.fsencode(root.upper)).hexdigest()[:12]
             log_path = os.path.join(log_dir, f"agentfs-{key}.log")  # one per env root
+            self._logs.append((root.path, LogWatch(log_path)))
             launcher = os.getpid()
             pid = os.fork()
             if pid == 0:
@@ -82,6 +85,10 @@ class FuseEngine:
 
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:
         pass  # each daemon serves its own mount, in the job's namespace: nobody to tell
+
+    def problems(self) -> list[str]:
+        return [line for root, watch in self._logs
+                for line in watch.problem(f"agentfs (the env's view of {root})")]
 
     def stop(self) -> None:
         for link in self._links.values():

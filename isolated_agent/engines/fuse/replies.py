@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
+from isolated_agent.engines.daemon_log import FAILED_MARK
+
 T = TypeVar("T")
 
 _STAT_FIELDS = ("st_mode", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
@@ -46,7 +48,7 @@ def errno_handler(
                     log.debug("%s%r: %s", operation, _brief(args), e, exc_info=True)
                 raise FUSEError(e.errno or errno.EIO) from None
             except Exception:
-                log.exception("%s%r failed; answered EIO", operation, _brief(args))
+                log.exception("%s%r " + FAILED_MARK, operation, _brief(args))
                 raise FUSEError(errno.EIO) from None
 
         return wrapper
