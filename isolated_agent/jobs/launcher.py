@@ -43,12 +43,14 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from isolated_agent import libc
 from isolated_agent.engines import Engine
+from isolated_agent.env.store import is_within
 from isolated_agent.errors import (
     CommandNotExecutable,
     CommandNotFound,
@@ -57,7 +59,7 @@ from isolated_agent.errors import (
 from isolated_agent.jobs import supervisor
 from isolated_agent.jobs.cgroup import JobCgroup
 from isolated_agent.jobs.confine import confine_job, scope_job
-from isolated_agent.jobs.sandbox import SandboxSpec, build_view
+from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec, build_view
 from isolated_agent.jobs.syscall_filter import install_baseline, install_supervised
 from isolated_agent.jobs.terminal import JobTerminal
 
@@ -128,7 +130,7 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
             on_ready(job)
             os.write(release_w, b"2")  # C: everything is in place, exec
 
-        failure = _read_messages(messages_r, job, release_command)
+        failure = _read_messages(messages_r, job, release_command, spec)
         status = _wait_status(pid)
         if failure is not None:
             raise failure
@@ -149,7 +151,9 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
             signal.signal(s, handler)
 
 
-def _read_messages(fd: int, job: Job, release: Callable[[], object]) -> Exception | None:
+def _read_messages(
+    fd: int, job: Job, release: Callable[[], object], spec: JobSpec
+) -> Exception | None:
     failure: Exception | None = None
     with os.fdopen(os.dup(fd), "rb") as stream:
         for line in stream:
@@ -163,14 +167,32 @@ def _read_messages(fd: int, job: Job, release: Callable[[], object]) -> Exceptio
                 hint = message.get("hint", "")
                 failure = IsolationError(message["step"], message["detail"], hint)
             elif kind == "exec_failed":
-                failure = _exec_error(message["argv0"], message["errno"])
+                failure = _exec_error(message["argv0"], message["errno"], spec)
     return failure
 
 
-def _exec_error(argv0: str, err: int) -> Exception:
+def _exec_error(argv0: str, err: int, spec: JobSpec) -> Exception:
     if err == errno.ENOENT:
+        hidden = _in_private_dir(argv0, spec) if spec.namespaces else None
+        if hidden is not None:
+            return CommandNotFound(
+                f"{argv0}: command not found inside the env: the job's /tmp and /dev/shm are "
+                f"its own, so {hidden} is not there; install it elsewhere, or pass "
+                f"--allow {os.path.dirname(hidden)}")
         return CommandNotFound(f"{argv0}: command not found inside the env")
     return CommandNotExecutable(f"{argv0}: cannot run it: {os.strerror(err)}")
+
+
+def _in_private_dir(argv0: str, spec: JobSpec) -> str | None:
+    """The host program `argv0` names (as the job's PATH finds it), if it lies in a directory
+    the job sees private and empty."""
+    found = argv0 if "/" in argv0 else shutil.which(argv0, path=spec.env.get("PATH"))
+    if found is None:
+        return None
+    path = os.path.abspath(os.path.join(spec.sandbox.cwd, found))
+    if any(is_within(path, private) for private in PRIVATE_DIRS) and os.path.exists(path):
+        return path
+    return None
 
 
 def _forward_to(pid: int) -> Callable[[int, object], None]:

@@ -4,12 +4,13 @@ and run the job in it. Never prints: what the user should hear goes through `not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from isolated_agent.engines import problems, select_engine, serving
+from isolated_agent.engines import Engine, problems, select_engine, serving
 from isolated_agent.env.store import Env, Store, is_within
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
@@ -17,15 +18,16 @@ from isolated_agent.jobs.host_sockets import is_socket
 from isolated_agent.jobs.launcher import Job, JobSpec, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
 
-# Where coding agents and package managers keep state and caches: writable by default (only
-# those that exist), so that an agent can log in, cache and remember. --no-default-allows drops
-# them all.
+# Where coding agents and package managers keep state and caches: writable by default, so that an
+# agent can log in, cache and remember. A missing directory is made for the job (a new user's
+# first `npm install` must not fail on a read-only ~/.npm) and removed after it if the job left it
+# empty; a missing file is skipped. --no-default-allows drops them all.
 DEFAULT_ALLOWS = (
     "~/.cache",
     "~/.npm",
     "~/.cargo/registry",
     "~/.claude",
-    "~/.claude.json",
+    "~/.claude.json",  # a file
     "~/.codex",
     "~/.gemini",
 )
@@ -81,7 +83,11 @@ def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: 
     return env
 
 
-def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ...]:
+def resolve_allows(
+    store: Store, env: Env, request: RunRequest, made: list[str] | None = None
+) -> tuple[str, ...]:
+    """The real paths the job may write to. Missing default directories are made, and
+    appended to `made` (outermost first) for `remove_if_empty` after the job."""
     candidates = [(p, True) for p in request.allow]
     if request.default_allows:
         candidates += [(p, False) for p in DEFAULT_ALLOWS]
@@ -91,7 +97,8 @@ def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ..
         if not os.path.exists(path):
             if explicit:
                 raise UsageError(f"--allow {given}: no such file or directory")
-            continue
+            if given.endswith(".json") or made is None or not _make_dirs(path, made):
+                continue
         if is_within(path, store.home):
             raise UsageError(f"--allow {given} is inside the store {store.home}; never allowed")
         for root in env.roots:
@@ -103,6 +110,31 @@ def resolve_allows(store: Store, env: Env, request: RunRequest) -> tuple[str, ..
         if path not in allows:
             allows.append(path)
     return tuple(allows)
+
+
+def _make_dirs(path: str, made: list[str]) -> bool:
+    """mkdir -p `path` (as the caller, with its umask), noting each directory made."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    try:
+        for directory in reversed(missing):
+            os.mkdir(directory)
+            made.append(directory)
+    except OSError:
+        return False
+    return True
+
+
+def remove_if_empty(made: list[str]) -> None:
+    """After the job: the directories `resolve_allows` made and the job left empty go."""
+    for directory in reversed(made):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
 
 
 def resolve_allowed_sockets(given: tuple[str, ...]) -> tuple[str, ...]:
@@ -136,15 +168,8 @@ def check_store_out_of_reach(store: Store, allows: tuple[str, ...]) -> None:
                 "write to", "keep the store elsewhere (ISOLATED_AGENT_HOME)")
 
 
-def run(store: Store, request: RunRequest, notify: Notify) -> int:
-    if not request.argv:
-        raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
-    sweep_stale_groups()
-    rootless = os.geteuid() != 0
-    engine = select_engine(request.engine, rootless, store)
-    env = resolve_env(store, request.env_name, request.roots, notify)
-    store.resolve_roots([r.path for r in env.roots])  # every root must still exist
-    allows = resolve_allows(store, env, request)
+def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
+              allows: tuple[str, ...], rootless: bool) -> JobSpec:
     allow_sockets = resolve_allowed_sockets(request.allow_sockets)
     if not engine.namespaces:
         check_store_out_of_reach(store, allows)
@@ -154,9 +179,9 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     if any(is_within(cwd, hidden) for hidden in PRIVATE_DIRS) and not any(
         is_within(cwd, p) for p in [*(r.path for r in env.roots), *allows]
     ):
-        cwd = env.roots[0].path  # the job's /tmp is its own: the caller's directory is not there
+        cwd = env.roots[0].path  # the job's /tmp is its own: the caller's dir is not there
     job_env = dict(os.environ, AGENTCTL_ENV=env.name)
-    spec = JobSpec(
+    return JobSpec(
         argv=list(request.argv),
         sandbox=SandboxSpec(
             roots=env.roots, allow=allows, store=store.home, cwd=cwd, staging=staging,
@@ -170,18 +195,34 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         namespaces=engine.namespaces,
         network=request.network,
     )
-    with store.lock(env, purpose="run in it"):
-        notify(f"env {env.name}, {engine.name} engine")
-        with serving(engine, env, store.run_dir) as on_ready:
-            started: list[Job] = []
 
-            def ready(job: Job) -> None:
-                started.append(job)
-                on_ready(job)
 
-            status = run_job(spec, ready)
-    if status not in (0, 128 + signal.SIGINT) and started and started[0].masked_sockets:
-        notify(socket_hint(started[0].masked_sockets))
-    for line in problems(engine):
-        notify(line)
-    return status
+def run(store: Store, request: RunRequest, notify: Notify) -> int:
+    if not request.argv:
+        raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
+    sweep_stale_groups()
+    rootless = os.geteuid() != 0
+    engine = select_engine(request.engine, rootless, store)
+    env = resolve_env(store, request.env_name, request.roots, notify)
+    store.resolve_roots([r.path for r in env.roots])  # every root must still exist
+    made: list[str] = []
+    allows = resolve_allows(store, env, request, made)
+    try:
+        spec = _job_spec(store, env, engine, request, allows, rootless)
+        with store.lock(env, purpose="run in it"):
+            notify(f"env {env.name}, {engine.name} engine")
+            with serving(engine, env, store.run_dir) as on_ready:
+                started: list[Job] = []
+
+                def ready(job: Job) -> None:
+                    started.append(job)
+                    on_ready(job)
+
+                status = run_job(spec, ready)
+        if status not in (0, 128 + signal.SIGINT) and started and started[0].masked_sockets:
+            notify(socket_hint(started[0].masked_sockets))
+        for line in problems(engine):
+            notify(line)
+        return status
+    finally:
+        remove_if_empty(made)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import shutil
 import uuid
 from typing import TYPE_CHECKING
 
 from isolated_agent import libc
 from isolated_agent.engines.daemon_log import LogWatch
+from isolated_agent.engines.fuse.engine import check_dev_fuse
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError
 
@@ -44,9 +44,7 @@ class FilterEngine:
         self.fallback_from: IsolationError | None = None
 
     def check(self, rootless: bool) -> None:
-        if not os.path.exists("/dev/fuse") or not os.access("/dev/fuse", os.R_OK | os.W_OK):
-            raise IsolationError("filter engine", "/dev/fuse is missing or not open to you",
-                                 "load the fuse module; its mode is usually 0666")
+        check_dev_fuse("filter engine")
         if rootless and shutil.which("fusermount3") is None:
             raise IsolationError("filter engine", "fusermount3 is not installed",
                                  "install the fuse3 package")

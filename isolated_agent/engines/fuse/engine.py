@@ -37,6 +37,19 @@ from isolated_agent.errors import IsolationError
 _ANSWER_TIMEOUT = 30.0
 
 
+def check_dev_fuse(engine: str) -> None:
+    """Raise IsolationError saying what keeps this user from /dev/fuse, and the fix."""
+    try:
+        st = os.stat("/dev/fuse")
+    except OSError:
+        raise IsolationError(engine, "/dev/fuse is missing",
+                             "load the fuse module: modprobe fuse") from None
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise IsolationError(
+            engine, f"/dev/fuse is not open to you (mode {stat.S_IMODE(st.st_mode):04o})",
+            "make it 0666, as the fuse3 package's udev rule does: chmod 0666 /dev/fuse")
+
+
 class FuseEngine:
     name = "fuse"
     namespaces = True
@@ -47,13 +60,7 @@ class FuseEngine:
         self._logs: list[tuple[str, LogWatch]] = []
 
     def check(self, rootless: bool) -> None:
-        if not os.path.exists("/dev/fuse"):
-            raise IsolationError("fuse engine", "/dev/fuse is missing", "load it: modprobe fuse")
-        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-            raise IsolationError(
-                "fuse engine", "/dev/fuse is not open to you",
-                "its mode is usually 0666 (set by the fuse3 package's udev rule)",
-            )
+        check_dev_fuse("fuse engine")
         try:
             import pyfuse3  # noqa: F401
             import trio  # type: ignore[import-untyped]  # noqa: F401

@@ -1,0 +1,64 @@
+"""What a new user meets on a first run (issue 12): default state paths that do not exist yet,
+a program left in /tmp, and a /dev/fuse they may not open. Each either works or says exactly
+why and what to do."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from tests.conftest import Agentctl
+from tests.core.test_rootless import (  # noqa: F401 - fixtures
+    RunAs,
+    package_copy,
+    run_as_user,
+    unprivileged_user,
+    user_dir,
+    user_project,
+)
+from tests.core.test_run import disk_dir  # noqa: F401 - fixture
+
+
+def test_missing_default_allows_are_made_for_the_job_and_kept_only_if_used(
+    agentctl: Agentctl, project: Path, disk_dir: Path  # noqa: F811
+) -> None:
+    """A user without ~/.npm: a first `npm install` must be able to make its cache."""
+    home = disk_dir / "home"
+    home.mkdir()
+    done = agentctl("run", "-q", "--", "sh", "-c",
+                    'mkdir -p "$HOME/.npm/_cacache" && echo data > "$HOME/.npm/_cacache/x"',
+                    cwd=project, env={"HOME": str(home)})
+    assert done.returncode == 0, done.stderr
+    assert (home / ".npm" / "_cacache" / "x").read_text() == "data\n"
+    # What the job did not use is not left behind (nor ~/.cargo, made for ~/.cargo/registry).
+    assert sorted(p.name for p in home.iterdir()) == [".npm"]
+
+
+def test_a_program_in_the_hosts_tmp_is_explained(agentctl: Agentctl, project: Path) -> None:
+    program = Path("/tmp") / f"ia-tool-{os.getpid()}"
+    shutil.copy("/bin/true", program)
+    try:
+        done = agentctl("run", "-q", "--", str(program), cwd=project)
+        assert done.returncode == 127
+        assert "the job's /tmp and /dev/shm are its own" in done.stderr, done.stderr
+        assert "--allow /tmp" in done.stderr
+        assert agentctl("run", "-q", "--allow", "/tmp", "--", str(program),
+                        cwd=project).returncode == 0
+    finally:
+        program.unlink()
+
+
+def test_a_dev_fuse_closed_to_the_user_says_how_to_open_it(
+    run_as_user: RunAs, user_project: Path  # noqa: F811
+) -> None:
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", 0o600)
+    try:
+        done = run_as_user("run", "-q", "--engine", "fuse", "--", "true", cwd=user_project)
+    finally:
+        os.chmod("/dev/fuse", mode)
+    assert done.returncode == 125
+    assert "/dev/fuse is not open to you (mode 0600)" in done.stderr, done.stderr
+    assert "chmod 0666 /dev/fuse" in done.stderr
