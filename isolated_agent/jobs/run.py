@@ -53,7 +53,9 @@ def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: 
     """The env a run (or a review command) means.
 
     --env NAME: that env, created over the given roots (default: the current directory) when it
-    does not exist yet. No name: the one env that manages exactly these roots, or a new one.
+    does not exist yet. No name: the one env that manages exactly these roots, or a new one;
+    with no --root either, a directory inside a managed root means that root's env (as for
+    diff and commit), so a run from `src/` works on the project's env, not on a second one.
     """
     if name is not None:
         try:
@@ -72,10 +74,15 @@ def resolve_env(store: Store, name: str | None, roots: tuple[str, ...], notify: 
         return env
     resolved = store.resolve_roots(list(roots))
     candidates = store.envs_for_roots(resolved)
+    if not roots and not candidates:
+        candidates = [e for e in store.list_envs()
+                      if any(is_within(resolved[0], r.path) for r in e.roots)]
     if len(candidates) > 1:
         names = ", ".join(e.name for e in candidates)
         managed = ", ".join(resolved)
         raise UsageError(f"several envs manage {managed} ({names}); pick one with --env")
+    if candidates and not roots and [r.path for r in candidates[0].roots] != resolved:
+        notify(f"{resolved[0]} is inside env {candidates[0].name}'s root: using it")
     if candidates:
         return candidates[0]
     env = store.create(None, resolved)

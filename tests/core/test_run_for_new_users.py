@@ -4,6 +4,7 @@ why and what to do."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -62,3 +63,15 @@ def test_a_dev_fuse_closed_to_the_user_says_how_to_open_it(
     assert done.returncode == 125
     assert "/dev/fuse is not open to you (mode 0600)" in done.stderr, done.stderr
     assert "chmod 0666 /dev/fuse" in done.stderr
+
+
+def test_a_run_from_a_subdirectory_uses_the_projects_env(
+    agentctl: Agentctl, project: Path
+) -> None:
+    first = agentctl("run", "-q", "--", "sh", "-c", "echo 1 > src/count", cwd=project)
+    assert first.returncode == 0, first.stderr
+    inside = agentctl("run", "--", "cat", "count", cwd=project / "src")
+    assert inside.returncode == 0 and inside.stdout == "1\n", inside.stderr
+    assert "created env" not in inside.stderr and "using it" in inside.stderr
+    assert agentctl("diff", "--name-status", cwd=project / "src").stdout == "A\tsrc/count\n"
+    assert len(json.loads(agentctl("env", "list", "--json").stdout)) == 1
