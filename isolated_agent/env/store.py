@@ -15,6 +15,7 @@ operation that changes an env holds its lock, and a second one is refused with a
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -49,6 +50,23 @@ class Root:
     path: str
     upper: str
     work: str
+
+
+def show_host_root(root: Root) -> None:
+    """Give the upper's root directory the host root's permission bits (setgid and sticky
+    included) and group: the merged view's root directory is the upper's, and what a job makes
+    there inherits from it as from the host's (a 2770 project root's group and setgid bit).
+
+    The owner stays whoever runs the job, who must be able to write there as before: a root
+    run has no capabilities and writes as the owner, so for root the owner's bits stay rwx
+    (root natively writes in a 0555 directory too). A change is always below a root, never the
+    root's own attributes, so nothing of the env's is overwritten. A group the caller may not
+    give (not one of theirs, rootless) is left as it is."""
+    st = os.stat(root.path)
+    with contextlib.suppress(PermissionError):
+        os.chown(root.upper, -1, st.st_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    os.chmod(root.upper, mode | 0o700 if os.geteuid() == 0 else mode)
 
 
 @dataclass(frozen=True)

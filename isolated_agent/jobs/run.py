@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from isolated_agent.engines import Engine, problems, select_engine, serving
-from isolated_agent.env.store import Env, Store, is_within
+from isolated_agent.env.store import Env, Store, is_within, show_host_root
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
 from isolated_agent.jobs.host_sockets import is_socket
@@ -212,6 +212,9 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     engine = select_engine(request.engine, rootless, store)
     env = resolve_env(store, request.env_name, request.roots, notify)
     store.resolve_roots([r.path for r in env.roots])  # every root must still exist
+    if engine.namespaces:  # the filter shows the host's root itself
+        for root in env.roots:
+            show_host_root(root)
     made: list[str] = []
     allows = resolve_allows(store, env, request, made)
     try:

@@ -10,6 +10,8 @@ import shutil
 import stat
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Agentctl
 from tests.core.test_rootless import (  # noqa: F401 - fixtures
     RunAs,
@@ -75,3 +77,21 @@ def test_a_run_from_a_subdirectory_uses_the_projects_env(
     assert "created env" not in inside.stderr and "using it" in inside.stderr
     assert agentctl("diff", "--name-status", cwd=project / "src").stdout == "A\tsrc/count\n"
     assert len(json.loads(agentctl("env", "list", "--json").stdout)) == 1
+
+
+@pytest.mark.parametrize("engine", ["kernel", "fuse"])
+def test_the_project_roots_own_mode_and_group_are_shown(
+    agentctl: Agentctl, project: Path, engine: str
+) -> None:
+    """A shared project root (2770, the team's group): a directory the job makes there gets
+    the group and the setgid bit, as natively, and the commit carries them."""
+    group = 4242
+    os.chown(project, -1, group)
+    project.chmod(0o2770)
+    script = "stat -c '%a %g' . && mkdir made && stat -c '%a %g' made"
+    done = agentctl("run", "-q", "--engine", engine, "--", "sh", "-c", script, cwd=project)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["2770 4242", "2755 4242"], done.stdout
+    assert agentctl("commit", cwd=project).returncode == 0
+    made = (project / "made").stat()
+    assert (stat.S_IMODE(made.st_mode), made.st_gid) == (0o2755, group)
