@@ -6,15 +6,17 @@ There the view is the upper subtree alone. A change is a path whose entry in the
 the host's entry:
 
     A  added      the view has an entry where the host has none
-    M  modified   same type; different content, permission bits, symlink target or data xattrs
+    M  modified   same type; different content, permission bits, owner, symlink target or data
+                  xattrs
     T  type       different type (file -> symlink, dir -> file, ...)
     D  deleted    the host has an entry the view does not (whiteout, or hidden by a directory)
 
 A deleted directory is expanded: every entry of the host subtree is a D of its own, so a commit
 can back each one up and a diff can show each file. A copied-up entry that ended identical to the
-host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change; neither are owner
-or time differences (commit carries them along with the entries it writes). Extended attributes
-are compared where they are the file's own data (`data_xattrs`): a `setfattr` alone is a change.
+host (a `touch`, a rewrite with the same bytes, a chmod undone) is not a change; neither are time
+differences (commit carries them along with the entries it writes). An owner (uid or gid) is:
+a `chown` alone is a change. Extended attributes are compared where they are the file's own
+data (`data_xattrs`): a `setfattr` alone is a change too.
 Changes come out in path order (by root, then by the bytes of the path), so output is
 deterministic.
 
@@ -94,6 +96,10 @@ class Entry:
     def perms(self) -> int:
         return stat.S_IMODE(self.mode)
 
+    @property
+    def owner(self) -> tuple[int, int]:
+        return self.uid, self.gid
+
     def target(self) -> bytes:
         return fdpath.readlink(self.path)
 
@@ -142,6 +148,10 @@ class Change:
     @property
     def mode_changed(self) -> bool:
         return self.old is not None and self.new is not None and self.old.perms != self.new.perms
+
+    @property
+    def owner_changed(self) -> bool:
+        return self.old is not None and self.new is not None and self.old.owner != self.new.owner
 
     def privileges(self) -> tuple[str, ...]:
         """The privileges the env's entry would bring to the host (see the module)."""
@@ -292,7 +302,7 @@ class _Reader:
             return
         content_changed = not _same_content(old, new)
         xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
-        if content_changed or xattrs_changed or old.perms != new.perms:
+        if content_changed or xattrs_changed or (old.perms, old.owner) != (new.perms, new.owner):
             self.add(root, rel, MODIFIED, old, new, upper_path, content_changed, xattrs_changed)
         elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
@@ -312,7 +322,7 @@ class _Reader:
             self.walk(root, rel, child, upper_path, None, None, False, upper_path)
             return
         xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
-        if old.perms != new.perms or xattrs_changed:
+        if xattrs_changed or (old.perms, old.owner) != (new.perms, new.owner):
             self.add(root, rel, MODIFIED, old, new, upper_path, False, xattrs_changed)
         with fdpath.dir_at(host_fd, name) as host_child:
             if host_child is None:  # gone from the host since it was looked at

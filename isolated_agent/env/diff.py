@@ -80,12 +80,12 @@ def content_of(entry: Entry | None) -> Content:
 
 
 def _is_shown(change: Change) -> bool:
-    """Directories appear in a patch or --stat only when their permissions or data xattrs
-    changed."""
+    """Directories appear in a patch or --stat only when their permissions, owner or data
+    xattrs changed."""
     old_dir = change.old is not None and change.old.is_dir
     new_dir = change.new is not None and change.new.is_dir
     if old_dir and new_dir:
-        return change.mode_changed or change.xattrs_changed
+        return change.mode_changed or change.owner_changed or change.xattrs_changed
     return not (old_dir and change.new is None) and not (new_dir and change.old is None)
 
 
@@ -174,6 +174,9 @@ def _file_patch(
     elif old is not None and new is not None and old.mode != new.mode:
         yield style.meta(b"old mode " + _mode(old))
         yield style.meta(b"new mode " + _mode(new))
+    if old is not None and new is not None and old.owner != new.owner:
+        yield style.meta(b"old owner %d:%d" % old.owner)
+        yield style.meta(b"new owner %d:%d" % new.owner)
     if xattrs_changed and old is not None and new is not None:
         for line in xattr_lines(old, new):
             yield style.meta(line)
@@ -365,6 +368,8 @@ def _side_json(entry: Entry | None) -> dict[str, Any] | None:
     side: dict[str, Any] = {
         "kind": entry.kind,
         "mode": f"{entry.mode & 0o177777:06o}",
+        "uid": entry.uid,
+        "gid": entry.gid,
         "size": entry.size,
         "mtime_ns": entry.mtime_ns,
     }
@@ -391,6 +396,7 @@ def to_json(changeset: Changeset) -> list[dict[str, Any]]:
                 "new": _side_json(change.new),
                 "content_changed": change.content_changed,
                 "mode_changed": change.mode_changed,
+                "owner_changed": change.owner_changed,
                 "xattrs_changed": change.xattrs_changed,
                 # setuid/setgid/capabilities the env's entry would bring to the host
                 "privileges": list(change.privileges()),

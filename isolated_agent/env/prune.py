@@ -9,7 +9,7 @@ single step here, so a crash half-way leaves a correct env and a redo simply car
 - an opaque directory loses its opaque mark when every host entry beneath it is either shadowed
   by the layer or was written by this commit — merging it with the host then changes nothing;
 - a directory left empty, with the host's directory showing through, goes when it was committed
-  or adds nothing (same permissions and data xattrs as the host's);
+  or adds nothing (same permissions, owner and data xattrs as the host's);
 - a file moved out of the layer whose place is still hidden from the host (its commit failed
   half-way under an opaque directory) is copied back from the host.
 Everything else stays: uncommitted changes and entries the view still needs.
@@ -139,8 +139,9 @@ class _Pruner:
     @staticmethod
     def _adds_nothing(st: os.stat_result, host_st: os.stat_result, upper_fd: int,
                       host_fd: int) -> bool:
-        """An upper directory whose permissions and data xattrs are the host's."""
+        """An upper directory whose permissions, owner and data xattrs are the host's."""
         return (stat.S_IMODE(host_st.st_mode) == stat.S_IMODE(st.st_mode)
+                and (host_st.st_uid, host_st.st_gid) == (st.st_uid, st.st_gid)
                 and data_xattrs(os.fsencode(fd_path(upper_fd)))
                 == data_xattrs(os.fsencode(fd_path(host_fd))))
 
