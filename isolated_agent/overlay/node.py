@@ -97,6 +97,14 @@ class Node:
         return self.file_type == stat.S_IFDIR
 
     @property
+    def upper_only(self) -> bool:
+        """Nothing of it shows a lower layer: a file that lives in upper, a directory in upper
+        merged with no lower one. Only this overlay's own operations change it."""
+        if self.is_dir:
+            return self.upper is not None and not self.lowers
+        return self.home_upper
+
+    @property
     def fd(self) -> int:
         """The topmost object of a directory, or of a non-directory whose fd is open (use
         `Overlay.path_fd` for those): what the merged view shows for this entry."""

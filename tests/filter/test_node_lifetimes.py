@@ -2,10 +2,12 @@
 lookups, listings, creates and deletes by the host and by a job (issue 12: an expired shadow
 released the very node a lookup was about to hold, and `make clean` got EIO).
 
-A job and a host process take turns on a few names. Whatever they do, no call may fail with
-EIO (the daemon's answer to an internal error) or lose the mount, the daemon may log no
-error, and the host process must get exactly the answers the same operations give on a plain
-copy: a job's work never shows on the host.
+A job, a host process and a second env's job that only looks take turns on a few names.
+Whatever they do, no call may fail with EIO (the daemon's answer to an internal error) or lose
+the mount, the daemon may log no error, and both the host process and the looking env (which
+changed nothing, so it sees the host's files) must get exactly the answers the same
+operations give on a plain copy: a job's work never shows anywhere else, however the kernel
+caches it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from tests.filter.conftest import FilterDaemon, Worker
 NAMES = ["src", "src/a", "src/sub", "src/sub/b", "x", "d", "d/e"]
 OPS = ["stat", "list", "read", "write", "unlink", "mkdir", "rmdir"]
 # The root itself ("") only looked at: it is a mount point (rmdir says EBUSY there).
-STEP = st.tuples(st.sampled_from(["host", "job"]), st.sampled_from(OPS),
-                 st.sampled_from(["", *NAMES])).filter(lambda s: s[2] or s[1] in ("stat", "list"))
+LOOKS = ("stat", "list", "read")
+STEP = st.tuples(st.sampled_from(["host", "job", "looker"]), st.sampled_from(OPS),
+                 st.sampled_from(["", *NAMES])).filter(
+    lambda s: (s[2] or s[1] in ("stat", "list")) and (s[0] != "looker" or s[1] in LOOKS))
 STEPS = st.lists(STEP, min_size=1, max_size=40)
 EIO, ENOTCONN = "errno 5", "errno 107"
 
@@ -53,16 +57,20 @@ def test_interleaved_host_and_job_operations(tmp_path_factory: pytest.TempPathFa
     workers: dict[str, Worker] = {}
     try:
         daemon.start()
-        workers = {"host": Worker(base), "job": Worker(base), "native": Worker(base)}
+        workers = {name: Worker(base) for name in ("host", "job", "looker", "native")}
         daemon.register("job", "env", upper, work, workers["job"].pid)
+        (base / "upper2").mkdir()
+        (base / "work2").mkdir()
+        daemon.register("looker", "env2", base / "upper2", base / "work2",
+                        workers["looker"].pid)
         for who, op, name in steps:
             got = workers[who](op, root / name)
             assert got not in (EIO, ENOTCONN), f"{who} {op} {name!r}: {got}"
-            if who == "host":
+            if who != "job":
                 native = workers["native"](op, model / name)
                 if op == "stat":  # times and inode numbers differ between the trees
                     got, native = _kind(got), _kind(native)
-                assert got == native, f"host {op} {name!r}: {got!r}, natively {native!r}"
+                assert got == native, f"{who} {op} {name!r}: {got!r}, natively {native!r}"
         log = daemon.log_text()
         assert "Traceback" not in log and "Error" not in log, log
     finally:

@@ -45,6 +45,7 @@ from isolated_agent.engines.fuse.daemon import (
     detach_process,
     fault_hook_from_env,
     raise_fd_limit,
+    run_trio,
     setup_logging,
     terminate_on_signal,
 )
@@ -205,7 +206,7 @@ def serve(root: str, run_dir: str, log_path: str, on_demand: bool,
     record = FilterRecord(root, os.getpid(), socket_path(run_dir, root), log_path, on_demand)
     try:
         fastloop.install()
-        trio.run(_main, daemon, record, record_path(run_dir, root), on_ready)
+        run_trio(_main, daemon, record, record_path(run_dir, root), on_ready)
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)

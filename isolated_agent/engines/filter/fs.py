@@ -18,7 +18,14 @@ lifetimes are decided per *name* (DESIGN §4.2, issue 5):
   the host's times and link count to the env too);
 - a name that some view resolves differently *diverges*: each view gets its own inode number
   for it (the host's own, or one from the env's private range), and nothing about the name is
-  cached, so every access revalidates and gets its own view's answer.
+  cached, so every access revalidates and gets its own view's answer;
+- below an env's private inode only that env's processes ever arrive (every other view parts
+  at the diverged name). What there is upper-only — a tree the env made, like a venv, or
+  copied up whole — changes only by the env's own requests, which the kernel sees: it is
+  cached for long, as on agentfs's env mount (`private_policy`). What still shows host files
+  (a private directory merged with the host's) is asked each time. A directory the host makes
+  later at the path of one the env made is therefore not merged into the env's view while
+  the kernel keeps its entries (the commit merges them as always).
 
 Names start shared and diverge when an env first changes them. Changes that go through a
 shared inode would leak through the shared kernel caches, so an env process that tries one
@@ -75,6 +82,16 @@ class Policy:
 
 CACHED = Policy(LONG, LONG)  # the same object in every view (or a directory in every view)
 PER_VIEW = Policy(0.0, 0.0)  # resolves differently in some view
+
+
+def private_policy(node: Node) -> Policy:
+    """An env's private inode, or the names under a private directory `node`: only that env's
+    processes reach them (every other view resolves the name where the views part to an
+    inode of its own). Upper-only (made or copied up by the env, merged with nothing of the
+    host's), only the env's own requests change them, and the kernel sees those: it may cache
+    them as long as it likes. Anything that still shows the host's files changes with the
+    host's, so it is asked each time."""
+    return CACHED if node.upper_only else PER_VIEW
 
 
 def _estale() -> OSError:
@@ -345,7 +362,7 @@ class FilterOperations(pyfuse3.Operations):
         if self._owner(inode).is_host:
             return self._attributes(self.host, self.host.inodes.node(inode), inode,
                                     self._policy_of(inode))
-        return self._attributes(view, node, inode, PER_VIEW)
+        return self._attributes(view, node, inode, private_policy(node))
 
     def _entry(self, view: View, node: Node, policy: Policy) -> EntryAttributes:
         """An entry reply numbered by `view`'s table; the lookup count goes up once the reply
@@ -369,7 +386,7 @@ class FilterOperations(pyfuse3.Operations):
             if owner is not view:
                 raise _estale()
             parent = view.inodes.node(parent_inode)
-            return view, _lookup_or_none(view.overlay, parent, name), PER_VIEW
+            return view, _lookup_or_none(view.overlay, parent, name), private_policy(parent)
         host_parent = self.host.inodes.node(parent_inode)
         host = _lookup_or_none(self.host.overlay, host_parent, name)
         if view.is_host:
@@ -539,7 +556,9 @@ class FilterOperations(pyfuse3.Operations):
         if view.is_host and self._owner(parent_inode).is_host:
             policy = self._policy(self.host.inodes.node(parent_inode), name, node)
             return self._entry(self.host, node, policy)
-        return self._entry(view, node, PER_VIEW)
+        if self._owner(parent_inode).is_host:  # a name where the views part
+            return self._entry(view, node, PER_VIEW)
+        return self._entry(view, node, private_policy(self._node(view, parent_inode)))
 
     def _create_with(
         self, parent_inode: int, name: bytes, ctx: RequestContext,

@@ -14,13 +14,12 @@ helper must.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +127,7 @@ def serve(
             on_ready()
         # The read-ahead is raised where the mount is at a path of this namespace (not in the
         # job's, whose sysfs is not ours to write).
-        _run_profiled(os.environ.get(PROFILE_ENV), operations,
-                      None if given.isdigit() else mountpoint)
+        run_trio(_serve_until_signalled, operations, None if given.isdigit() else mountpoint)
     finally:
         operations.release_all()
         with contextlib.suppress(Exception):
@@ -137,18 +135,18 @@ def serve(
         overlay.close()
 
 
-def _run_profiled(profile_path: str | None, operations: Operations,
-                  readahead_path: str | None) -> None:
-    """Serve; under cProfile when asked (the profile is written when the mount ends)."""
-    serve = functools.partial(_serve_until_signalled, operations, readahead_path)
+def run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
+    """trio.run(main, *args): a daemon's whole life. Under cProfile when $AGENTFS_PROFILE names
+    a file, written when it returns (benchmarks/README-agentfs.md)."""
+    profile_path = os.environ.get(PROFILE_ENV)
     if not profile_path:
-        trio.run(serve)
+        trio.run(main, *args)
         return
     import cProfile
 
     profiler = cProfile.Profile()
     try:
-        profiler.runcall(trio.run, serve)
+        profiler.runcall(trio.run, main, *args)
     finally:
         profiler.dump_stats(profile_path)
 
