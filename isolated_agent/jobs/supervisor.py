@@ -48,6 +48,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,14 +203,7 @@ def _answer(listener: int, places: Places, call_id: int, tid: int,
         with _Caller(listener, call_id, tid, places) as caller:
             if handler is None:  # a number this table does not know: never let it through
                 raise OSError(errno.ENOSYS, "not supervised")
-            try:
-                handler(caller, args)
-            except OSError as e:
-                # As the kernel does for a path: one more try, looking every name up afresh
-                # (the filter answers ESTALE once when a change makes a shared name the env's).
-                if e.errno != errno.ESTALE:
-                    raise
-                handler(caller, args)
+            _with_stale_retries(handler, caller, args)
     except _Gone:
         return
     except OSError as e:
@@ -218,6 +212,24 @@ def _answer(listener: int, places: Places, call_id: int, tid: int,
         error = errno.EPERM
     with contextlib.suppress(OSError):
         libc.seccomp_respond(listener, call_id, 0, error)
+
+
+# The filter answers ESTALE once when an env's change makes a shared name its own, and drops
+# the kernel's cached entry for it; the kernel's own retry of a path-based call then forces a
+# fresh lookup (LOOKUP_REVAL). A path given from user space cannot ask for that, and the entry
+# is dropped asynchronously: the next tries wait a little longer each (63 ms in all).
+_STALE_WAITS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032)
+
+
+def _with_stale_retries(handler: Handler, caller: _Caller, args: tuple[int, ...]) -> None:
+    for wait in (*_STALE_WAITS, None):
+        try:
+            handler(caller, args)
+            return
+        except OSError as e:
+            if e.errno != errno.ESTALE or wait is None:
+                raise
+        time.sleep(wait)
 
 
 class _Gone(Exception):
