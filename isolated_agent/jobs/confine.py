@@ -8,7 +8,9 @@ restriction is inherited by every descendant across fork and exec and can only b
 The policy, built for whatever Landlock ABI the kernel offers:
 
     - every filesystem right the ABI knows is handled, so nothing is allowed by omission;
-    - read, list and execute everywhere: the job runs the host's programs and reads its files;
+    - read, list and execute everywhere but the host's devices: the job runs the host's
+      programs and reads its files; of /dev it may read only DEVICES (a root job owns the raw
+      disks, and /dev/input's keyboards), and list it;
     - every right beneath each write path: the managed roots (filter mounts by then, where the
       filter daemon decides what a write does), the user's --allow paths, and what a shell, git
       or python needs to work at all (DEFAULT_WRITE_PATHS);
@@ -32,6 +34,12 @@ from isolated_agent import libc
 from isolated_agent.errors import IsolationError
 
 STEP = "confining the job"
+
+# The device nodes a job may use (with /dev/pts, for terminals), on every engine: the rest of
+# the host's, raw disks and input devices included, are out of its reach (sandbox.py makes them
+# inert in a namespaced view; here Landlock keeps them unread).
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
+           "/dev/ptmx", "/dev/pts")
 
 # Beyond the managed roots and --allow paths, a job needs these writable: a shared /tmp (there
 # is no private one without a mount namespace), the harmless devices, its terminal, and its own
@@ -88,10 +96,21 @@ def confine_job(write_paths: Sequence[str]) -> None:
         raise IsolationError(STEP, "Landlock is not available", _NOT_AVAILABLE_HINT)
     handled = handled_rights(abi)
     scoped = _SCOPES if abi >= 6 else 0
-    rules = [("/", _READ & handled, True)]
+    rules = _read_rules(_READ & handled)
     rules += [(path, handled, True) for path in write_paths]
     rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS]
     _restrict(handled, scoped, rules)
+
+
+def _read_rules(read: int) -> list[tuple[str, int, bool]]:
+    """Read everywhere but /dev: listing and executing from / down, reading each top-level
+    entry but /dev, and of /dev only DEVICES."""
+    reach = read & (libc.LANDLOCK_ACCESS_FS_READ_DIR | libc.LANDLOCK_ACCESS_FS_EXECUTE)
+    rules = [("/", reach, True)]
+    rules += [(os.path.join("/", name), read, False) for name in sorted(os.listdir("/"))
+              if name != "dev"]
+    rules += [(device, read, False) for device in DEVICES]
+    return rules
 
 
 def scope_job() -> None:

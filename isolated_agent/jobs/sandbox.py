@@ -7,7 +7,10 @@ after the private /tmp covers it):
 
     1. every mount propagation becomes private: nothing mounted here reaches the host;
     2. the host tree is bind-mounted recursively at `staging` and every mount in it is made
-       read-only (keeping its nosuid/nodev/noexec/atime flags, which a user namespace locks);
+       read-only and nodev (keeping its nosuid/noexec/atime flags, which a user namespace
+       locks): a read-only mount does not stop writes to a device, and a root job owns
+       /dev/sda. The few devices a program needs (DEVICES, and /dev/pts for terminals) are
+       bound in again from the host, read-only;
     3. every host socket a job must not reach is covered by an inert file (host_sockets.py);
        private tmpfs on /tmp and /dev/shm; `allow` paths bound writable from the host, and
        `allow_sockets` under the private dirs bound in again;
@@ -31,6 +34,7 @@ from isolated_agent import libc
 from isolated_agent.engines import Engine
 from isolated_agent.env.store import Root, is_within
 from isolated_agent.errors import IsolationError
+from isolated_agent.jobs.confine import DEVICES
 from isolated_agent.jobs.host_sockets import bound_socket_paths, is_socket, sockets_to_mask
 from isolated_agent.jobs.mountinfo import mounts_under
 
@@ -76,10 +80,14 @@ def build_view(spec: SandboxSpec, engine: Engine) -> list[str]:
         for entry in mounts_under(new):
             if any(is_within(entry.mount_point, hidden) for hidden in covered):
                 continue  # hidden under the job's private tmpfs below
-            flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY
+            flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NODEV
             for option in entry.options:
                 flags |= _KEPT_FLAGS.get(option, 0)
             _remount_read_only(entry.mount_point, flags)
+    with _step("devices"):
+        for device in DEVICES:
+            if os.path.exists(device) and os.path.lexists(inside(device)):
+                _bind_device(device, inside(device))
     with _step("covering host sockets"):
         writable = [*(root.path for root in spec.roots), *spec.allow, *PRIVATE_DIRS, spec.store]
         masked = [
@@ -154,6 +162,14 @@ def _remount_read_only(mount_point: str, flags: int) -> None:
     except OSError as e:
         if e.errno not in _UNREACHABLE:
             raise
+
+
+def _bind_device(device: str, target: str) -> None:
+    """The host's `device` (a node, or /dev/pts with what is mounted under it) at `target`,
+    usable but read-only: its node cannot be chmodded or removed from the job."""
+    libc.mount(device, target, None, libc.MS_BIND | libc.MS_REC)
+    flags = libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | libc.MS_NOSUID | libc.MS_NOEXEC
+    _remount_read_only(target, flags)
 
 
 def _cover(target: str, inert: str) -> None:
