@@ -14,7 +14,7 @@ import sys
 import click
 
 from isolated_agent import __version__
-from isolated_agent.errors import AgentctlError
+from isolated_agent.errors import AgentctlError, UsageError
 
 EXIT_INTERNAL_ERROR = 70
 
@@ -68,6 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(invoke(argv))
 
 
+def _lost_working_directory(error: Exception) -> str | None:
+    """The user-facing message when `error` came from a current directory that is gone
+    (removed, or on a filter mount whose daemon stopped), else None."""
+    if not isinstance(error, OSError):
+        return None
+    try:
+        os.getcwd()
+    except OSError as e:
+        return (f"your current directory is not reachable ({os.strerror(e.errno or 0)}): it "
+                "was removed, or a filter mount over it stopped; cd to it again (cd \"$PWD\")")
+    return None
+
+
 def invoke(argv: list[str] | None = None) -> int:
     """Run one agentctl command and return its exit code; never raises, never a traceback
     (unless AGENTCTL_DEBUG=1)."""
@@ -90,6 +103,10 @@ def invoke(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 141
     except Exception as e:  # a bug: say so in one line
+        lost = _lost_working_directory(e)
+        if lost is not None:
+            click.echo(f"agentctl: {lost}", err=True)
+            return UsageError.exit_code
         if os.environ.get("AGENTCTL_DEBUG"):
             raise
         click.echo(

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,17 @@ def test_the_project_roots_own_mode_and_group_are_shown(
     assert agentctl("commit", cwd=project).returncode == 0
     made = (project / "made").stat()
     assert (stat.S_IMODE(made.st_mode), made.st_gid) == (0o2755, group)
+
+
+def test_a_working_directory_that_is_gone_is_explained(store_home: Path, tmp_path: Path) -> None:
+    """A removed directory, or one on a filter mount that stopped (ENOTCONN): one line that
+    says so, never an internal error."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(
+        ["sh", "-c", 'rmdir "$1" && exec "$2" -m isolated_agent run -- true', "-", str(gone),
+         sys.executable],
+        cwd=gone, env={**os.environ, "ISOLATED_AGENT_HOME": str(store_home)},
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "current directory is not reachable" in done.stderr, done.stderr
