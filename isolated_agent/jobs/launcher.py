@@ -47,6 +47,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from isolated_agent import libc
 from isolated_agent.engines import Engine
@@ -56,12 +57,14 @@ from isolated_agent.errors import (
     CommandNotFound,
     IsolationError,
 )
-from isolated_agent.jobs import supervisor
 from isolated_agent.jobs.cgroup import JobCgroup
 from isolated_agent.jobs.confine import confine_job, scope_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec, build_view
 from isolated_agent.jobs.syscall_filter import install_baseline, install_supervised
 from isolated_agent.jobs.terminal import JobTerminal
+
+if TYPE_CHECKING:
+    from isolated_agent.jobs import supervisor
 
 EXIT_SETUP_FAILED = 125
 _FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -347,8 +350,10 @@ def _run_command(
     if pid == 0:
         _child_main(_process_c, spec, terminal, messages, release, handover)
     if supervised is not None:
+        from isolated_agent.jobs.supervisor import start
+
         try:
-            supervisor.start(*supervised, stop_job=_stop_keeper)
+            start(*supervised, stop_job=_stop_keeper)
         except IsolationError as e:
             _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
             os.kill(pid, signal.SIGKILL)
@@ -394,17 +399,19 @@ def _keeper(
         return EXIT_SETUP_FAILED
     # Decided before the command exists, while the keeper may still read every process's
     # network namespace: which host sockets were bound when the job started.
+    from isolated_agent.jobs.supervisor import Handover, Places, enter_job_domain
+
     sandbox = spec.sandbox
-    places = supervisor.Places.for_job([root.path for root in sandbox.roots], sandbox.allow,
+    places = Places.for_job([root.path for root in sandbox.roots], sandbox.allow,
                                        sandbox.allow_sockets)
     _send(messages, kind="masked_sockets", paths=places.refused_host_sockets())
     try:
-        supervisor.enter_job_domain()
+        enter_job_domain()
     except IsolationError as e:
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
     try:
-        return _run_command(spec, terminal, messages, release, (supervisor.Handover(), places))
+        return _run_command(spec, terminal, messages, release, (Handover(), places))
     finally:
         _kill_descendants()
 

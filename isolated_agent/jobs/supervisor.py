@@ -50,7 +50,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from isolated_agent import libc
@@ -175,6 +174,8 @@ def _serve(listener: int, places: Places, stop_job: Callable[[], None]) -> None:
 def _answer_all(listener: int, places: Places) -> None:
     """Answer every waiting call, until the job's last process is gone (POLLHUP). Calls that
     may block (connect) run on a pool, so that one slow peer holds up nothing else."""
+    from concurrent.futures import ThreadPoolExecutor  # only a serving keeper needs it (7 ms)
+
     handlers = _handlers()
     poller = select.poll()
     poller.register(listener, select.POLLIN)
