@@ -298,10 +298,7 @@ class _Caller:
 
     def descriptor(self, fd: int) -> int:
         """The caller's descriptor `fd`: the same open file."""
-        try:
-            return self._keep(libc.pidfd_getfd(self._pidfd, _int(fd)))
-        except OSError as e:
-            raise OSError(errno.EBADF if e.errno == errno.EBADF else e.errno, "") from e
+        return self._keep(libc.pidfd_getfd(self._pidfd, _int(fd)))
 
     def lookup(self, dir_fd: int, address: int, follow: bool, empty: bool = False) -> int:
         """An O_PATH descriptor of what the caller's (dir_fd, path) names, resolved as the
@@ -314,9 +311,9 @@ class _Caller:
             if not empty:
                 raise OSError(errno.ENOENT, "empty path")
             return self._start(dir_fd)
-        for own, theirs in ((b"/proc/self/", b"/proc/%d/"), (b"/proc/thread-self/", b"/proc/%d/")):
+        for own in (b"/proc/self/", b"/proc/thread-self/"):  # the caller's, not ours
             if path.startswith(own) or path == own[:-1]:
-                path = theirs % self.tid + path[len(own):]
+                path = b"/proc/%d/" % self.tid + path[len(own):]
         start = None if path.startswith(b"/") else self._start(dir_fd)
         flags = os.O_PATH | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
         return self._keep(os.open(path, flags, dir_fd=start))
