@@ -414,8 +414,7 @@ class Overlay:
             return node.reader
         self.copy_up(node)
         self._drop_reader(node)
-        fd = self._keep_reader(node, os.open(fd_path(self.path_fd(node)),
-                                             os.O_RDWR | os.O_CLOEXEC))
+        fd = self._keep_reader(node, _open_for_writing(fd_path(self.path_fd(node))))
         node.reader_writes = True
         return fd
 
@@ -860,3 +859,20 @@ def _scan(dir_fd: int) -> list[tuple[bytes, bool]]:
 def _restore_times(dir_fd: int, st: os.stat_result) -> None:
     with contextlib.suppress(OSError):  # best effort, as the kernel's
         os.utime(fd_path(dir_fd), ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _open_for_writing(path: str) -> int:
+    """An O_RDWR fd of the upper file at `path`. The kernel checked the job's right to write
+    before the write came here; but a file the job created read-only (git's 0444 objects) can
+    be written only through the descriptor that created it, which the kernel's no-open mode
+    does not give us: a daemon that is not root, owning the upper file, opens it with u+w
+    for the moment of the open."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except PermissionError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        os.chmod(path, mode | stat.S_IWUSR)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            os.chmod(path, mode)

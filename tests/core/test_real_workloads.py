@@ -1,6 +1,7 @@
 """Real tools in every engine give what they give natively, and commit makes the host exactly that.
 
-Each workload runs three ways on the same project:
+Each workload runs three ways on the same project, as root and as an unprivileged user (the
+rootless path: user namespaces, fusermount3):
 
 - in an env (`agentctl run --engine E`), then the env's view is read from inside a second job;
 - natively on a pristine copy mounted at the project's own path (a private mount namespace), so
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DISK_SCRATCH_PREFIX
+from tests.core.test_rootless import (  # noqa: F401 - fixtures
+    SYSTEM_PYTHON,
+    package_copy,
+    unprivileged_user,
+)
 from tests.filter.conftest import stop_filter_daemons
 
 pytestmark = pytest.mark.slow
@@ -124,6 +131,7 @@ WORKLOADS = {
 def tarball() -> Iterator[Path]:
     """A local npm package, packed: what `npm install` gets instead of the registry."""
     base = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "npm-"))
+    base.chmod(0o755)  # rootless jobs read the tarball too
     package = base / "left-local"
     package.mkdir()
     (package / "package.json").write_text(json.dumps(
@@ -153,10 +161,12 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("engine", ["kernel", "fuse", "filter"])
+@pytest.mark.parametrize("who", ["root", "user"])
 def test_a_real_workload_matches_its_native_run(
-    engine: str, workload: str, tarball: Path
+    who: str, engine: str, workload: str, tarball: Path, request: pytest.FixtureRequest
 ) -> None:
     base = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "work-"))
+    base.chmod(0o755)
     project, pristine, home = base / "project", base / "pristine", base / "home"
     store = base / "store"
     files, script = WORKLOADS[workload]
@@ -165,24 +175,40 @@ def test_a_real_workload_matches_its_native_run(
     _write(project, files)
     shutil.copytree(project, pristine, symlinks=True)
     env = {
-        **os.environ, "ISOLATED_AGENT_HOME": str(store), "HOME": str(home),
+        "PATH": "/usr/local/bin:/usr/bin:/usr/sbin:/bin",  # the same programs, job and native
+        "ISOLATED_AGENT_HOME": str(store), "HOME": str(home),
         "TARBALL": str(tarball), "PIP_DISABLE_PIP_VERSION_CHECK": "1",
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t", "GIT_AUTHOR_DATE": "2026-01-01T00:00:00Z",
         "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z", "npm_config_update_notifier": "false",
     }
     script = textwrap.dedent(script).strip().replace("\n", " && ")
+    prefix = [sys.executable]
+    if who == "user":  # as the rootless tests run: Debian's python, a readable package copy
+        user = request.getfixturevalue("unprivileged_user")
+        package = request.getfixturevalue("package_copy")
+        subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(base)], check=True)
+        # The user changes to the project itself: root cannot enter a user's filter mount.
+        prefix = ["runuser", "-u", user.pw_name, "--", "env", "-i", "-C", str(project),
+                  *(f"{k}={v}" for k, v in env.items()), f"PYTHONPATH={package}",
+                  SYSTEM_PYTHON]
 
     def agentctl(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "isolated_agent", *args], cwd=project,
-                              env=env, capture_output=True, text=True, timeout=600)
+        return subprocess.run([*prefix, "-m", "isolated_agent", *args],
+                              cwd=project if who == "root" else "/", env=env,
+                              capture_output=True, text=True, timeout=600)
 
+    fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if who == "user":
+        os.chmod("/dev/fuse", 0o666)  # as the fuse3 package makes it (see test_rootless)
     try:
         ran = agentctl("run", "-q", "--engine", engine, "--", "sh", "-c", script)
         assert ran.returncode == 0, ran.stderr
         seen = agentctl("run", "-q", "--engine", engine, "--", "python3", "-c", STATE)
         assert seen.returncode == 0, seen.stderr
         in_env = json.loads(seen.stdout)
+        if engine == "filter":  # a user's filter mount is theirs alone (no user_allow_other)
+            agentctl("filter", "stop", str(project))
 
         natively = pristine.parent / "native"
         shutil.copytree(pristine, natively, symlinks=True)
@@ -202,5 +228,6 @@ def test_a_real_workload_matches_its_native_run(
                                          capture_output=True, text=True, check=True).stdout)
         assert _differences(host, native) == {}
     finally:
+        os.chmod("/dev/fuse", fuse_mode)
         stop_filter_daemons(store)
         shutil.rmtree(base, ignore_errors=True)
