@@ -77,13 +77,19 @@ def parse_unix_table(table: bytes) -> set[str]:
     return paths
 
 
+def kept_sockets(allowed: Iterable[str]) -> list[str]:
+    """The real paths of the sockets a job always reaches: `allowed` (--allow-socket) and the
+    name services."""
+    return [os.path.realpath(p) for p in (*allowed, *NAME_SERVICE_SOCKETS)]
+
+
 def sockets_to_mask(
     bound: Iterable[str], writable: Iterable[str], allowed: Iterable[str]
 ) -> list[str]:
     """The sockets a job's view must cover: `bound` less those beneath a writable path, those
     the user allowed and the name services (all real paths, compared without symlinks)."""
     writable = [os.path.realpath(p) for p in writable]
-    kept = [os.path.realpath(p) for p in (*allowed, *NAME_SERVICE_SOCKETS)]
+    kept = kept_sockets(allowed)
     masked: set[str] = set()
     for path in bound:
         real = os.path.realpath(path)

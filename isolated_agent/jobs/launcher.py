@@ -403,7 +403,7 @@ def _keeper(
 
     sandbox = spec.sandbox
     places = Places.for_job([root.path for root in sandbox.roots], sandbox.allow,
-                                       sandbox.allow_sockets)
+                            sandbox.allow_sockets)
     _send(messages, kind="masked_sockets", paths=places.refused_host_sockets())
     try:
         enter_job_domain()

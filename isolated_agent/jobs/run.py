@@ -22,15 +22,9 @@ from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
 # agent can log in, cache and remember. A missing directory is made for the job (a new user's
 # first `npm install` must not fail on a read-only ~/.npm) and removed after it if the job left it
 # empty; a missing file is skipped. --no-default-allows drops them all.
-DEFAULT_ALLOWS = (
-    "~/.cache",
-    "~/.npm",
-    "~/.cargo/registry",
-    "~/.claude",
-    "~/.claude.json",  # a file
-    "~/.codex",
-    "~/.gemini",
-)
+DEFAULT_ALLOWED_DIRS = ("~/.cache", "~/.npm", "~/.cargo/registry", "~/.claude", "~/.codex",
+                        "~/.gemini")
+DEFAULT_ALLOWED_FILES = ("~/.claude.json",)
 
 
 @dataclass
@@ -97,14 +91,14 @@ def resolve_allows(
     appended to `made` (outermost first) for `remove_if_empty` after the job."""
     candidates = [(p, True) for p in request.allow]
     if request.default_allows:
-        candidates += [(p, False) for p in DEFAULT_ALLOWS]
+        candidates += [(p, False) for p in (*DEFAULT_ALLOWED_DIRS, *DEFAULT_ALLOWED_FILES)]
     allows: list[str] = []
     for given, explicit in candidates:
         path = os.path.realpath(os.path.expanduser(given))
         if not os.path.exists(path):
             if explicit:
                 raise UsageError(f"--allow {given}: no such file or directory")
-            if given.endswith(".json") or made is None or not _make_dirs(path, made):
+            if given not in DEFAULT_ALLOWED_DIRS or made is None or not _make_dirs(path, made):
                 continue
         if is_within(path, store.home):
             raise UsageError(f"--allow {given} is inside the store {store.home}; never allowed")
@@ -121,19 +115,15 @@ def resolve_allows(
 
 def _make_dirs(path: str, made: list[str]) -> bool:
     """mkdir -p `path` (as the caller, with its umask), noting each directory made."""
-    missing = []
-    while not os.path.exists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            return False
-        path = parent
+    missing, ancestor = [], path
+    while not os.path.lexists(ancestor):  # "/" always exists
+        missing.append(ancestor)
+        ancestor = os.path.dirname(ancestor)
     try:
-        for directory in reversed(missing):
-            os.mkdir(directory)
-            made.append(directory)
+        os.makedirs(path)
     except OSError:
         return False
+    made.extend(reversed(missing))
     return True
 
 

@@ -56,7 +56,7 @@ from isolated_agent import libc
 from isolated_agent.env.store import is_within
 from isolated_agent.errors import IsolationError
 from isolated_agent.jobs.confine import scope_job
-from isolated_agent.jobs.host_sockets import NAME_SERVICE_SOCKETS, bound_socket_paths
+from isolated_agent.jobs.host_sockets import bound_socket_paths, kept_sockets
 from isolated_agent.jobs.syscall_filter import FS_IOC_FSSETXATTR, SUPERVISED_IOCTLS
 
 STEP = "the filter engine's supervisor"
@@ -90,7 +90,7 @@ class Places:
         return cls(
             writable=tuple(real(p) for p in (*roots, *allow)),
             scratch=tuple(real(p) for p in SCRATCH_DIRS),
-            kept_sockets=tuple(real(p) for p in (*allow_sockets, *NAME_SERVICE_SOCKETS)),
+            kept_sockets=tuple(kept_sockets(allow_sockets)),
             host_sockets=frozenset(real(p) for p in bound_socket_paths()),
         )
 

@@ -553,10 +553,11 @@ class FilterOperations(pyfuse3.Operations):
     def _created(self, view: View, parent_inode: int, name: bytes, node: Node) -> EntryAttributes:
         """The entry reply for something `view` just made at `name`."""
         self._namespace_changed(view)
-        if view.is_host and self._owner(parent_inode).is_host:
+        parent_owner = self._owner(parent_inode)
+        if view.is_host and parent_owner.is_host:
             policy = self._policy(self.host.inodes.node(parent_inode), name, node)
             return self._entry(self.host, node, policy)
-        if self._owner(parent_inode).is_host:  # a name where the views part
+        if parent_owner.is_host:  # a name where the views part
             return self._entry(view, node, PER_VIEW)
         return self._entry(view, node, private_policy(self._node(view, parent_inode)))
 
