@@ -1,5 +1,6 @@
 """Fixtures shared by every test: an isolated store, a project tree, agentctl as a real
-subprocess, tree snapshots, and a sweep that fails any test leaving a mount behind.
+subprocess, tree snapshots, a sweep that fails any test leaving a mount behind, and agentctl
+run as an unprivileged user (the rootless path).
 
 Tests run as root on a machine with overlayfs and /dev/fuse: a missing capability is a failure,
 never a skip (DESIGN §10).
@@ -8,11 +9,14 @@ never a skip (DESIGN §10).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
+import pwd
 import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -137,3 +141,98 @@ def snap() -> Callable[[Path], Snapshot]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
+
+
+@pytest.fixture
+def disk_dir() -> Iterator[Path]:
+    """A scratch dir on the host disk, outside /tmp (which every job sees as its own tmpfs)."""
+    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- the rootless path ---------------------------------------------------------------------------
+# An unprivileged user, created here, runs Debian's /usr/bin/python3 (the test runner's
+# interpreter may live where that user cannot read) with a world-readable copy of the package and
+# its pure-Python dependencies on PYTHONPATH.
+
+USER = "ia-rootless"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def unprivileged_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
+        return pwd.getpwnam(USER)
+
+
+# What a rootless job imports: the package, click, and for the filter engine's daemon pyfuse3 and
+# trio with trio's own dependencies.
+RUNTIME_MODULES = ("isolated_agent", "click", "pyfuse3", "trio", "outcome", "sniffio",
+                   "sortedcontainers", "attr", "attrs", "idna")
+
+
+@pytest.fixture(scope="session")
+def package_copy() -> Iterator[Path]:
+    """The modules a rootless run imports, copied where any user can import them."""
+    target = Path(tempfile.mkdtemp(prefix="ia-rootless-py-", dir="/var/tmp"))
+    for name in RUNTIME_MODULES:
+        module = importlib.import_module(name)
+        assert module.__file__ is not None
+        source = Path(module.__file__).parent
+        shutil.copytree(source, target / source.name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
+    target.chmod(0o755)
+    yield target
+    shutil.rmtree(target, ignore_errors=True)
+
+
+@pytest.fixture
+def user_dir(unprivileged_user: pwd.struct_passwd) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "rootless-"))
+    os.chown(path, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+RunAs = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def run_as_user(
+    unprivileged_user: pwd.struct_passwd, package_copy: Path, user_dir: Path
+) -> RunAs:
+    assert os.path.exists(SYSTEM_PYTHON), "the rootless tests need Debian's python3"
+
+    def run(
+        *args: str, cwd: Path, wrap: Callable[..., subprocess.CompletedProcess[str]] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        env = [
+            f"HOME={unprivileged_user.pw_dir}",
+            f"ISOLATED_AGENT_HOME={user_dir / 'store'}",
+            f"PYTHONPATH={package_copy}",
+            "PATH=/usr/local/bin:/usr/bin:/bin",
+        ]
+        argv = ["runuser", "-u", USER, "--", "env", "-i", *env, SYSTEM_PYTHON, "-m",
+                "isolated_agent", *args]
+        if wrap is not None:
+            return wrap(argv, cwd)
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+    return run
+
+
+@pytest.fixture
+def user_project(project: Path, user_dir: Path, unprivileged_user: pwd.struct_passwd) -> Path:
+    """The shared project tree, owned by the unprivileged user (uid and gid: rootless runs map
+    only those two ids, see README)."""
+    target = user_dir / "project"
+    shutil.copytree(project, target, symlinks=True)
+    for dirpath, dirnames, filenames in os.walk(target):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
+    return target

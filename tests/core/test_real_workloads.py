@@ -30,12 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DISK_SCRATCH_PREFIX
-from tests.core.test_rootless import (  # noqa: F401 - fixtures
-    SYSTEM_PYTHON,
-    package_copy,
-    unprivileged_user,
-)
+from tests.conftest import DISK_SCRATCH_PREFIX, SYSTEM_PYTHON
 from tests.filter.conftest import stop_filter_daemons
 
 pytestmark = pytest.mark.slow

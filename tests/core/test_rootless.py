@@ -1,110 +1,25 @@
 """The rootless path: agentctl run as an unprivileged user, through a user namespace.
 
-The user is created here. It runs Debian's /usr/bin/python3 (the test runner's interpreter may
-live where that user cannot read) with a world-readable copy of the package and its pure-Python
-dependencies on PYTHONPATH.
+The user and the way it runs agentctl are tests/conftest.py's rootless fixtures.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DISK_SCRATCH_PREFIX, snapshot
+from tests.conftest import DISK_SCRATCH_PREFIX, SYSTEM_PYTHON, RunAs, snapshot
 from tests.core.test_run import MANIFEST, WORKLOAD
 
 pytestmark = pytest.mark.rootless
-
-USER = "ia-rootless"
-SYSTEM_PYTHON = "/usr/bin/python3"
-
-
-@pytest.fixture(scope="session")
-def unprivileged_user() -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", USER], check=True)
-        return pwd.getpwnam(USER)
-
-
-# What a rootless job imports: the package, click, and for the filter engine's daemon pyfuse3 and
-# trio with trio's own dependencies.
-RUNTIME_MODULES = ("isolated_agent", "click", "pyfuse3", "trio", "outcome", "sniffio",
-                   "sortedcontainers", "attr", "attrs", "idna")
-
-
-@pytest.fixture(scope="session")
-def package_copy() -> Iterator[Path]:
-    """The modules a rootless run imports, copied where any user can import them."""
-    target = Path(tempfile.mkdtemp(prefix="ia-rootless-py-", dir="/var/tmp"))
-    for name in RUNTIME_MODULES:
-        module = importlib.import_module(name)
-        assert module.__file__ is not None
-        source = Path(module.__file__).parent
-        shutil.copytree(source, target / source.name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["chmod", "-R", "a+rX", str(target)], check=True)
-    target.chmod(0o755)
-    yield target
-    shutil.rmtree(target, ignore_errors=True)
-
-
-@pytest.fixture
-def user_dir(unprivileged_user: pwd.struct_passwd) -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "rootless-"))
-    os.chown(path, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-RunAs = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def run_as_user(
-    unprivileged_user: pwd.struct_passwd, package_copy: Path, user_dir: Path
-) -> RunAs:
-    assert os.path.exists(SYSTEM_PYTHON), "the rootless tests need Debian's python3"
-
-    def run(
-        *args: str, cwd: Path, wrap: Callable[..., subprocess.CompletedProcess[str]] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        env = [
-            f"HOME={unprivileged_user.pw_dir}",
-            f"ISOLATED_AGENT_HOME={user_dir / 'store'}",
-            f"PYTHONPATH={package_copy}",
-            "PATH=/usr/local/bin:/usr/bin:/bin",
-        ]
-        argv = ["runuser", "-u", USER, "--", "env", "-i", *env, SYSTEM_PYTHON, "-m",
-                "isolated_agent", *args]
-        if wrap is not None:
-            return wrap(argv, cwd)
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
-
-    return run
-
-
-@pytest.fixture
-def user_project(project: Path, user_dir: Path, unprivileged_user: pwd.struct_passwd) -> Path:
-    """The shared project tree, owned by the unprivileged user (uid and gid: rootless runs map
-    only those two ids, see README)."""
-    target = user_dir / "project"
-    shutil.copytree(project, target, symlinks=True)
-    for dirpath, dirnames, filenames in os.walk(target):
-        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            os.lchown(name, unprivileged_user.pw_uid, unprivileged_user.pw_gid)
-    return target
-
 
 def test_rootless_run_keeps_host_untouched(
     run_as_user: RunAs, user_project: Path, user_dir: Path

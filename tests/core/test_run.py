@@ -9,15 +9,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DISK_SCRATCH_PREFIX, Agentctl, snapshot
+from tests.conftest import Agentctl, snapshot
 
 # Every kind of change a job can make under a root (mv of a lower dir goes through EXDEV →
 # copy + delete inside mv, which is what a user's tools do).
@@ -121,14 +119,6 @@ def test_keep_running_waits_for_daemons_which_still_write_in_env(
     assert not (project / "late.txt").exists()
     seen = agentctl("run", "-q", "--env", "kr", "--", "cat", "late.txt", cwd=project)
     assert seen.stdout == "late\n"
-
-
-@pytest.fixture
-def disk_dir() -> Iterator[Path]:
-    """A scratch dir on the host disk, outside /tmp (which every job sees as its own tmpfs)."""
-    path = Path(tempfile.mkdtemp(prefix=DISK_SCRATCH_PREFIX + "test-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_writes_outside_roots_fail_unless_allowed(

@@ -14,20 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Agentctl
-from tests.core.test_rootless import (  # noqa: F401 - fixtures
-    RunAs,
-    package_copy,
-    run_as_user,
-    unprivileged_user,
-    user_dir,
-    user_project,
-)
-from tests.core.test_run import disk_dir  # noqa: F401 - fixture
+from tests.conftest import Agentctl, RunAs
 
 
 def test_missing_default_allows_are_made_for_the_job_and_kept_only_if_used(
-    agentctl: Agentctl, project: Path, disk_dir: Path  # noqa: F811
+    agentctl: Agentctl, project: Path, disk_dir: Path
 ) -> None:
     """A user without ~/.npm: a first `npm install` must be able to make its cache."""
     home = disk_dir / "home"
@@ -56,7 +47,7 @@ def test_a_program_in_the_hosts_tmp_is_explained(agentctl: Agentctl, project: Pa
 
 
 def test_a_dev_fuse_closed_to_the_user_says_how_to_open_it(
-    run_as_user: RunAs, user_project: Path  # noqa: F811
+    run_as_user: RunAs, user_project: Path
 ) -> None:
     mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
     os.chmod("/dev/fuse", 0o600)

@@ -18,14 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_rootless import (  # noqa: F401 - fixtures
-    RunAs,
-    package_copy,
-    run_as_user,
-    unprivileged_user,
-    user_dir,
-    user_project,
-)
+from tests.conftest import RunAs
 from tests.security.conftest import Hostile
 
 # Connect to each address given; print one verdict a line.
@@ -182,7 +175,7 @@ print("loopback works")
 
 
 def test_rootless_job_reaches_no_host_socket(
-    run_as_user: RunAs, user_project: Path, user_dir: Path  # noqa: F811
+    run_as_user: RunAs, user_project: Path, user_dir: Path
 ) -> None:
     user_dir.chmod(0o755)
     outside = user_dir / "outside"

@@ -16,14 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.test_rootless import (  # noqa: F401 - fixtures
-    RunAs,
-    package_copy,
-    run_as_user,
-    unprivileged_user,
-    user_dir,
-    user_project,
-)
+from tests.conftest import RunAs
 from tests.security.conftest import Hostile
 
 # Each attempt on argv[1] (a host file outside the project) prints its name and "changed" or
@@ -170,7 +163,7 @@ print("done", changed)
 
 
 def test_rootless_filter_job_keeps_the_users_own_files(
-    run_as_user: RunAs, user_project: Path, user_dir: Path  # noqa: F811
+    run_as_user: RunAs, user_project: Path, user_dir: Path
 ) -> None:
     """The user's own files outside the project: the user may chmod them natively, a job of
     theirs may not."""
