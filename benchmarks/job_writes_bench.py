@@ -2,7 +2,11 @@
 `agentctl run --engine kernel|fuse|filter` (issue 12: the filter took 16.5 s against agentfs's
 4.5 s; the bar is within 2x of agentfs).
 
-    sudo .venv/bin/python benchmarks/job_writes_bench.py [--reps 5] [--json]
+    sudo .venv/bin/python benchmarks/job_writes_bench.py --user NAME [--reps 5] [--json]
+
+The filter engine runs no root job, so under root every setup runs as `--user` (default: the
+user sudo was called by) for a fair comparison; that user must be able to run the agentctl
+given (a venv in a world-readable checkout).
 
 Each repetition runs every setup once, in rotated order, after the quiet gate: a fresh project
 directory on the disk (not /tmp, which a job sees private), a fresh store, and the whole
@@ -43,25 +47,35 @@ WORKLOADS = {
 }
 
 
-def time_once(setup: str, script: str, scratch: str, agentctl: str) -> float:
-    """One run of `script` in a fresh project (and store) under `setup`."""
+def as_user(user: str | None, argv: list[str]) -> list[str]:
+    if user is None:
+        return argv
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--", *argv]
+
+
+def time_once(setup: str, script: str, scratch: str, agentctl: str, user: str | None) -> float:
+    """One run of `script` in a fresh project (and store) under `setup`, by `user`."""
     base = tempfile.mkdtemp(dir=scratch)
     project = os.path.join(base, "project")
     os.makedirs(project)
+    if user is not None:
+        shutil.chown(base, user, user)
+        shutil.chown(project, user, user)
     env = {**os.environ, "ISOLATED_AGENT_HOME": os.path.join(base, "store")}
     argv = ["sh", "-c", script]
     if setup != "native":
         argv = [agentctl, "run", "-q", "--engine", setup, "--no-default-allows", "--", *argv]
     try:
         start = time.perf_counter()
-        done = subprocess.run(argv, cwd=project, env=env, capture_output=True)
+        done = subprocess.run(as_user(user, argv), cwd=project, env=env, capture_output=True)
         elapsed = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"{setup}: {script!r} failed: {done.stderr.decode().strip()}")
         return elapsed
     finally:
         if setup == "filter":
-            subprocess.run([agentctl, "filter", "stop", project], env=env, capture_output=True)
+            subprocess.run(as_user(user, [agentctl, "filter", "stop", project]), env=env,
+                           capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -72,12 +86,19 @@ def main() -> int:
     p.add_argument("--setup", action="append", choices=SETUPS)
     p.add_argument("--workload", action="append", choices=list(WORKLOADS))
     p.add_argument("--json", nargs="?", const="", metavar="FILE")
+    p.add_argument("--user", default=os.environ.get("SUDO_USER"),
+                   help="who runs every setup when run as root (default: $SUDO_USER)")
     args = p.parse_args()
     setups = args.setup or list(SETUPS)
     workloads = args.workload or list(WORKLOADS)
+    user = args.user if os.geteuid() == 0 else None
+    if os.geteuid() == 0 and user is None and "filter" in setups:
+        p.error("the filter engine runs no root job: give --user NAME (or leave out the filter)")
     agentctl = default_agentctl()
     gate = QuietGate()
     scratch = tempfile.mkdtemp(prefix="ia-writes-", dir=args.scratch_dir)
+    if user is not None:
+        shutil.chown(scratch, user, user)
     samples: dict[tuple[str, str], list[float]] = {}
     try:
         for rep in range(args.reps):
@@ -88,7 +109,7 @@ def main() -> int:
                         continue
                     gate.wait()
                     print(f"{name} {rep + 1}/{args.reps} {setup}", file=sys.stderr)
-                    seconds = time_once(setup, WORKLOADS[name], scratch, agentctl)
+                    seconds = time_once(setup, WORKLOADS[name], scratch, agentctl, user)
                     samples.setdefault((name, setup), []).append(seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

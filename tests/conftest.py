@@ -129,7 +129,7 @@ def snapshot(root: Path) -> Snapshot:
                 st.st_nlink if not stat.S_ISDIR(st.st_mode) else None,
                 detail,
             )
-    root_st = os.lstat(root)
+    root_st = os.stat(root)  # followed: root may be named by /proc/self/fd/N
     result["."] = (stat.S_IMODE(root_st.st_mode), root_st.st_mtime_ns)  # root entries changed?
     return result
 
@@ -199,6 +199,23 @@ def user_dir(unprivileged_user: pwd.struct_passwd) -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def as_user(cwd: Path | str, *argv: str, env: dict[str, str] | None = None) -> list[str]:
+    """argv as run by USER in `cwd`, with a clean environment. setpriv execs (the process is
+    argv's own, to signal); the user changes to `cwd` itself: root cannot enter a FUSE mount
+    of that user's (no allow_other)."""
+    home = pwd.getpwnam(USER).pw_dir
+    variables = {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", **(env or {})}
+    return ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", "--", "env",
+            "-i", "-C", str(cwd), *(f"{k}={v}" for k, v in variables.items()), *argv]
+
+
+def user_agentctl(package: Path, store: Path, cwd: Path | str, *args: str,
+                  env: dict[str, str] | None = None) -> list[str]:
+    """`agentctl ARGS` run by USER: Debian's python, the package copy, the store given."""
+    variables = {"ISOLATED_AGENT_HOME": str(store), "PYTHONPATH": str(package), **(env or {})}
+    return as_user(cwd, SYSTEM_PYTHON, "-m", "isolated_agent", *args, env=variables)
+
+
 RunAs = Callable[..., subprocess.CompletedProcess[str]]
 
 
@@ -211,19 +228,24 @@ def run_as_user(
     def run(
         *args: str, cwd: Path, wrap: Callable[..., subprocess.CompletedProcess[str]] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        env = [
-            f"HOME={unprivileged_user.pw_dir}",
-            f"ISOLATED_AGENT_HOME={user_dir / 'store'}",
-            f"PYTHONPATH={package_copy}",
-            "PATH=/usr/local/bin:/usr/bin:/bin",
-        ]
-        argv = ["runuser", "-u", USER, "--", "env", "-i", *env, SYSTEM_PYTHON, "-m",
-                "isolated_agent", *args]
+        argv = user_agentctl(package_copy, user_dir / "store", cwd, *args)
         if wrap is not None:
             return wrap(argv, cwd)
-        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60)
 
     return run
+
+
+@pytest.fixture
+def fuse_open_to_users() -> Iterator[None]:
+    """/dev/fuse as the fuse3 package's udev rule leaves it on a normal machine (0666); some
+    VMs have it 0600."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ The policy, built for whatever Landlock ABI the kernel offers:
 
     - every filesystem right the ABI knows is handled, so nothing is allowed by omission;
     - read, list and execute everywhere but the host's devices: the job runs the host's
-      programs and reads its files; of /dev it may read only DEVICES (a root job owns the raw
-      disks, and /dev/input's keyboards), and list it;
+      programs and reads its files; of /dev it may read only DEVICES (a user in the disk or
+      input group may read the raw disks, and /dev/input's keyboards), and list it;
     - every right beneath each write path: the managed roots (filter mounts by then, where the
       filter daemon decides what a write does), the user's --allow paths, and what a shell, git
       or python needs to work at all (DEFAULT_WRITE_PATHS);

@@ -257,8 +257,14 @@ def _process_a(
     uid, gid = os.getuid(), os.getgid()
     try:
         if not spec.namespaces:
-            if spec.network == "none":  # a network namespace alone, if we may make one
-                _unshare(libc.CLONE_NEWNET, "--network none: creating a network namespace")
+            if spec.network == "none":  # a network namespace alone; a user's needs a user
+                # namespace to own it, where the user stays itself (uid and gid mapped to
+                # themselves: its own FUSE mount, files and processes are still its own)
+                _unshare(libc.CLONE_NEWNET | libc.CLONE_NEWUSER,
+                         "--network none: creating a network namespace",
+                         "enable user namespaces (sysctl user.max_user_namespaces), or run "
+                         "without --network none")
+                _map_ids(uid, gid)
                 _bring_up_loopback()
             return _fork_and_wait(_process_b, spec, terminal, messages, release)
         flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWIPC
@@ -275,11 +281,11 @@ def _process_a(
     return _fork_and_wait(_process_b, spec, terminal, messages, release)
 
 
-def _unshare(flags: int, step: str) -> None:
+def _unshare(flags: int, step: str, hint: str = "run as root, or enable user namespaces "
+             "(sysctl user.max_user_namespaces)") -> None:
     try:
         libc.unshare(flags)
     except OSError as e:
-        hint = "run as root, or enable user namespaces (sysctl user.max_user_namespaces)"
         raise IsolationError(step, os.strerror(e.errno or 0), hint) from e
 
 

@@ -4,7 +4,7 @@ the job's behalf, where they may act.
 Without a mount namespace the job sees the host's tree itself. Landlock keeps it from creating,
 writing, renaming or removing anything outside its write paths (confine.py), but a change of
 mode, owner, times or extended attributes is not a write to Landlock, nor is connect(2) to a
-unix socket: `chmod 4777 /usr/bin/x` as root, or a connect to /run/docker.sock, would pass. So
+unix socket: `chmod 0777 ~/.ssh`, or a connect to /run/docker.sock, would pass. So
 the job's seccomp filter makes those calls wait (syscall_filter.SUPERVISED) for the supervisor,
 a thread of the job's keeper (launcher.py's process B), which:
 

@@ -5,7 +5,6 @@ The user and the way it runs agentctl are tests/conftest.py's rootless fixtures.
 
 from __future__ import annotations
 
-import os
 import pwd
 import shutil
 import subprocess
@@ -122,18 +121,6 @@ def disk_dir_root_only() -> Iterator[Path]:
     path.chmod(0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def fuse_open_to_users() -> Iterator[None]:
-    """/dev/fuse as the fuse3 package's udev rule leaves it on a normal machine (0666); some
-    VMs have it 0600."""
-    mode = os.stat("/dev/fuse").st_mode & 0o777
-    os.chmod("/dev/fuse", 0o666)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/fuse", mode)
 
 
 def test_rootless_filter_engine(

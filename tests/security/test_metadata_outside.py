@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunAs
 from tests.security.conftest import Hostile
 
 # Each attempt on argv[1] (a host file outside the project) prints its name and "changed" or
@@ -75,6 +74,7 @@ def test_no_metadata_changes_outside_the_project(hostile: Hostile) -> None:
     victim.write_text("host\n")
     victim.chmod(0o644)
     os.setxattr(victim, "user.kept", b"1")
+    hostile.give(victim)
     hostile.outside.chmod(0o755)
     before = _state(victim)
     result = hostile.run("python3", "-c", ATTEMPTS, str(victim))
@@ -109,7 +109,7 @@ print(oct(st.st_mode & 0o7777), int(st.st_mtime), os.getxattr("a.txt", "user.tag
 @FILTER_ONLY
 def test_the_shared_tmp_itself_is_the_hosts(hostile: Hostile) -> None:
     """Under the filter /tmp is the host's: beneath it the job's files are its own, but the
-    directory itself keeps its mode (a root job could otherwise drop its sticky bit)."""
+    directory itself keeps its mode."""
     script = r"""
 import os, tempfile
 try:
@@ -137,6 +137,7 @@ def test_racing_the_path_after_the_check_changes_nothing(hostile: Hostile) -> No
     victim = hostile.outside / "raced"
     victim.write_text("host\n")
     victim.chmod(0o644)
+    hostile.give(victim)
     hostile.outside.chmod(0o755)
     script = r"""
 import ctypes, os, sys, threading
@@ -161,18 +162,3 @@ print("done", changed)
     assert "done" in result.stdout
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644
 
-
-def test_rootless_filter_job_keeps_the_users_own_files(
-    run_as_user: RunAs, user_project: Path, user_dir: Path
-) -> None:
-    """The user's own files outside the project: the user may chmod them natively, a job of
-    theirs may not."""
-    user_dir.chmod(0o755)
-    own = user_dir / "dotfile"
-    own.write_text("mine\n")
-    os.chown(own, user_project.stat().st_uid, user_project.stat().st_gid)
-    own.chmod(0o600)
-    done = run_as_user("run", "-q", "--engine", "filter", "--", "chmod", "0666", str(own),
-                       cwd=user_project)
-    assert done.returncode != 0, done.stdout
-    assert stat.S_IMODE(own.stat().st_mode) == 0o600

@@ -44,8 +44,15 @@ class FilterEngine:
         self.fallback_from: IsolationError | None = None
 
     def check(self, rootless: bool) -> None:
+        if not rootless:
+            # No namespaces here: the job would be uid 0 on the host itself, owner of /tmp,
+            # /dev/shm and every root file whose owner bits allow what Landlock does not judge.
+            raise IsolationError(
+                "filter engine", "it runs no job as root (without namespaces the job would be "
+                "uid 0 on the host, owner of /tmp and of every root file)",
+                "run agentctl as your user, or use --engine kernel or fuse")
         check_dev_fuse("filter engine")
-        if rootless and shutil.which("fusermount3") is None:
+        if shutil.which("fusermount3") is None:
             raise IsolationError("filter engine", "fusermount3 is not installed",
                                  "install the fuse3 package")
         if libc.landlock_abi() <= 0:
