@@ -12,9 +12,11 @@ lower directory and does not handle EXDEV sees the error. The fuse engine does n
 from __future__ import annotations
 
 import os
+import signal
 
 from isolated_agent import libc
-from isolated_agent.env.store import Root
+from isolated_agent.engines.id_swap import IdSwap, id_swap_for
+from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
 
 
@@ -52,6 +54,11 @@ class KernelEngine:
     name = "kernel"
     namespaces = True
 
+    def __init__(self) -> None:
+        # Per root index, for a root run over another user's tree: the swap and a user
+        # namespace whose maps are that swap, the lens of the idmapped layers (id_swap.py).
+        self._swaps: dict[int, tuple[IdSwap, int]] = {}
+
     def check(self, rootless: bool) -> None:
         try:
             with open("/proc/filesystems") as f:
@@ -65,7 +72,42 @@ class KernelEngine:
                 "load it with `modprobe overlay`",
             )
 
+    # -- host side (engines.HostSide): only the id swaps' namespaces ------------------------------
+
+    def start(self, env: Env, log_dir: str) -> None:
+        for root in env.roots:
+            swap = id_swap_for(root.path)
+            if swap is not None:
+                self._swaps[root.index] = (swap, _user_namespace(swap))
+
+    def job_started(self, pid: int, cgroup_dir: str | None) -> None:
+        pass
+
+    def problems(self) -> list[str]:
+        return []
+
+    def stop(self) -> None:
+        for _, namespace in self._swaps.values():
+            os.close(namespace)
+        self._swaps.clear()
+
+    # -- inside the job's mount namespace -------------------------------------------------------
+
     def mount_root(self, root: Root, target: str, lower: str) -> None:
+        if root.index in self._swaps:
+            # The overlay's layers seen through the swap: idmapped copies of the mounts of
+            # the host's tree and of the env's layer, put over them in this mount namespace
+            # only (the view, a copy of the tree made before, does not show them).
+            _, namespace = self._swaps[root.index]
+            try:
+                libc.attach_idmapped(lower, namespace)
+                libc.attach_idmapped(os.path.dirname(root.upper), namespace)
+            except OSError as e:
+                raise IsolationError(
+                    f"idmapped layers of {root.path}", os.strerror(e.errno or 0),
+                    "the filesystems of the project and of the store must support idmapped "
+                    "mounts (Linux >= 5.19: ext4, xfs, btrfs, tmpfs >= 6.3); or run as the "
+                    "project's owner") from e
         options = ",".join(
             (
                 f"lowerdir={_escape(lower)}",
@@ -83,3 +125,32 @@ class KernelEngine:
                 "the store must be on a filesystem with user xattrs (ext4, xfs, btrfs, tmpfs); "
                 "see `dmesg | grep overlay`",
             ) from e
+
+
+def _user_namespace(swap: IdSwap) -> int:
+    """A descriptor of a new user namespace whose id maps are `swap`'s: made by a child that
+    exists only to be in it, gone once the descriptor is open."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            libc.unshare(libc.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            while True:
+                signal.pause()
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise IsolationError("id swap", "could not make a user namespace for it")
+        for name, lines in (("uid_map", swap.uid_map()), ("gid_map", swap.gid_map())):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(lines)
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IsolationError("id swap", f"user namespace: {os.strerror(e.errno or 0)}") from e
+    finally:
+        os.close(ready_r)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

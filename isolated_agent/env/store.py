@@ -57,14 +57,15 @@ def show_host_root(root: Root) -> None:
     included) and group: the merged view's root directory is the upper's, and what a job makes
     there inherits from it as from the host's (a 2770 project root's group and setgid bit).
 
-    The owner stays whoever runs the job, who must be able to write there as before: a root
-    run has no capabilities and writes as the owner, so for root the owner's bits stay rwx
-    (root natively writes in a 0555 directory too). A change is always below a root, never the
-    root's own attributes, so nothing of the env's is overwritten. A group the caller may not
-    give (not one of theirs, rootless) is left as it is."""
+    A root run gets the host root's owner too, whom it writes as (engines/id_swap.py: another
+    user's tree is seen as root's); a root run has no capabilities and writes as the owner, so
+    for root the owner's bits stay rwx (root natively writes in a 0555 directory too). A
+    user's run keeps its own. A change is always below a root, never the root's own
+    attributes, so nothing of the env's is overwritten. A group the caller may not give (not
+    one of theirs, rootless) is left as it is."""
     st = os.stat(root.path)
     with contextlib.suppress(PermissionError):
-        os.chown(root.upper, -1, st.st_gid)
+        os.chown(root.upper, st.st_uid if os.geteuid() == 0 else -1, st.st_gid)
     mode = stat.S_IMODE(st.st_mode)
     os.chmod(root.upper, mode | 0o700 if os.geteuid() == 0 else mode)
 

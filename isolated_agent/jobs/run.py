@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from isolated_agent.engines import Engine, problems, select_engine, serving
+from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Store, is_within, show_host_root
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.cgroup import sweep_stale_groups
@@ -194,6 +196,12 @@ def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
     )
 
 
+def _user_name(uid: int) -> str:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return f"uid {uid}"
+
+
 def run(store: Store, request: RunRequest, notify: Notify) -> int:
     if not request.argv:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
@@ -205,6 +213,11 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     if engine.namespaces:  # the filter shows the host's root itself
         for root in env.roots:
             show_host_root(root)
+            swap = id_swap_for(root.path)
+            if swap is not None:
+                owner = _user_name(swap.owner_uid)
+                notify(f"{root.path} is {owner}'s: the job sees {owner}'s files as root's, and "
+                       f"what it makes stays {owner}'s")
     made: list[str] = []
     allows = resolve_allows(store, env, request, made)
     try:

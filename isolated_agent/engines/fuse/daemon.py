@@ -30,6 +30,7 @@ from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.cache import EXCLUSIVE, CacheMode
 from isolated_agent.engines.fuse.mount import raise_readahead_when_initialized
 from isolated_agent.engines.fuse.operations import Operations
+from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
 from isolated_agent.overlay.merge import Overlay
@@ -62,6 +63,7 @@ class MountConfig:
     cache: CacheMode = EXCLUSIVE
     fsname: str = "agentfs"
     fuse_options: list[str] = field(default_factory=list)  # passed to libfuse as they are
+    id_swap: IdSwap | None = None  # a root job's view of another user's tree (id_swap.py)
 
     def libfuse_options(self) -> set[str]:
         # default_permissions always: the daemon acts with its own (often root) rights, so
@@ -112,7 +114,8 @@ def serve(
         signal.signal(signum, _remember_signal)
     overlay = Overlay(layers, fault_hook_from_env())
     operations = Operations(overlay, config.cache,
-                            handle_free=False if os.environ.get(HANDLES_ENV) else None)
+                            handle_free=False if os.environ.get(HANDLES_ENV) else None,
+                            id_swap=config.id_swap)
     log.info("agentfs: %s", "handle-free" if operations.handle_free else "file handles")
     try:
         pyfuse3.init(operations, mountpoint, config.libfuse_options())

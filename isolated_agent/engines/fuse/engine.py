@@ -31,6 +31,7 @@ import time
 
 from isolated_agent import libc
 from isolated_agent.engines.daemon_log import LogWatch
+from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
 
@@ -183,7 +184,8 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
 
         detach_stdio(log_path)
         setup_logging()
-        config = MountConfig(lowers=[root.path], upper=root.upper, work=root.work)
+        config = MountConfig(lowers=[root.path], upper=root.upper, work=root.work,
+                             id_swap=id_swap_for(root.path))
         try:
             layers = open_layers(config)
         except MountFailed as e:

@@ -42,6 +42,7 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 from isolated_agent.engines.fuse.cache import CacheMode
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
 from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
+from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
 from isolated_agent.overlay.rename import rename
@@ -79,12 +80,14 @@ def handle_free_supported() -> bool:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, overlay: Overlay, cache: CacheMode, handle_free: bool | None = None
-                 ) -> None:
-        """`handle_free`: None chooses it whenever the cache mode and pyfuse3 allow it."""
+    def __init__(self, overlay: Overlay, cache: CacheMode, handle_free: bool | None = None,
+                 id_swap: IdSwap | None = None) -> None:
+        """`handle_free`: None chooses it whenever the cache mode and pyfuse3 allow it.
+        `id_swap`: owners as a root job over another user's tree sees them (id_swap.py)."""
         super().__init__()
         self.overlay = overlay
         self.cache = cache
+        self.id_swap = id_swap
         self.inodes = InodeTable(overlay)
         self.enable_writeback_cache = cache.writeback
         if handle_free is None:
@@ -111,6 +114,9 @@ class Operations(pyfuse3.Operations):
         st, nlink = self.overlay.getattr(node)
         attrs = entry_attributes(st, inode, self.cache.entry_timeout, self.cache.attr_timeout,
                                  nlink)
+        if self.id_swap is not None:
+            attrs.st_uid = self.id_swap.swap_uid(attrs.st_uid)
+            attrs.st_gid = self.id_swap.swap_gid(attrs.st_gid)
         self._attribute_cache[inode] = (node, attrs)
         return attrs
 
@@ -146,9 +152,11 @@ class Operations(pyfuse3.Operations):
         if parent.nodeid:
             pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
 
-    @staticmethod
-    def _owner(ctx: RequestContext) -> tuple[int, int]:
-        return ctx.uid, ctx.gid
+    def _owner(self, ctx: RequestContext) -> tuple[int, int]:
+        """Who owns on disk what the caller creates."""
+        if self.id_swap is None:
+            return ctx.uid, ctx.gid
+        return self.id_swap.swap_uid(ctx.uid), self.id_swap.swap_gid(ctx.gid)
 
     def init(self) -> None:
         self.initialized.set()
@@ -195,12 +203,15 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         node = self.inodes.node(inode)
         self._changed()
+        uid, gid = attr.st_uid, attr.st_gid
+        if self.id_swap is not None:
+            uid, gid = self.id_swap.swap_uid(uid), self.id_swap.swap_gid(gid)
         self.overlay.setattr(
             node,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=uid if fields.update_uid else None,
+            gid=gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
