@@ -1,7 +1,7 @@
 """Real tools in every engine give what they give natively, and commit makes the host exactly that.
 
-Each workload runs three ways on the same project, as root and as an unprivileged user (the
-rootless path: user namespaces, fusermount3):
+Each workload runs three ways on the same project, as root, as an unprivileged user (the
+rootless path: user namespaces, fusermount3), and as root on the user's tree (RUNS):
 
 - in an env (`agentctl run --engine E`), then the env's view is read from inside a second job;
 - natively on a pristine copy mounted at the project's own path (a private mount namespace), so
@@ -118,7 +118,30 @@ WORKLOADS = {
         setfattr -n user.tag -v reviewed README
         setfattr -n user.dir -v 1 docs
     """),
+    "npm-over-host-node-modules": ({"README": "node project\n"}, """
+        npm uninstall --offline --no-audit --no-fund left-local >/dev/null
+        npm install --offline --no-audit --no-fund "$TARBALL" >/dev/null
+        node -e "console.log(require('left-local')('x', 4))" > out.txt
+    """),
 }
+
+# Run natively on the project before anything else: what the host already has.
+HOST_SETUP = {
+    "npm-over-host-node-modules": """
+        npm init -y >/dev/null
+        npm install --offline --no-audit --no-fund "$TARBALL" >/dev/null
+    """,
+}
+
+# Who runs agentctl: root on its own tree, an unprivileged user on theirs (the filter runs
+# no root job), and root on a tree the user owns (engines/id_swap.py), where the native run
+# is root's too — but for git, which natively refuses a repository another user owns.
+RUNS = [
+    *(("root", engine, w) for engine in ("kernel", "fuse") for w in WORKLOADS),
+    *(("user", engine, w) for engine in ("kernel", "fuse", "filter") for w in WORKLOADS),
+    *(("root-in-users-tree", engine, w) for engine in ("kernel", "fuse") for w in WORKLOADS
+      if not w.startswith("git")),
+]
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +176,7 @@ def _write(root: Path, files: dict[str, str]) -> None:
         path.write_text(textwrap.dedent(text))
 
 
-@pytest.mark.parametrize("workload", list(WORKLOADS))
-@pytest.mark.parametrize(("who", "engine"), [  # the filter runs no root job
-    ("root", "kernel"), ("root", "fuse"), ("user", "kernel"), ("user", "fuse"), ("user", "filter")])
+@pytest.mark.parametrize(("who", "engine", "workload"), RUNS)
 def test_a_real_workload_matches_its_native_run(
     who: str, engine: str, workload: str, tarball: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -167,7 +188,6 @@ def test_a_real_workload_matches_its_native_run(
     project.mkdir()
     home.mkdir()
     _write(project, files)
-    shutil.copytree(project, pristine, symlinks=True)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/usr/sbin:/bin",  # the same programs, job and native
         "ISOLATED_AGENT_HOME": str(store), "HOME": str(home),
@@ -177,7 +197,16 @@ def test_a_real_workload_matches_its_native_run(
         "GIT_COMMITTER_DATE": "2026-01-01T00:00:00Z", "npm_config_update_notifier": "false",
     }
     script = textwrap.dedent(script).strip().replace("\n", " && ")
+    if workload in HOST_SETUP:
+        setup = textwrap.dedent(HOST_SETUP[workload]).strip().replace("\n", " && ")
+        subprocess.run(["sh", "-c", setup], cwd=project, env=env, check=True, timeout=300)
+    shutil.copytree(project, pristine, symlinks=True)
     prefix = [sys.executable]
+    owner = None  # who owns the project (and the native run's copy), when not who runs
+    if who == "root-in-users-tree":
+        user = request.getfixturevalue("unprivileged_user")
+        owner = f"{user.pw_uid}:{user.pw_gid}"
+        subprocess.run(["chown", "-R", owner, str(project)], check=True)
     if who == "user":  # as the rootless tests run: Debian's python, a readable package copy
         user = request.getfixturevalue("unprivileged_user")
         package = request.getfixturevalue("package_copy")
@@ -187,7 +216,7 @@ def test_a_real_workload_matches_its_native_run(
 
     def agentctl(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*prefix, "-m", "isolated_agent", *args],
-                              cwd=project if who == "root" else "/", env=env,
+                              cwd="/" if who == "user" else project, env=env,
                               capture_output=True, text=True, timeout=600)
 
     try:
@@ -201,6 +230,8 @@ def test_a_real_workload_matches_its_native_run(
 
         natively = pristine.parent / "native"
         shutil.copytree(pristine, natively, symlinks=True)
+        if owner is not None:
+            subprocess.run(["chown", "-R", owner, str(natively)], check=True)
         native_run = subprocess.run(
             ["unshare", "-m", "sh", "-c", 'mount --bind "$1" "$2" && cd "$2" && sh -c "$3"',
              "-", str(natively), str(project), script],
