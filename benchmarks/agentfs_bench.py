@@ -472,11 +472,15 @@ def run(args: argparse.Namespace, source: str, workdir: str) -> int:
     return 0
 
 
-def report(results: list[Measurement], setups: list[str], payload: dict[str, Any]) -> None:
+def report(results: list[Measurement], setups: list[str], payload: dict[str, Any],
+           ratios: list[tuple[str, str]] | None = None) -> None:
+    """The table of medians, with the ratios of the setup pairs given (default: agentfs's)."""
     cell = {(m.workload, m.cache, m.setup): m for m in results}
     keys = list(dict.fromkeys((m.workload, m.cache) for m in results))
-    ratios = [(a, b) for a, b in (("agentfs", "native"), ("fuse-overlayfs", "native"),
-                                  ("agentfs", "fuse-overlayfs")) if a in setups and b in setups]
+    if ratios is None:
+        ratios = [(a, b) for a, b in (("agentfs", "native"), ("fuse-overlayfs", "native"),
+                                      ("agentfs", "fuse-overlayfs"))
+                  if a in setups and b in setups]
     header = ["workload", "state", *setups, *(f"{a} / {b}" for a, b in ratios)]
     rows = []
     for workload, state in keys:

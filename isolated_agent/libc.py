@@ -318,6 +318,51 @@ def renameat2(
     )
 
 
+# <sys/inotify.h>
+IN_MODIFY = 0x002
+IN_ATTRIB = 0x004
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x01000000
+IN_EXCL_UNLINK = 0x04000000
+_INOTIFY_EVENT = struct.Struct("=iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+def inotify_init() -> int:
+    """A non-blocking, close-on-exec inotify descriptor."""
+    return _check(_libc.inotify_init1(ctypes.c_int(os.O_NONBLOCK | os.O_CLOEXEC)),
+                  "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    return _check(_libc.inotify_add_watch(ctypes.c_int(fd), os.fsencode(path),
+                                          ctypes.c_uint32(mask)), "inotify_add_watch", path)
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    _check(_libc.inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd)), "inotify_rm_watch")
+
+
+def inotify_read(fd: int) -> list[tuple[int, int, bytes]]:
+    """Every event queued now, as (wd, mask, name); [] when none is."""
+    try:
+        data = os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return []
+    events = []
+    offset = 0
+    while offset < len(data):
+        wd, mask, _, length = _INOTIFY_EVENT.unpack_from(data, offset)
+        offset += _INOTIFY_EVENT.size
+        events.append((wd, mask, data[offset:offset + length].rstrip(b"\0")))
+        offset += length
+    return events
+
+
 def ficlone(dst_fd: int, src_fd: int) -> None:
     """Make `dst_fd` share all of `src_fd`'s data extents (btrfs, xfs, ...). Raises OSError
     (EOPNOTSUPP, EXDEV, EINVAL) where the filesystem cannot; callers fall back to copying."""

@@ -23,7 +23,7 @@ import pytest
 
 from isolated_agent import libc
 from isolated_agent.engines.fuse.daemon import HANDLES_ENV
-from isolated_agent.engines.fuse.operations import handle_free_supported
+from isolated_agent.engines.fuse.replies import handle_free_supported
 from tests.conftest import Snapshot, snapshot
 
 AT_FDCWD = -100

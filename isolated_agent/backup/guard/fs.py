@@ -17,13 +17,31 @@ holds an O_PATH fd (inodes.py), and `/proc/self/fd/N` reaches a file directly. T
 (`.isolated-agent-guard` at the top) is invisible through the mount: lookups answer ENOENT,
 listings leave it out, and creating or renaming onto that name is refused (EACCES).
 
-Cache contract (one mode): the kernel may cache entries and attributes for `TIMEOUT` seconds
-and negative lookups not at all; file data is not kept across opens. Every change made through
-the mount is made by this daemon, and the kernel updates its own caches for each request it
-sent (an unlinked or replaced name leaves its dentry cache at once, so a staged file can never
-still show at its old name). Changes behind the mount — a process that was already working
-inside the directory when the guard started — are seen within `TIMEOUT`. Writeback caching is
-off, so an error writing to the host (ENOSPC) is reported by write(), not later.
+Cache contract. Handle-free (with the pyfuse3 of packaging/pyfuse3, `handle_free`): the
+first OPEN and OPENDIR are answered ENOSYS, so the kernel opens files and directories itself
+from then on, keeps every file's data and every listing in its caches across opens, and keeps
+entries (negative ones too) and attributes for `TIMEOUT`: a second pass over a guarded tree
+sends the daemon nothing, and the daemon does work only where something changes. Reads and
+writes name their inode and go through its shared descriptors (`Inode.data_fd`); atomic
+O_TRUNC is declined, so a truncating open arrives as a SETATTR and is staged as truncate(2)
+is. What keeps these caches true:
+  - every change made through the mount is this daemon's answer to a request, and the kernel
+    updates its own caches for each request it sent: an unlinked or replaced name leaves its
+    dentry cache at once (a staged file never shows at its old name); a truncation drops the
+    file's cached pages; a write updates them;
+  - the daemon's own work is invisible in the tree (staging lives in the hidden staging dir;
+    a copy kept before a truncation changes nothing visible);
+  - a change made behind the mount — by a process that was inside DIR before the guard
+    started (`guard start` names those), through a hard link outside DIR, by the backup daemon
+    restoring beside a file — is reported by inotify on the directory (behind.py), and the
+    daemon makes the kernel forget the entry and the attributes concerned between two
+    requests; the kernel then asks again and, seeing a new mtime or size, drops the file's
+    cached data (auto_inval_data). So such a change is seen within a request or two, not at
+    once: a reader through the mount racing a writer behind it can read the old data once.
+With handles (a pyfuse3 without those extensions): attributes and entries for
+`SHORT_TIMEOUT`, negative lookups not at all, file data not kept across opens; changes behind
+the mount are seen within `SHORT_TIMEOUT`. Writeback caching is off in both, so an error
+writing to the host (ENOSPC) is reported by write(), not later.
 
 Errors become errnos in one place (`_handler`): OSError -> its errno; anything else is logged
 and answered EIO, and the daemon goes on. A staging failure fails the operation (fail closed):
@@ -45,14 +63,21 @@ import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent import libc
+from isolated_agent.backup.guard.behind import Place, Watcher
 from isolated_agent.backup.guard.inodes import ROOT, Inode, InodeTable
 from isolated_agent.backup.guard.stage import Pending, Stager
 from isolated_agent.backup.guard.staging import STAGING_NAME
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
+from isolated_agent.engines.fuse.replies import (
+    entry_attributes,
+    errno_handler,
+    handle_free_supported,
+    statfs_reply,
+)
 
 log = logging.getLogger("guard")
 
-TIMEOUT = 1.0
+TIMEOUT = 24 * 3600.0  # handle-free: the kernel keeps what it learnt (contract above)
+SHORT_TIMEOUT = 1.0  # with handles (a pyfuse3 without the extensions)
 T = TypeVar("T")
 
 
@@ -69,12 +94,22 @@ class GuardOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, root_fd: int, root_path: bytes, stager: Stager) -> None:
+    def __init__(self, root_fd: int, root_path: bytes, stager: Stager,
+                 handle_free: bool | None = None) -> None:
+        """`handle_free`: None chooses it whenever pyfuse3 allows it (see the cache
+        contract above)."""
         super().__init__()
-        self.inodes = InodeTable(root_fd, root_path)
+        self.handle_free = handle_free_supported() if handle_free is None else handle_free
+        # Long-lived caches need to hear of changes made behind the mount (behind.py).
+        self.behind = Watcher() if self.handle_free else None
+        self.inodes = InodeTable(root_fd, root_path, self.behind)
         self.stager = stager
+        # A truncating open then reaches us as a SETATTR, which stages like truncate(2).
+        self.enable_atomic_o_trunc = not self.handle_free
+        self.timeout = TIMEOUT if self.handle_free else SHORT_TIMEOUT
         self._files: dict[int, _Handle] = {}
         self._dirs: dict[int, tuple[Inode, list[bytes] | None]] = {}
+        self._listings: dict[int, list[bytes]] = {}  # handle-free: a listing being streamed
         self._next_handle = 1
         self._root = self.inodes.get(ROOT)
         self._as_root = os.geteuid() == 0
@@ -83,8 +118,7 @@ class GuardOperations(pyfuse3.Operations):
 
     def _attributes(self, inode: Inode, st: os.stat_result | None = None) -> EntryAttributes:
         st = st if st is not None else os.stat(inode.fd)
-        attrs = entry_attributes(st, inode.number, TIMEOUT, TIMEOUT)
-        return attrs
+        return entry_attributes(st, inode.number, self.timeout, self.timeout)
 
     def _entry(self, parent: Inode, name: bytes) -> EntryAttributes:
         inode, st = self.inodes.lookup(parent, name)
@@ -123,6 +157,45 @@ class GuardOperations(pyfuse3.Operations):
         except FileNotFoundError:
             return None
 
+    def _settle(self, *places: Place) -> None:
+        """After a change to `places` (directory inode, name): its inotify events are ours."""
+        if self.behind is not None:
+            self.behind.settle(places)
+
+    def _places(self, inode: Inode) -> tuple[Place, Place]:
+        """Where inotify reports a change of `inode`: under its name, and (a directory) itself."""
+        return (inode.parent, inode.name), (inode.number, b"")
+
+    def invalidate_behind(self) -> None:
+        """Between requests: make the kernel forget what changed behind the mount. Only
+        attributes and entries: the kernel drops a file's cached data itself once it sees the
+        new mtime or size, and invalidating data here could wait on a page whose READ is
+        queued for this very thread."""
+        assert self.behind is not None
+        changes = self.behind.take()
+        if self.behind.overflowed:
+            self.behind.overflowed = False
+            log.warning("guard: inotify queue overflow: forgetting every cached attribute")
+            for number in self.inodes.numbers():
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(number, attr_only=True)
+        for change in changes:
+            directory = self.inodes.get_or_none(change.directory)
+            if directory is None:
+                continue
+            if not change.name:
+                targets = [directory.number]
+            elif change.namespace:
+                pyfuse3.invalidate_entry_async(directory.number, change.name,
+                                               ignore_enoent=True)
+                targets = [directory.number]
+            else:
+                child = self.inodes.known(directory, change.name)
+                targets = [child.number] if child is not None else []
+            for number in targets:
+                with contextlib.suppress(OSError):  # the kernel forgot it meanwhile
+                    pyfuse3.invalidate_inode(number, attr_only=True)
+
     # -- lookups and attributes -------------------------------------------------------------
 
     @_handler
@@ -143,6 +216,8 @@ class GuardOperations(pyfuse3.Operations):
         for number, count in inode_list:
             try:
                 self.inodes.forget(number, count)
+                if number not in self.inodes:
+                    self._listings.pop(number, None)
             except Exception:  # must not fail
                 log.exception("guard: forget(%d, %d) failed", number, count)
 
@@ -176,6 +251,7 @@ class GuardOperations(pyfuse3.Operations):
                 os.utime(inode.name, ns=times, dir_fd=parent.fd, follow_symlinks=False)
             else:
                 os.utime(inode.proc_path, ns=times)
+        self._settle(*self._places(inode))
         return self._attributes(inode)
 
     def _truncate(self, inode: Inode, st: os.stat_result, size: int, fh: int | None) -> None:
@@ -187,13 +263,15 @@ class GuardOperations(pyfuse3.Operations):
             finally:
                 os.close(reader)
         try:
-            if fh is not None and fh in self._files:
+            if fh is not None and not self.handle_free and fh in self._files:
                 os.ftruncate(self._files[fh].fd, size)
             else:
                 os.truncate(inode.proc_path, size)
         except BaseException:
             self.stager.undo(pending)
             raise
+        finally:
+            self._settle(*self._places(inode))
         self.stager.done(pending)
 
     @_handler
@@ -215,8 +293,11 @@ class GuardOperations(pyfuse3.Operations):
               ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        self._give_to(parent, name, ctx)
+        try:
+            os.mknod(name, mode, rdev, dir_fd=parent.fd)
+            self._give_to(parent, name, ctx)
+        finally:
+            self._settle((parent.number, name))
         return self._entry(parent, name)
 
     @_handler
@@ -224,8 +305,11 @@ class GuardOperations(pyfuse3.Operations):
               ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
-        os.mkdir(name, mode, dir_fd=parent.fd)
-        self._give_to(parent, name, ctx)
+        try:
+            os.mkdir(name, mode, dir_fd=parent.fd)
+            self._give_to(parent, name, ctx)
+        finally:
+            self._settle((parent.number, name))
         return self._entry(parent, name)
 
     @_handler
@@ -233,8 +317,11 @@ class GuardOperations(pyfuse3.Operations):
                 ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
-        os.symlink(target, name, dir_fd=parent.fd)
-        self._give_to(parent, name, ctx)
+        try:
+            os.symlink(target, name, dir_fd=parent.fd)
+            self._give_to(parent, name, ctx)
+        finally:
+            self._settle((parent.number, name))
         return self._entry(parent, name)
 
     @_handler
@@ -243,7 +330,10 @@ class GuardOperations(pyfuse3.Operations):
         inode = self.inodes.get(inode_number)
         parent = self.inodes.get(new_parent_inode)
         self._refuse_hidden(parent, new_name)
-        os.link(inode.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        try:
+            os.link(inode.proc_path, new_name, dst_dir_fd=parent.fd, follow_symlinks=True)
+        finally:
+            self._settle((parent.number, new_name))
         return self._entry(parent, new_name)
 
     # -- destroying: staged first -----------------------------------------------------------
@@ -254,7 +344,10 @@ class GuardOperations(pyfuse3.Operations):
         if self._hidden(parent, name):
             raise OSError(errno.ENOENT, "hidden")
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        self.stager.unlink(parent.fd, name, self.inodes.child_path(parent, name), st)
+        try:
+            self.stager.unlink(parent.fd, name, self.inodes.child_path(parent, name), st)
+        finally:
+            self._settle((parent.number, name))
 
     @_handler
     def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
@@ -262,7 +355,10 @@ class GuardOperations(pyfuse3.Operations):
         if self._hidden(parent, name):
             raise OSError(errno.ENOENT, "hidden")
         st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        os.rmdir(name, dir_fd=parent.fd)
+        try:
+            os.rmdir(name, dir_fd=parent.fd)
+        finally:
+            self._settle((parent.number, name))
         self.stager.removed_dir(self.inodes.child_path(parent, name), st)
 
     @_handler
@@ -298,6 +394,8 @@ class GuardOperations(pyfuse3.Operations):
             for each in pending:
                 self.stager.undo(each)
             raise
+        finally:
+            self._settle((old_parent.number, old_name), (new_parent.number, new_name))
         for each in pending:
             self.stager.done(each)
         if removed_dir is not None:
@@ -326,6 +424,8 @@ class GuardOperations(pyfuse3.Operations):
         except BaseException:
             self.stager.undo(pending)
             raise
+        finally:
+            self._settle(*self._places(inode))
         self.stager.done(pending)
         return fd
 
@@ -337,6 +437,8 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def open(self, inode_number: int, flags: int, ctx: RequestContext) -> FileInfo:
+        if self.handle_free:
+            raise FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
         inode = self.inodes.get(inode_number)
         return self._file_info(inode, self._open_host(inode, flags))
 
@@ -361,6 +463,8 @@ class GuardOperations(pyfuse3.Operations):
             if fd >= 0:
                 os.close(fd)
             raise
+        finally:
+            self._settle((parent.number, name))
         inode = self.inodes.get(attrs.st_ino)
         if not created:
             try:
@@ -368,15 +472,27 @@ class GuardOperations(pyfuse3.Operations):
             except BaseException:
                 self.inodes.forget(inode.number, 1)
                 raise
+        if self.handle_free:
+            os.close(fd)  # later reads and writes name the inode (Inode.data_fd)
+            return FileInfo(fh=0, keep_cache=True), attrs
         return self._file_info(inode, fd), attrs
+
+    def _data_fd(self, fh: int, write: bool) -> int:
+        if self.handle_free:  # `fh` is the inode
+            return self.inodes.get(fh).data_fd(write)
+        return self._files[fh].fd
 
     @_handler
     def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh].fd, size, off)
+        return os.pread(self._data_fd(fh, False), size, off)
 
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
-        return os.pwrite(self._files[fh].fd, buf, off)
+        try:
+            return os.pwrite(self._data_fd(fh, True), buf, off)
+        finally:
+            if self.handle_free:
+                self._settle(*self._places(self.inodes.get(fh)))
 
     @_handler
     def flush(self, fh: int) -> None:
@@ -384,10 +500,12 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
-        (os.fdatasync if datasync else os.fsync)(self._files[fh].fd)
+        (os.fdatasync if datasync else os.fsync)(self._data_fd(fh, False))
 
     @_handler
     def release(self, fh: int) -> None:
+        if self.handle_free:
+            return  # a created file's (its handle was 0): nothing to close
         handle = self._files.pop(fh)
         try:
             os.close(handle.fd)
@@ -398,6 +516,8 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def opendir(self, inode_number: int, ctx: RequestContext) -> int:
+        if self.handle_free:
+            raise FUSEError(errno.ENOSYS)  # the kernel opens and caches listings itself
         inode = self.inodes.get(inode_number)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
@@ -410,17 +530,21 @@ class GuardOperations(pyfuse3.Operations):
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Offsets index a listing taken when the stream starts, so paging and telldir see
         each name once. `.` and `..` come first and, like the kernel, are not counted as
-        lookups."""
-        directory, names = self._dirs[fh]
-        if names is None or start_id == 0:
-            fd = os.open(directory.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                names = [b".", b"..", *sorted(os.fsencode(n) for n in os.listdir(fd))]
-            finally:
-                os.close(fd)
-            if directory.number == ROOT:
-                names = [n for n in names if n != STAGING_NAME]
-            self._dirs[fh] = (directory, names)
+        lookups. Handle-free there is no handle to keep the listing in: it is kept per
+        directory (`fh` is the inode) until the stream ends; the kernel reads it once, from
+        offset 0, into its cache."""
+        if self.handle_free:
+            directory = self.inodes.get(fh)
+            names = self._listings.get(fh) if start_id else None
+            if names is None:
+                names = self._listings[fh] = self._listing(directory)
+            if start_id >= len(names):
+                del self._listings[fh]  # the stream ended: the kernel has the whole listing
+        else:
+            directory, names = self._dirs[fh]
+            if names is None or start_id == 0:
+                names = self._listing(directory)
+                self._dirs[fh] = (directory, names)
         for position in range(start_id, len(names)):
             if names[position] in (b".", b".."):
                 if names[position] == b"." or directory.number == ROOT:
@@ -445,6 +569,16 @@ class GuardOperations(pyfuse3.Operations):
                 return
             self.inodes.entry(inode)
 
+    def _listing(self, directory: Inode) -> list[bytes]:
+        fd = os.open(directory.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = [b".", b"..", *sorted(os.fsencode(n) for n in os.listdir(fd))]
+        finally:
+            os.close(fd)
+        if directory.number == ROOT:
+            names = [n for n in names if n != STAGING_NAME]
+        return names
+
     @_handler
     def releasedir(self, fh: int) -> None:
         inode, _ = self._dirs.pop(fh)
@@ -452,7 +586,7 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        inode, _ = self._dirs[fh]
+        inode = self.inodes.get(fh) if self.handle_free else self._dirs[fh][0]
         fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -479,11 +613,19 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        os.setxattr(self._xattr_path(self.inodes.get(inode)), name, value)
+        node = self.inodes.get(inode)
+        try:
+            os.setxattr(self._xattr_path(node), name, value)
+        finally:
+            self._settle(*self._places(node))
 
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        os.removexattr(self._xattr_path(self.inodes.get(inode)), name)
+        node = self.inodes.get(inode)
+        try:
+            os.removexattr(self._xattr_path(node), name)
+        finally:
+            self._settle(*self._places(node))
 
     # -- end --------------------------------------------------------------------------------
 
@@ -494,3 +636,5 @@ class GuardOperations(pyfuse3.Operations):
         self._files.clear()
         self._dirs.clear()
         self.inodes.close()
+        if self.behind is not None:
+            self.behind.close()

@@ -29,6 +29,10 @@ import contextlib
 import errno
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from isolated_agent.backup.guard.behind import Watcher
 
 ROOT = 1
 _INO_BITS = 48
@@ -47,17 +51,38 @@ class Inode:
     parent: int  # inode number of the directory it was last seen in (ROOT for the root)
     name: bytes
     lookups: int = 0
+    # Handle-free mounts (fs.py): the file's data descriptors, shared by every open of it,
+    # opened at the first read or write and closed with the inode.
+    reader: int = -1
+    writer: int = -1
 
     @property
     def proc_path(self) -> str:
         """A path that reaches the host file directly (never through the guard's mount)."""
         return f"/proc/self/fd/{self.fd}"
 
+    def data_fd(self, write: bool) -> int:
+        if write:
+            if self.writer < 0:
+                self.writer = os.open(self.proc_path, os.O_WRONLY | os.O_CLOEXEC)
+            return self.writer
+        if self.reader < 0:
+            self.reader = os.open(self.proc_path, os.O_RDONLY | os.O_CLOEXEC)
+        return self.reader
+
+    def close(self) -> None:
+        for fd in (self.fd, self.reader, self.writer):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
 
 class InodeTable:
-    def __init__(self, root_fd: int, root_path: bytes) -> None:
+    def __init__(self, root_fd: int, root_path: bytes, watcher: Watcher | None = None) -> None:
+        """`watcher`: told of every directory while it is bound (behind.py)."""
         st = os.fstat(root_fd)
         self.root_path = root_path
+        self.watcher = watcher
         self._slots: dict[int, int] = {}
         self._slot(st.st_dev)
         self._by_number: dict[int, Inode] = {}
@@ -69,11 +94,17 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._by_number)
 
+    def __contains__(self, number: int) -> bool:
+        return number in self._by_number
+
     def get(self, number: int) -> Inode:
         inode = self._by_number.get(number)
         if inode is None:
             raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
         return inode
+
+    def get_or_none(self, number: int) -> Inode | None:
+        return self._by_number.get(number)
 
     def lookup(self, parent: Inode, name: bytes) -> tuple[Inode, os.stat_result]:
         """The inode of `name` in `parent` (bound with count 0 if new) and its stat. The
@@ -113,6 +144,17 @@ class InodeTable:
         if inode.lookups == 0:
             self._unbind(inode)
 
+    def known(self, parent: Inode, name: bytes) -> Inode | None:
+        """The bound inode of `name` in `parent`, if the kernel holds one."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except OSError:
+            return None
+        return self._by_key.get((st.st_dev, st.st_ino))
+
+    def numbers(self) -> list[int]:
+        return list(self._by_number)
+
     def moved(self, key: tuple[int, int], parent: Inode, name: bytes) -> None:
         """A rename through the mount moved the file `key` to `name` in `parent`."""
         inode = self._by_key.get(key)
@@ -138,8 +180,7 @@ class InodeTable:
     def close(self) -> None:
         for inode in list(self._by_number.values()):
             if inode.number != ROOT:
-                with contextlib.suppress(OSError):
-                    os.close(inode.fd)
+                inode.close()
         self._by_number.clear()
         self._by_key.clear()
 
@@ -148,12 +189,16 @@ class InodeTable:
     def _bind(self, inode: Inode) -> None:
         self._by_number[inode.number] = inode
         self._by_key[inode.key] = inode
+        if inode.is_dir and self.watcher is not None:
+            self.watcher.watch(inode.number, inode.proc_path)
 
     def _unbind(self, inode: Inode) -> None:
         del self._by_number[inode.number]
         if self._by_key.get(inode.key) is inode:
             del self._by_key[inode.key]
-        os.close(inode.fd)
+        if inode.is_dir and self.watcher is not None:
+            self.watcher.unwatch(inode.number)
+        inode.close()
 
     def _number(self, key: tuple[int, int]) -> int:
         dev, ino = key

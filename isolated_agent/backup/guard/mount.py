@@ -265,7 +265,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             os.write(report_fd, f"ok {mounted_at!r}\n".encode())
             os.close(report_fd)
             log.info("guarding %s (pid %d)", directory, os.getpid())
-            trio.run(_serve, stager, catalog, state)
+            trio.run(_serve, operations, catalog, state)
         finally:
             operations.release_all()
             # Where the mount is no longer at DIR, whatever is there now (nothing, or the
@@ -295,16 +295,29 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         return 1
 
 
-async def _serve(stager: Stager, catalog: GuardCatalog, state: GuardState) -> None:
+async def _serve(operations: GuardOperations, catalog: GuardCatalog,
+                 state: GuardState) -> None:
+    stager = operations.stager
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
         nursery.start_soon(_heartbeat, state)
+        if operations.behind is not None:
+            nursery.start_soon(_follow_changes_behind, operations)
         if not stager.sync:
             nursery.start_soon(_flush_periodically, stager, catalog)
         if stager.defer_rows:
             nursery.start_soon(_commit_rows_periodically, stager)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
+
+
+async def _follow_changes_behind(operations: GuardOperations) -> None:
+    """Whenever inotify has news of a change made behind the mount, between two requests:
+    the kernel forgets what it cached of it (fs.py's cache contract, behind.py)."""
+    assert operations.behind is not None
+    while True:
+        await trio.lowlevel.wait_readable(operations.behind.fd)
+        operations.invalidate_behind()
 
 
 async def _commit_rows_periodically(stager: Stager) -> None:

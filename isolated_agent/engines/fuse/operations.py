@@ -41,7 +41,12 @@ from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, Setatt
 
 from isolated_agent.engines.fuse.cache import CacheMode
 from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
+from isolated_agent.engines.fuse.replies import (
+    entry_attributes,
+    errno_handler,
+    handle_free_supported,
+    statfs_reply,
+)
 from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
@@ -68,13 +73,6 @@ class _File:
 class _Dir:
     node: Node
     names: list[bytes] | None = None
-
-
-def handle_free_supported() -> bool:
-    """Whether this pyfuse3 passes the inode for requests without a handle (and lets
-    atomic O_TRUNC be declined): the build in `packaging/pyfuse3/`."""
-    extensions: frozenset[str] = getattr(pyfuse3, "EXTENSIONS", frozenset())
-    return {"inode_without_handle", "atomic_o_trunc_optional"} <= extensions
 
 
 class Operations(pyfuse3.Operations):

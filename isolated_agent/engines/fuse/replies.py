@@ -1,5 +1,5 @@
 """What every pyfuse3 file system of ours shares: the one place an exception becomes an errno,
-and the conversion of stat results into replies.
+the conversion of stat results into replies, and whether pyfuse3 allows handle-free mounts.
 
 Used by agentfs (`operations.py`), its filter mount (`engines/filter/fs.py`) and the guard
 (`backup/guard/fs.py`).
@@ -23,6 +23,15 @@ T = TypeVar("T")
 
 _STAT_FIELDS = ("st_mode", "st_uid", "st_gid", "st_rdev", "st_size", "st_blksize", "st_blocks",
                 "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+
+
+def handle_free_supported() -> bool:
+    """Whether this pyfuse3 passes the inode for requests without a handle (and lets
+    atomic O_TRUNC be declined): the build in `packaging/pyfuse3/`. Then a file system can
+    answer the first OPEN and OPENDIR with ENOSYS, and the kernel opens files and directories
+    itself from then on (and keeps their data and listings cached)."""
+    extensions: frozenset[str] = getattr(pyfuse3, "EXTENSIONS", frozenset())
+    return {"inode_without_handle", "atomic_o_trunc_optional"} <= extensions
 
 
 def errno_handler(
