@@ -35,6 +35,7 @@ _INO_BITS = 48
 _INO_MASK = (1 << _INO_BITS) - 1
 _MAX_SLOT = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
+_RANGE_STABLE_BITS = 39  # of an env view's 2^40 numbers (RangeInodeTable)
 
 
 class InodeTable:
@@ -123,15 +124,23 @@ class InodeTable:
 
 
 class RangeInodeTable(InodeTable):
-    """Numbers counted up from `base` instead of derived from origins: the inode numbers of a
-    filter-mount env view, which must never collide with the host view's (a separate range
-    per view) while sharing the root (inode 1)."""
+    """The inode numbers of a filter-mount env view: within `[base, base + 2^40)`, so that they
+    never collide with the host view's or another env's, while sharing the root (inode 1).
+    Derived from the origin like the others — `base + (slot << 32 | st_ino)` in the lower half
+    of the range — so a file keeps its number across forget and lookup (two names of one file
+    always show one st_ino); counted in the upper half where the origin does not fit there,
+    and for a number another live node holds."""
 
     def __init__(self, overlay: Overlay, base: int) -> None:
         super().__init__(overlay)
-        self._next = base
+        self._base = base
+        self._next_fallback = base + (1 << _RANGE_STABLE_BITS)
 
     def _stable_number(self, node: Node) -> int:
-        number = self._next
-        self._next += 1
+        dev, ino = node.origin
+        slot = self._slot(dev)
+        if 0 < ino < (1 << 32) and slot < (1 << (_RANGE_STABLE_BITS - 32)):
+            return self._base + (slot << 32 | ino)
+        number = self._next_fallback
+        self._next_fallback += 1
         return number
