@@ -48,12 +48,20 @@ from typing import Any
 import trio  # type: ignore[import-untyped]
 
 from isolated_agent.backup import Backups
-from isolated_agent.backup.catalog import UPLOADED, GuardCatalog, GuardItem, GuardRecord
+from isolated_agent.backup.catalog import (
+    STAGED,
+    UPLOADED,
+    UPLOADING,
+    GuardCatalog,
+    GuardItem,
+    GuardRecord,
+)
 from isolated_agent.backup.guard.staging import (
     StagingDir,
     StagingUnavailable,
     open_staging,
     reconcile,
+    running_guard_pid,
 )
 from isolated_agent.backup.s3 import BucketUnavailable
 from isolated_agent.backup.store import BlobStore, LocalBlobStore
@@ -68,6 +76,8 @@ log = logging.getLogger("backupd")
 # after-purge: the daemon SIGKILLs itself the first time it gets there, to prove that a crash
 # in every window loses nothing and uploads nothing twice (tests/guard/test_daemon.py).
 FAULT_ENV = "ISOLATED_AGENT_BACKUPD_FAULT"
+IDLE_EXIT = 60.0
+IDLE_EXIT_ENV = "ISOLATED_AGENT_BACKUPD_IDLE"
 _FAULTS = set(filter(None, os.environ.get(FAULT_ENV, "").split(",")))
 
 
@@ -88,6 +98,9 @@ class Settings:
     backoff_base: float = 2.0
     backoff_cap: float = 600.0
     batch: int = 64
+    # Started on demand: exit after this many seconds with nothing to do (no guard running,
+    # nothing staged or being uploaded), or at once when the store is gone. None: serve on.
+    idle_exit: float | None = None
 
 
 def backoff(attempts: int, settings: Settings, rng: random.Random | None = None) -> float:
@@ -278,6 +291,18 @@ class Worker:
         self.purge_items([item])
         return None
 
+    def nothing_to_do(self) -> str | None:
+        """Why this daemon has nothing left to do, or None while it has (or may get) work."""
+        if not os.path.isdir(self.home):
+            return "the store is gone"
+        counts = self.catalog.counts()
+        if counts.get(STAGED) or counts.get(UPLOADING):
+            return None
+        run_dir = os.path.join(self.home, "run")
+        if any(running_guard_pid(run_dir, guard.id) for guard in self.catalog.guards()):
+            return None
+        return "no guard runs and nothing is staged"
+
     def status(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
@@ -372,11 +397,14 @@ class Daemon:
 
     def _work(self, worker: Worker) -> None:
         """The upload loop (a thread): process what is due; sleep until woken, until the next
-        retry is due, or until the next rescan."""
+        retry is due, or until the next rescan. Started on demand, it ends once it has had
+        nothing to do for `idle_exit` seconds."""
         last_rescan = time.monotonic()
+        idle_since: float | None = None
         while not self._stop.is_set():
             try:
                 if worker.run_once():
+                    idle_since = None
                     continue
                 if time.monotonic() - last_rescan >= self.settings.rescan_interval:
                     worker.reconcile()
@@ -386,6 +414,18 @@ class Daemon:
                 wait = self.settings.rescan_interval - (time.monotonic() - last_rescan)
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.0) + 0.01)
+                if self.settings.idle_exit is not None:
+                    reason = worker.nothing_to_do()
+                    wait = min(wait, max(self.settings.idle_exit, 0.1))  # to look again
+                    if reason is None:
+                        idle_since = None
+                    else:
+                        idle_since = idle_since or time.monotonic()
+                        left = self.settings.idle_exit - (time.monotonic() - idle_since)
+                        if left <= 0 or reason == "the store is gone":
+                            log.info("backupd: %s; exiting", reason)
+                            return
+                        wait = min(wait, left)
             except Exception:  # never die: log, wait a little, go on
                 log.exception("backupd: upload loop error")
                 wait = 1.0
@@ -439,7 +479,10 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def ensure_running(home: str, args: tuple[str, ...] = (), timeout: float = 15.0) -> int:
-    """Start this store's backupd in the background unless one runs; return its pid."""
+    """Start this store's backupd in the background unless one runs; return its pid. Started
+    so, it exits once no guard runs and nothing is left to upload (`IDLE_EXIT_ENV` seconds
+    later, default IDLE_EXIT)."""
+    args = ("--exit-when-idle", os.environ.get(IDLE_EXIT_ENV, str(IDLE_EXIT)), *args)
     import subprocess
     import sys
 

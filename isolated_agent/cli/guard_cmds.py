@@ -30,9 +30,12 @@ LISTED = 10  # lines per kind of warning; past that, "and N more"
               help="First retry delay; it doubles with each failed attempt.")
 @click.option("--backoff-cap", type=float, default=600.0, show_default=True, metavar="SECONDS",
               help="Longest retry delay.")
+@click.option("--exit-when-idle", "idle_exit", type=float, default=None, metavar="SECONDS",
+              help="Exit after SECONDS with no guard running and nothing to upload (as when "
+                   "`guard start` starts it), or at once if the store is removed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
 def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: float,
-                verbose: bool) -> None:
+                idle_exit: float | None, verbose: bool) -> None:
     """The backup daemon: upload staged items, verify them, purge the staged copies.
 
     Runs in the foreground (systemd: packaging/systemd/agentctl-backupd.service); logs to
@@ -44,7 +47,8 @@ def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: flo
     home = Store().home  # absolute: the daemon works from / (it must hold nothing elsewhere)
     os.chdir("/")
     settings = Settings(rescan_interval=max(rescan, 0.05), backoff_base=max(backoff_base, 0.01),
-                        backoff_cap=max(backoff_cap, 0.01))
+                        backoff_cap=max(backoff_cap, 0.01),
+                        idle_exit=None if idle_exit is None else max(idle_exit, 0.0))
     Daemon(home, settings).run(once=once)
 
 

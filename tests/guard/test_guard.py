@@ -11,6 +11,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,57 @@ def test_guard_start_brings_backupd_which_uploads_on_its_own(tmp_path: Path,
     status = json.loads(agentctl_cmd(home, "guard", "status", "--json").stdout)
     assert status["backupd"]["running"] and status["guards"][0]["counts"] == {"purged": 1}
     assert_restores(home, tmp_path / "out", {directory / "a": b"first version"})
+
+
+def test_backupd_started_on_demand_leaves_when_it_has_nothing_to_do(
+    tmp_path: Path, guards: Guards
+) -> None:
+    """Not while a guard runs or an item waits; once the guards stopped and every item is
+    uploaded, it exits (a run of the test batteries once left nine behind)."""
+    from tests.guard.conftest import wait_for
+
+    home, env = guards.home, {"ISOLATED_AGENT_BACKUPD_IDLE": "0.3"}
+    directory = tmp_path / "idle"
+    directory.mkdir()
+    (directory / "a").write_bytes(b"first version")
+    done = agentctl_cmd(home, "guard", "start", "--json", str(directory), env=env)
+    guards.started.add(str(directory))
+    assert done.returncode == 0, done.stderr
+    backupd = int(json.loads(done.stdout)["backupd"])
+    sh(directory, "echo second version > a")
+    time.sleep(1.5)  # five idle periods: a running guard keeps it
+    assert _alive(backupd)
+    guards.stop(directory)
+    wait_for(lambda: not _alive(backupd), timeout=30, what="backupd to exit when idle")
+    assert [e["state"] for e in events(home) if e["kind"] == "file"] == ["purged"]
+
+
+def test_backupd_leaves_when_its_store_is_removed(tmp_path: Path) -> None:
+    from tests.guard.conftest import wait_for
+
+    home = tmp_path / "home"
+    home.mkdir()
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "isolated_agent", "backupd", "--exit-when-idle", "600",
+         "--rescan", "0.1"], env={**os.environ, "ISOLATED_AGENT_HOME": str(home)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (home / "run" / "backupd.sock").exists(), what="backupd to serve")
+        shutil.rmtree(home)
+        daemon.wait(timeout=20)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_the_same_name_deleted_again_and_again_keeps_every_version(

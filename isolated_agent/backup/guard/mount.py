@@ -69,6 +69,7 @@ from isolated_agent.backup.guard.staging import (
     process_alive,
     read_state,
     reconcile,
+    running_guard_pid,
     state_path,
 )
 from isolated_agent.engines.fuse.daemon import detach_process, raise_fd_limit, terminate_on_signal
@@ -528,7 +529,7 @@ def stop(home: str, given: str, timeout: float = 15.0) -> Stopped:
     state = read_state(run_dir, guard.id)
     entry = _guard_entry(directory)
     mounted = entry is not None
-    pid = _running_pid(run_dir, guard)
+    pid = running_guard_pid(run_dir, guard.id)
     moved = state is not None and isinstance(state.get("moved_to"), str) and pid is not None
     gap = None
     if state is not None and not mounted and not moved:
@@ -559,12 +560,6 @@ def _is_guard_mount(path: str) -> bool:
     return _guard_entry(path) is not None
 
 
-def _running_pid(run_dir: str, guard: GuardRecord) -> int | None:
-    state = read_state(run_dir, guard.id)
-    pid = None if state is None else state.get("pid")
-    return pid if isinstance(pid, int) and process_alive(pid) else None
-
-
 def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[str, Any]:
     """One guard: "guarded", "dead" (its daemon is gone, DIR answers ENOTCONN: nothing can
     be deleted), "lost" (the mount vanished without `guard stop`: `unguarded` says since when
@@ -572,7 +567,7 @@ def guard_status(home: str, catalog: GuardCatalog, guard: GuardRecord) -> dict[s
     directory = os.fsdecode(guard.dir)
     run_dir = os.path.join(home, "run")
     state = read_state(run_dir, guard.id)
-    pid = _running_pid(run_dir, guard)
+    pid = running_guard_pid(run_dir, guard.id)
     mounted = _is_guard_mount(directory)
     gap = None
     moved_to = None if state is None else state.get("moved_to")

@@ -384,6 +384,13 @@ def read_state(run_dir: str, guard_id: int) -> dict[str, object] | None:
     return state if isinstance(state, dict) else None
 
 
+def running_guard_pid(run_dir: str, guard_id: int) -> int | None:
+    """The pid of the guard's daemon, if it is alive (it may stage items any moment)."""
+    state = read_state(run_dir, guard_id)
+    pid = None if state is None else state.get("pid")
+    return pid if isinstance(pid, int) and process_alive(pid) else None
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
