@@ -22,7 +22,7 @@ first OPEN and OPENDIR are answered ENOSYS, so the kernel opens files and direct
 from then on, keeps every file's data and every listing in its caches across opens, and keeps
 entries (negative ones too) and attributes for `TIMEOUT`: a second pass over a guarded tree
 sends the daemon nothing, and the daemon does work only where something changes. Reads and
-writes name their inode and go through its shared descriptors (`Inode.data_fd`); atomic
+writes name their inode and go through its shared descriptors (`InodeTable.data_fd`); atomic
 O_TRUNC is declined, so a truncating open arrives as a SETATTR and is staged as truncate(2)
 is. What keeps these caches true:
   - every change made through the mount is this daemon's answer to a request, and the kernel
@@ -473,13 +473,13 @@ class GuardOperations(pyfuse3.Operations):
                 self.inodes.forget(inode.number, 1)
                 raise
         if self.handle_free:
-            os.close(fd)  # later reads and writes name the inode (Inode.data_fd)
+            os.close(fd)  # later reads and writes name the inode (InodeTable.data_fd)
             return FileInfo(fh=0, keep_cache=True), attrs
         return self._file_info(inode, fd), attrs
 
     def _data_fd(self, fh: int, write: bool) -> int:
         if self.handle_free:  # `fh` is the inode
-            return self.inodes.get(fh).data_fd(write)
+            return self.inodes.data_fd(self.inodes.get(fh), write)
         return self._files[fh].fd
 
     @_handler

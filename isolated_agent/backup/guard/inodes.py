@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ _INO_MASK = (1 << _INO_BITS) - 1
 _MAX_SLOT = (1 << 15) - 1
 _FALLBACK_BASE = 1 << 63
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+DATA_FDS = 256
 
 
 @dataclass
@@ -51,30 +53,11 @@ class Inode:
     parent: int  # inode number of the directory it was last seen in (ROOT for the root)
     name: bytes
     lookups: int = 0
-    # Handle-free mounts (fs.py): the file's data descriptors, shared by every open of it,
-    # opened at the first read or write and closed with the inode.
-    reader: int = -1
-    writer: int = -1
 
     @property
     def proc_path(self) -> str:
         """A path that reaches the host file directly (never through the guard's mount)."""
         return f"/proc/self/fd/{self.fd}"
-
-    def data_fd(self, write: bool) -> int:
-        if write:
-            if self.writer < 0:
-                self.writer = os.open(self.proc_path, os.O_WRONLY | os.O_CLOEXEC)
-            return self.writer
-        if self.reader < 0:
-            self.reader = os.open(self.proc_path, os.O_RDONLY | os.O_CLOEXEC)
-        return self.reader
-
-    def close(self) -> None:
-        for fd in (self.fd, self.reader, self.writer):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
 
 class InodeTable:
@@ -87,6 +70,7 @@ class InodeTable:
         self._slot(st.st_dev)
         self._by_number: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
+        self._data: OrderedDict[tuple[int, bool], int] = OrderedDict()  # (number, write) -> fd
         self._next_fallback = _FALLBACK_BASE
         root = Inode(ROOT, root_fd, (st.st_dev, st.st_ino), True, ROOT, b"")
         self._bind(root)
@@ -177,10 +161,31 @@ class InodeTable:
     def child_path(self, parent: Inode, name: bytes) -> bytes:
         return self.path(parent) + b"/" + name
 
+    def data_fd(self, inode: Inode, write: bool) -> int:
+        """A descriptor to read (or write) `inode`'s data with, shared by every open of it
+        (handle-free mounts, fs.py). At most DATA_FDS stay open, the least recently used
+        closed first: the O_PATH fds already take one per inode the kernel holds, and a tree
+        read whole would otherwise need two."""
+        key = (inode.number, write)
+        fd = self._data.get(key)
+        if fd is not None:
+            self._data.move_to_end(key)
+            return fd
+        fd = os.open(inode.proc_path, (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC)
+        self._data[key] = fd
+        if len(self._data) > DATA_FDS:
+            os.close(self._data.popitem(last=False)[1])
+        return fd
+
     def close(self) -> None:
+        for fd in self._data.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._data.clear()
         for inode in list(self._by_number.values()):
             if inode.number != ROOT:
-                inode.close()
+                with contextlib.suppress(OSError):
+                    os.close(inode.fd)
         self._by_number.clear()
         self._by_key.clear()
 
@@ -198,7 +203,11 @@ class InodeTable:
             del self._by_key[inode.key]
         if inode.is_dir and self.watcher is not None:
             self.watcher.unwatch(inode.number)
-        inode.close()
+        for write in (False, True):
+            fd = self._data.pop((inode.number, write), None)
+            if fd is not None:
+                os.close(fd)
+        os.close(inode.fd)
 
     def _number(self, key: tuple[int, int]) -> int:
         dev, ino = key

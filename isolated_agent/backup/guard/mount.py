@@ -72,6 +72,7 @@ from isolated_agent.backup.guard.staging import (
     running_guard_pid,
     state_path,
 )
+from isolated_agent.engines.fuse import fastloop
 from isolated_agent.engines.fuse.daemon import detach_process, raise_fd_limit, terminate_on_signal
 from isolated_agent.engines.fuse.mount import (
     NotMounted,
@@ -255,6 +256,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             pyfuse3.init(operations, directory, options)
         except RuntimeError as e:
             raise GuardError(f"cannot mount the guard over {directory}: {e}") from None
+        fastloop.install()  # agentfs's wait for the next request: no trio round per request
         mounted_at = time.time()
         if gap is not None:
             gap = Gap(gap.since, mounted_at, gap.cause)
