@@ -201,8 +201,6 @@ class GuardOperations(pyfuse3.Operations):
     @_handler
     def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         parent = self.inodes.get(parent_inode)
-        if self._hidden(parent, name):
-            raise OSError(errno.ENOENT, "hidden")
         if name in (b".", b".."):
             # Never resolve ".." on the host: from a child of DIR it climbs onto DIR, which is
             # our own mount point, and the walk would re-enter this very mount.
@@ -210,7 +208,20 @@ class GuardOperations(pyfuse3.Operations):
                 self.inodes.get(parent.parent)
             self.inodes.entry(node)
             return self._attributes(node)
-        return self._entry(parent, name)
+        try:
+            if self._hidden(parent, name):
+                raise OSError(errno.ENOENT, "hidden")
+            return self._entry(parent, name)
+        except FileNotFoundError:
+            if not self.handle_free:
+                raise
+            # The kernel remembers that the name does not exist (git asks for a .gitignore
+            # in every directory, every time), until a create through the mount or inotify
+            # says otherwise.
+            attrs = EntryAttributes()
+            attrs.st_ino = 0
+            attrs.entry_timeout = self.timeout
+            return attrs
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for number, count in inode_list:

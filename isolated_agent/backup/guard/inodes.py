@@ -14,9 +14,11 @@ Invariants (a violation is a bug and asserts):
   reused by another file: the key identifies it.
 
 Numbers are stable: `slot(st_dev) << 48 | st_ino` (slots numbered in the order devices are
-met, the guarded directory's first), so a file keeps its number across forget/lookup cycles
-(`git` and `find` notice when st_ino changes); a number taken by another file, or an st_ino
-that does not fit, gets one from a separate counter range.
+met, the guarded directory's 0), so a file keeps its number across forget/lookup cycles and
+a file on DIR's own filesystem shows its own st_ino: git's index, which records st_ino, stays
+valid across `guard start` and `stop` (else every first `git status` re-reads every file). A
+number taken by another file (inode 1 is the root's), or an st_ino that does not fit, gets
+one from a separate counter range.
 
 Each inode also remembers the directory and name it was last seen under (`parent`, `name`):
 exact for directories (they have one name, kept current by the guard's own renames), the
@@ -221,7 +223,7 @@ class InodeTable:
     def _slot(self, dev: int) -> int:
         slot = self._slots.get(dev)
         if slot is None:
-            slot = self._slots[dev] = len(self._slots) + 1
+            slot = self._slots[dev] = len(self._slots)
         return slot
 
 
