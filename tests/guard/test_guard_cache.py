@@ -71,6 +71,7 @@ def test_changes_behind_the_mount_are_seen_through_it(tmp_path: Path, guards: Gu
     try:
         guards.start(directory)
         cache_everything(directory)
+        assert not (directory / "new").exists()  # a negative entry, cached too
         beneath = Path(f"/proc/self/fd/{inside}")
         (beneath / "new").write_text("new\n")
         (beneath / "sub" / "new-deep").write_text("deep\n")
@@ -85,6 +86,7 @@ def test_changes_behind_the_mount_are_seen_through_it(tmp_path: Path, guards: Gu
         os.close(inside)
 
     eventually(lambda: "new" in os.listdir(directory), "a new file in the listing")
+    eventually(lambda: (directory / "new").exists(), "a new file where a lookup had failed")
     assert (directory / "new").read_text() == "new\n"
     eventually(lambda: "new-deep" in os.listdir(directory / "sub"), "a new file in a subdir")
     eventually(lambda: (directory / "grows").read_text() == "one\ntwo\n", "appended data")
