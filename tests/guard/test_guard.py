@@ -235,6 +235,9 @@ def test_hidden_staging_dir_and_pass_through(guarded: Path, guards: Guards) -> N
     assert (guarded / ".isolated-agent-guard").is_dir()
     assert (guarded / "notes.txt").read_text().endswith("x\n")
     assert os.listdir(guarded / ".isolated-agent-guard" / "items") == []
+    # ... and git, beneath the mount, leaves it alone.
+    sh(guarded, "git init -q . && git add -A")
+    assert ".isolated-agent-guard" not in sh(guarded, "git status --porcelain").stdout
 
 
 def test_status_stop_restart_and_recovery_of_a_dead_guard(guarded: Path, guards: Guards) -> None:

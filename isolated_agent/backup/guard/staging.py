@@ -140,6 +140,15 @@ class StagingDir:
                 f"{os.fsdecode(STAGING_NAME)} exists but is not a private directory of "
                 "this user; move it away"
             )
+        # Hidden through the mount, but seen beneath it (after `guard stop`): git and tools
+        # like it leave a directory alone whose .gitignore ignores everything, itself too.
+        with contextlib.suppress(FileExistsError):
+            ignore = os.open(b".gitignore", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600, dir_fd=fd)
+            try:
+                os.write(ignore, b"*\n")
+            finally:
+                os.close(ignore)
         return cls(fd)
 
     def _subdir(self, name: bytes) -> int:
