@@ -55,9 +55,9 @@ class KernelEngine:
     namespaces = True
 
     def __init__(self) -> None:
-        # Per root index, for a root run over another user's tree: the swap and a user
-        # namespace whose maps are that swap, the lens of the idmapped layers (id_swap.py).
-        self._swaps: dict[int, tuple[IdSwap, int]] = {}
+        # Per root index, for a root run over another user's tree: a user namespace whose
+        # maps are the id swap, the lens of the idmapped layers (id_swap.py).
+        self._swaps: dict[int, int] = {}
 
     def check(self, rootless: bool) -> None:
         try:
@@ -78,7 +78,7 @@ class KernelEngine:
         for root in env.roots:
             swap = id_swap_for(root.path)
             if swap is not None:
-                self._swaps[root.index] = (swap, _user_namespace(swap))
+                self._swaps[root.index] = _user_namespace(swap)
 
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:
         pass
@@ -87,7 +87,7 @@ class KernelEngine:
         return []
 
     def stop(self) -> None:
-        for _, namespace in self._swaps.values():
+        for namespace in self._swaps.values():
             os.close(namespace)
         self._swaps.clear()
 
@@ -98,7 +98,7 @@ class KernelEngine:
             # The overlay's layers seen through the swap: idmapped copies of the mounts of
             # the host's tree and of the env's layer, put over them in this mount namespace
             # only (the view, a copy of the tree made before, does not show them).
-            _, namespace = self._swaps[root.index]
+            namespace = self._swaps[root.index]
             try:
                 libc.attach_idmapped(lower, namespace)
                 libc.attach_idmapped(os.path.dirname(root.upper), namespace)
