@@ -73,7 +73,12 @@ from isolated_agent.backup.guard.staging import (
     state_path,
 )
 from isolated_agent.engines.fuse import fastloop
-from isolated_agent.engines.fuse.daemon import detach_process, raise_fd_limit, terminate_on_signal
+from isolated_agent.engines.fuse.daemon import (
+    detach_process,
+    raise_fd_limit,
+    run_trio,
+    terminate_on_signal,
+)
 from isolated_agent.engines.fuse.mount import (
     NotMounted,
     UnmountFailed,
@@ -268,7 +273,7 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             os.write(report_fd, f"ok {mounted_at!r}\n".encode())
             os.close(report_fd)
             log.info("guarding %s (pid %d)", directory, os.getpid())
-            trio.run(_serve, operations, catalog, state)
+            run_trio(_serve, operations, catalog, state)  # under cProfile: $AGENTFS_PROFILE
         finally:
             operations.release_all()
             # Where the mount is no longer at DIR, whatever is there now (nothing, or the
