@@ -18,8 +18,10 @@ someone else's and is kept for `take`, which the serve loop calls whenever the d
 readable, between requests.
 
 Limits: a directory beyond `fs.inotify.max_user_watches` is not watched (logged once); on a
-queue overflow every attribute the kernel holds is invalidated, but names created behind the
-mount may stay unseen in cached listings until the kernel drops them.
+queue overflow (more than `fs.inotify.max_queued_events` changes between two requests) every
+attribute the kernel holds is invalidated, but a name created behind the mount then may stay
+unseen — in a cached listing, or where a lookup of it had failed — until the kernel drops
+that entry (logged as a warning).
 """
 
 from __future__ import annotations
