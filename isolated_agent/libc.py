@@ -347,20 +347,28 @@ def inotify_rm_watch(fd: int, wd: int) -> None:
     _check(_libc.inotify_rm_watch(ctypes.c_int(fd), ctypes.c_int(wd)), "inotify_rm_watch")
 
 
+_INOTIFY_READ = 1 << 16
+_INOTIFY_EVENT_MAX = _INOTIFY_EVENT.size + 256  # NAME_MAX, its NUL, padding
+
+
 def inotify_read(fd: int) -> list[tuple[int, int, bytes]]:
-    """Every event queued now, as (wd, mask, name); [] when none is."""
-    try:
-        data = os.read(fd, 1 << 16)
-    except BlockingIOError:
-        return []
+    """Every event queued now, as (wd, mask, name); [] when none is. One read(2) unless the
+    queue held more than one read takes: a non-blocking read that finds nothing raises, and a
+    caller on every request should not pay for that after each batch."""
     events = []
-    offset = 0
-    while offset < len(data):
-        wd, mask, _, length = _INOTIFY_EVENT.unpack_from(data, offset)
-        offset += _INOTIFY_EVENT.size
-        events.append((wd, mask, data[offset:offset + length].rstrip(b"\0")))
-        offset += length
-    return events
+    while True:
+        try:
+            data = os.read(fd, _INOTIFY_READ)
+        except BlockingIOError:
+            return events
+        offset = 0
+        while offset < len(data):
+            wd, mask, _, length = _INOTIFY_EVENT.unpack_from(data, offset)
+            offset += _INOTIFY_EVENT.size
+            events.append((wd, mask, data[offset:offset + length].rstrip(b"\0")))
+            offset += length
+        if len(data) <= _INOTIFY_READ - _INOTIFY_EVENT_MAX:
+            return events  # the kernel returns whole events only: that was all of them
 
 
 def ficlone(dst_fd: int, src_fd: int) -> None:

@@ -98,17 +98,16 @@ class Watcher:
 
     def _read(self) -> list[Change]:
         changes = []
-        while events := libc.inotify_read(self.fd):
-            for wd, mask, name in events:
-                if mask & libc.IN_Q_OVERFLOW:
-                    self.overflowed = True
-                    continue
-                number = self._directory.get(wd)
-                if mask & libc.IN_IGNORED:  # the directory is gone, or unwatched
-                    if number is not None:
-                        del self._directory[wd]
-                        self._wd.pop(number, None)
-                    continue
+        for wd, mask, name in libc.inotify_read(self.fd):
+            if mask & libc.IN_Q_OVERFLOW:
+                self.overflowed = True
+                continue
+            number = self._directory.get(wd)
+            if mask & libc.IN_IGNORED:  # the directory is gone, or unwatched
                 if number is not None:
-                    changes.append(Change(number, name, bool(mask & NAMESPACE)))
+                    del self._directory[wd]
+                    self._wd.pop(number, None)
+                continue
+            if number is not None:
+                changes.append(Change(number, name, bool(mask & NAMESPACE)))
         return changes

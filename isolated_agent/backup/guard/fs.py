@@ -499,11 +499,13 @@ class GuardOperations(pyfuse3.Operations):
 
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
+        if not self.handle_free:
+            return os.pwrite(self._files[fh].fd, buf, off)
+        inode = self.inodes.get(fh)
         try:
-            return os.pwrite(self._data_fd(fh, True), buf, off)
+            return os.pwrite(self.inodes.data_fd(inode, True), buf, off)
         finally:
-            if self.handle_free:
-                self._settle(*self._places(self.inodes.get(fh)))
+            self._settle(*self._places(inode))
 
     @_handler
     def flush(self, fh: int) -> None:
