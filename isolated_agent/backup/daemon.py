@@ -291,17 +291,16 @@ class Worker:
         self.purge_items([item])
         return None
 
-    def nothing_to_do(self) -> str | None:
-        """Why this daemon has nothing left to do, or None while it has (or may get) work."""
-        if not os.path.isdir(self.home):
-            return "the store is gone"
+    def store_gone(self) -> bool:
+        return not os.path.isdir(self.home)
+
+    def idle(self) -> bool:
+        """Nothing staged or being uploaded, and no guard alive to stage more."""
         counts = self.catalog.counts()
         if counts.get(STAGED) or counts.get(UPLOADING):
-            return None
+            return False
         run_dir = os.path.join(self.home, "run")
-        if any(running_guard_pid(run_dir, guard.id) for guard in self.catalog.guards()):
-            return None
-        return "no guard runs and nothing is staged"
+        return not any(running_guard_pid(run_dir, guard.id) for guard in self.catalog.guards())
 
     def status(self) -> dict[str, Any]:
         return {
@@ -415,17 +414,17 @@ class Daemon:
                 if due is not None:
                     wait = min(wait, max(due - time.time(), 0.0) + 0.01)
                 if self.settings.idle_exit is not None:
-                    reason = worker.nothing_to_do()
-                    wait = min(wait, max(self.settings.idle_exit, 0.1))  # to look again
-                    if reason is None:
-                        idle_since = None
-                    else:
-                        idle_since = idle_since or time.monotonic()
-                        left = self.settings.idle_exit - (time.monotonic() - idle_since)
-                        if left <= 0 or reason == "the store is gone":
-                            log.info("backupd: %s; exiting", reason)
+                    if worker.store_gone():
+                        log.info("backupd: the store is gone; exiting")
+                        return
+                    idle_since = (idle_since or time.monotonic()) if worker.idle() else None
+                    left = self.settings.idle_exit
+                    if idle_since is not None:
+                        left -= time.monotonic() - idle_since
+                        if left <= 0:
+                            log.info("backupd: no guard runs and nothing is staged; exiting")
                             return
-                        wait = min(wait, left)
+                    wait = min(wait, max(left, 0.1))  # to look again
             except Exception:  # never die: log, wait a little, go on
                 log.exception("backupd: upload loop error")
                 wait = 1.0

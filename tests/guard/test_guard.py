@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from isolated_agent.backup.guard.staging import process_alive
 from isolated_agent.backup.s3 import S3BlobStore
 from tests.guard.conftest import Guards, MotoServer, agentctl_cmd, guard_mounted, upload_all
 
@@ -348,9 +349,9 @@ def test_backupd_started_on_demand_leaves_when_it_has_nothing_to_do(
     backupd = int(json.loads(done.stdout)["backupd"])
     sh(directory, "echo second version > a")
     time.sleep(1.5)  # five idle periods: a running guard keeps it
-    assert _alive(backupd)
+    assert process_alive(backupd)
     guards.stop(directory)
-    wait_for(lambda: not _alive(backupd), timeout=30, what="backupd to exit when idle")
+    wait_for(lambda: not process_alive(backupd), timeout=30, what="backupd to exit when idle")
     assert [e["state"] for e in events(home) if e["kind"] == "file"] == ["purged"]
 
 
@@ -371,15 +372,6 @@ def test_backupd_leaves_when_its_store_is_removed(tmp_path: Path) -> None:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_the_same_name_deleted_again_and_again_keeps_every_version(

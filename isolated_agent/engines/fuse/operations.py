@@ -113,8 +113,7 @@ class Operations(pyfuse3.Operations):
         attrs = entry_attributes(st, inode, self.cache.entry_timeout, self.cache.attr_timeout,
                                  nlink)
         if self.id_swap is not None:
-            attrs.st_uid = self.id_swap.swap_uid(attrs.st_uid)
-            attrs.st_gid = self.id_swap.swap_gid(attrs.st_gid)
+            attrs.st_uid, attrs.st_gid = self._owners(attrs.st_uid, attrs.st_gid)
         self._attribute_cache[inode] = (node, attrs)
         return attrs
 
@@ -152,9 +151,14 @@ class Operations(pyfuse3.Operations):
 
     def _owner(self, ctx: RequestContext) -> tuple[int, int]:
         """Who owns on disk what the caller creates."""
+        return self._owners(ctx.uid, ctx.gid)
+
+    def _owners(self, uid: int, gid: int) -> tuple[int, int]:
+        """The owner on disk of one the view shows, and the other way round (a swap is its
+        own inverse: id_swap.py); unchanged without a swap."""
         if self.id_swap is None:
-            return ctx.uid, ctx.gid
-        return self.id_swap.swap_uid(ctx.uid), self.id_swap.swap_gid(ctx.gid)
+            return uid, gid
+        return self.id_swap.swap_uid(uid), self.id_swap.swap_gid(gid)
 
     def init(self) -> None:
         self.initialized.set()
@@ -201,9 +205,7 @@ class Operations(pyfuse3.Operations):
     ) -> EntryAttributes:
         node = self.inodes.node(inode)
         self._changed()
-        uid, gid = attr.st_uid, attr.st_gid
-        if self.id_swap is not None:
-            uid, gid = self.id_swap.swap_uid(uid), self.id_swap.swap_gid(gid)
+        uid, gid = self._owners(attr.st_uid, attr.st_gid)
         self.overlay.setattr(
             node,
             size=attr.st_size if fields.update_size else None,
