@@ -80,8 +80,7 @@ class GuardSetup(NativeSetup):
     description = "agentctl guard over a copy of the tree (a fresh mount per measurement)"
 
     def start(self, ctx: BenchContext) -> None:
-        super().start(ctx)
-        self.path = os.path.join(ctx.workdir, "guard", os.path.basename(ctx.lower))
+        super().start(ctx)  # its copy in ctx.workdir/guard
         self.store = os.path.join(ctx.workdir, "guard-store")
         self.agentctl = default_agentctl()
 

@@ -374,7 +374,7 @@ class NativeSetup(Setup):
 
     def start(self, ctx: BenchContext) -> None:
         super().start(ctx)
-        self.path = os.path.join(ctx.workdir, "native", os.path.basename(ctx.lower))
+        self.path = os.path.join(ctx.workdir, self.name, os.path.basename(ctx.lower))
         self._fresh = False
 
     def reset(self, workload: Workload) -> None:

@@ -57,7 +57,7 @@ class KernelEngine:
     def __init__(self) -> None:
         # Per root index, for a root run over another user's tree: a user namespace whose
         # maps are the id swap, the lens of the idmapped layers (id_swap.py).
-        self._swaps: dict[int, int] = {}
+        self._swap_namespaces: dict[int, int] = {}
 
     def check(self, rootless: bool) -> None:
         try:
@@ -78,7 +78,7 @@ class KernelEngine:
         for root in env.roots:
             swap = id_swap_for(root.path)
             if swap is not None:
-                self._swaps[root.index] = _user_namespace(swap)
+                self._swap_namespaces[root.index] = _user_namespace(swap)
 
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:
         pass
@@ -87,18 +87,18 @@ class KernelEngine:
         return []
 
     def stop(self) -> None:
-        for namespace in self._swaps.values():
+        for namespace in self._swap_namespaces.values():
             os.close(namespace)
-        self._swaps.clear()
+        self._swap_namespaces.clear()
 
     # -- inside the job's mount namespace -------------------------------------------------------
 
     def mount_root(self, root: Root, target: str, lower: str) -> None:
-        if root.index in self._swaps:
+        if root.index in self._swap_namespaces:
             # The overlay's layers seen through the swap: idmapped copies of the mounts of
             # the host's tree and of the env's layer, put over them in this mount namespace
             # only (the view, a copy of the tree made before, does not show them).
-            namespace = self._swaps[root.index]
+            namespace = self._swap_namespaces[root.index]
             try:
                 libc.attach_idmapped(lower, namespace)
                 libc.attach_idmapped(os.path.dirname(root.upper), namespace)
