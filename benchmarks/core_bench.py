@@ -101,7 +101,7 @@ def ts(name):
 ts("main")
 import isolated_agent.cli.main as cli_main
 from isolated_agent.jobs import launcher, run as run_mod
-from isolated_agent.jobs.cgroup import JobCgroup
+from isolated_agent.system.cgroup import JobCgroup
 ts("imported")
 def wrap(owner, attr, name):
     inner = getattr(owner, attr)

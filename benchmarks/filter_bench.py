@@ -149,7 +149,7 @@ class FilterSetup(Setup):
 
     def register(self, job: str, pid: int) -> None:
         from isolated_agent.engines.filter import records
-        from isolated_agent.jobs.identity import start_time
+        from isolated_agent.engines.filter.identity import start_time
         from isolated_agent.protocol.client import request
         from isolated_agent.protocol.frames import Code, Frame
 
@@ -165,7 +165,7 @@ class FilterSetup(Setup):
 
     def finish(self) -> None:
         """Stop the daemon (SIGTERM; SIGKILL and a lazy unmount if it will not go)."""
-        from isolated_agent.engines.fuse import mount as mounts
+        from isolated_agent.fusefs import mount as mounts
 
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
@@ -329,7 +329,7 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
     import pstats
 
     from isolated_agent.engines.filter import records as filter_records
-    from isolated_agent.engines.fuse import mount as mounts
+    from isolated_agent.fusefs import mount as mounts
 
     setup = FilterSetup("filter-host", env, job=False)
     setup.start(ctx)

@@ -81,7 +81,7 @@ def drain(home: str, env: dict[str, str] | None = None) -> tuple[float, int, int
     saved = dict(os.environ)
     os.environ.update({"ISOLATED_AGENT_HOME": home, **(env or {})})
     try:
-        from isolated_agent.backup.daemon import Settings, Worker
+        from isolated_agent.backupd import Settings, Worker
 
         worker = Worker(home, Settings(batch=256))
         try:

@@ -52,7 +52,7 @@ class Backups:
     def open_staged(self, event: BackupEvent) -> BinaryIO:
         """The content of a guard event not uploaded yet, read from its staging dir. Raises
         BackupError when there is none (skipped, failed) or it cannot be reached now."""
-        from isolated_agent.backup.guard.staging import open_staging
+        from isolated_agent.backup.staging import open_staging
 
         item = self.catalog.item(event.id)
         if item is None or item.staged_name is None:

@@ -22,9 +22,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from isolated_agent import fdpath
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import BackupEvent, now
+from isolated_agent.system import fdpath
 
 Advance = Callable[[int], None]
 _CHUNK = 1 << 20

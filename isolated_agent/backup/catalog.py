@@ -37,8 +37,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
-from isolated_agent import sqlite
 from isolated_agent.errors import BackupError, store_full
+from isolated_agent.system import sqlite
 
 _MIGRATIONS: list[str] = [
     # version 1

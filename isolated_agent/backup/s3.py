@@ -37,15 +37,17 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
-from isolated_agent.backup.config import BucketConfig
 from isolated_agent.backup.store import BlobStore, VerifyingReader, check_digest
 from isolated_agent.errors import BackupError, BlobCorrupt
+
+if TYPE_CHECKING:  # config.py makes the S3 store; this module needs only the type
+    from isolated_agent.backup.config import BucketConfig
 
 _CHUNK = 1 << 20
 _PARALLEL_PARTS = 4

@@ -36,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import BinaryIO, Protocol
 
-from isolated_agent import fdpath, libc
 from isolated_agent.errors import BackupError, BlobCorrupt, store_full
+from isolated_agent.system import fdpath, libc
+from isolated_agent.system.durable import fsync_dir, process_alive
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 20
@@ -172,7 +173,7 @@ class LocalBlobStore:
             return actual
         try:
             self._publish(temp, actual)
-            _fsync_dir(os.path.dirname(self.path_of(actual)))
+            fsync_dir(os.path.dirname(self.path_of(actual)))
         except OSError as e:
             _unlink_quietly(temp)
             raise self._write_error(e) from e
@@ -267,7 +268,7 @@ class LocalBlobStore:
         removed = 0
         for name in os.listdir(self.tmp_dir):
             pid_text = name.split("-", 1)[0]
-            if pid_text.isdigit() and _process_alive(int(pid_text)):
+            if pid_text.isdigit() and process_alive(int(pid_text)):
                 continue
             _unlink_quietly(os.path.join(self.tmp_dir, name))
             removed += 1
@@ -362,24 +363,7 @@ def _copy_hashing(data: BinaryIO, fd: int, buffer: bytearray) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _unlink_quietly(path: str) -> None:
     with suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -41,7 +41,7 @@ def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: flo
     Runs in the foreground (systemd: packaging/systemd/agentctl-backupd.service); logs to
     stderr. `agentctl guard start` starts one on demand when none runs.
     """
-    from isolated_agent.backup.daemon import Daemon, Settings, setup_logging
+    from isolated_agent.backupd import Daemon, Settings, setup_logging
 
     setup_logging(verbose)
     home = Store().home  # absolute: the daemon works from / (it must hold nothing elsewhere)
@@ -75,9 +75,9 @@ def start_cmd(directory: str, excludes: tuple[str, ...], max_size: str | None, s
               no_backupd: bool, debug: bool, as_json: bool) -> None:
     """Guard DIR: before any file under it is deleted, replaced or truncated, its old
     content is kept and backed up (see `agentctl backup`)."""
-    from isolated_agent.backup.daemon import ensure_running
-    from isolated_agent.backup.guard.mount import GuardConfig, start
-    from isolated_agent.backup.guard.policy import Policy, parse_size
+    from isolated_agent.backupd import ensure_running
+    from isolated_agent.guard.mount import GuardConfig, start
+    from isolated_agent.guard.policy import Policy, parse_size
 
     try:
         cap = None if max_size is None else parse_size(max_size)
@@ -142,7 +142,7 @@ def bounded(lines: list[str]) -> None:
 @json_option
 def stop_cmd(directory: str, as_json: bool) -> None:
     """Stop guarding DIR (staged items are still uploaded by the backup daemon)."""
-    from isolated_agent.backup.guard.mount import stop
+    from isolated_agent.guard.mount import stop
 
     stopped = stop(Store().home, directory)
     guard, gap = stopped.guard, stopped.gap
@@ -157,7 +157,7 @@ def stop_cmd(directory: str, as_json: bool) -> None:
 
 def status_rows(home: str) -> list[dict[str, Any]]:
     from isolated_agent.backup import Backups
-    from isolated_agent.backup.guard.mount import guard_status
+    from isolated_agent.guard.mount import guard_status
 
     backups = Backups.of_store(home)
     try:
@@ -170,8 +170,8 @@ def status_rows(home: str) -> list[dict[str, Any]]:
 @json_option
 def status_cmd(as_json: bool) -> None:
     """Show the guarded directories, their items by state, and the backup daemon."""
-    from isolated_agent.backup.daemon import running_pid
-    from isolated_agent.backup.guard.bypass import Gap
+    from isolated_agent.backupd import running_pid
+    from isolated_agent.guard.bypass import Gap
 
     home = Store().home
     rows = status_rows(home)

@@ -6,8 +6,8 @@ halves: `check()` runs in the launcher, on the host, and says whether the engine
 at a given path (the filter engine, `namespaces = False`, has no such namespace: its view is on
 the host). An engine that needs processes on the host side while the job runs (the fuse
 engine's daemons, the filter daemons) also has `start()` / `job_started()` / `stop()`
-(`HostSide`), which `serving()` and the launcher call around the job, and `problems()`, which
-tells the user when a daemon answered a request with EIO on an internal error.
+(`HostSide`), which `jobs.run.serving()` and the launcher call around the job, and
+`problems()`, which tells the user when a daemon answered a request with EIO on an internal error.
 
 `auto` picks the kernel engine whenever namespaces can be made and overlayfs exists (native
 speed), else the fuse engine; where namespaces cannot be made at all, the filter engine
@@ -16,15 +16,11 @@ speed), else the fuse engine; where namespaces cannot be made at all, the filter
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError, UsageError
-
-if TYPE_CHECKING:
-    from isolated_agent.jobs.launcher import Job
 
 
 class Engine(Protocol):
@@ -101,21 +97,3 @@ def _checked(engine: Engine, rootless: bool) -> Engine:
 def problems(engine: Engine) -> list[str]:
     """What went wrong on the engine's host side during the last job (see HostSide)."""
     return engine.problems() if isinstance(engine, HostSide) else []
-
-
-@contextmanager
-def serving(engine: Engine, env: Env, log_dir: str) -> Iterator[Callable[[Job], None]]:
-    """Run the engine's host side (if it has one) around a job; yield what the launcher calls
-    once the job exists, before it is released."""
-    if not isinstance(engine, HostSide):
-        yield lambda job: None
-        return
-
-    def job_started(job: Job) -> None:
-        engine.job_started(job.pid, job.cgroup.path if job.cgroup is not None else None)
-
-    try:
-        engine.start(env, log_dir)
-        yield job_started
-    finally:
-        engine.stop()

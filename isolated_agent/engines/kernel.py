@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import signal
 
-from isolated_agent import libc
 from isolated_agent.engines.id_swap import IdSwap, id_swap_for
 from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
+from isolated_agent.system import libc
 
 
 def _escape(path: str) -> str:

@@ -37,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from isolated_agent import fdpath, libc
 from isolated_agent.env.changeset import (
     CAPABILITY_XATTR,
     PRIVILEGE_BITS,
@@ -46,6 +45,7 @@ from isolated_agent.env.changeset import (
     unprivileged_mode,
 )
 from isolated_agent.overlay.format import is_private_xattr
+from isolated_agent.system import fdpath, libc
 
 Identity = tuple[int, int, int]  # (st_ino, st_ctime_ns, st_mode) of a host entry at plan time
 

@@ -11,7 +11,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from isolated_agent import sqlite
+from isolated_agent.system import sqlite
 
 _MIGRATIONS: list[str] = [
     # version 1

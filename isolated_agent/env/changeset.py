@@ -44,11 +44,11 @@ import stat
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from isolated_agent import fdpath
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.errors import RootMissing, StoreError
 from isolated_agent.overlay.format import is_opaque_fd, is_private_xattr, is_whiteout
+from isolated_agent.system import fdpath
 
 ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
 

@@ -25,7 +25,7 @@ them. Directories keep setgid: it only makes new entries inherit the directory's
 
 Paths longer than PATH_MAX (a job can build such a tree) go through the same steps: the changeset,
 apply and prune, `backup.capture` and the store's `adopt` reach them through directory fds
-(isolated_agent/fdpath.py), and the journal names them whole.
+(isolated_agent/system/fdpath.py), and the journal names them whole.
 
 Conflict detection costs nothing at run time. Every change carries the upper entry that made it
 (`Change.seen_from`); overlayfs creates that entry when the env first takes the path over — the
@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from isolated_agent import fdpath, libc
 from isolated_agent.backup import Backups
 from isolated_agent.backup.capture import capture
 from isolated_agent.env.apply import LINK, PUT, REMOVE, Applier, Op
@@ -72,6 +71,7 @@ from isolated_agent.errors import (
     EnvNotFound,
 )
 from isolated_agent.overlay.format import is_opaque_dir
+from isolated_agent.system import fdpath, libc
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 Notify = Callable[[str], None]

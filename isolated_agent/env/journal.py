@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from isolated_agent.errors import StoreError
+from isolated_agent.system.durable import fsync_dir, write_all
 
 JOURNAL_NAME = "commit.journal"
 PLANNED, BACKED_UP, APPLIED = "planned", "backed-up", "applied"
@@ -68,12 +69,12 @@ class Journal:
         data = json.dumps(plan, separators=(",", ":")).encode() + b"\n"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(temp, path)
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         return cls(path, plan)
 
     @classmethod
@@ -114,7 +115,7 @@ class Journal:
             self.stash = dict(stash)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         try:
-            _write_all(fd, json.dumps(marker).encode() + b"\n")
+            write_all(fd, json.dumps(marker).encode() + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -126,18 +127,5 @@ class Journal:
             os.unlink(self.path)
         except FileNotFoundError:
             return
-        _fsync_dir(os.path.dirname(self.path))
+        fsync_dir(os.path.dirname(self.path))
 
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,7 +24,6 @@ import contextlib
 import os
 import stat
 
-from isolated_agent import fdpath
 from isolated_agent.env.apply import Op, copy_file, lstat_or_none, set_metadata
 from isolated_agent.env.changeset import data_xattrs, join
 from isolated_agent.env.selection import Selection
@@ -36,6 +35,7 @@ from isolated_agent.overlay.format import (
     is_opaque_fd,
     is_whiteout,
 )
+from isolated_agent.system import fdpath
 
 Path = tuple[int, bytes]  # (root index, path relative to the root)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from isolated_agent.env.catalog import Catalog, EnvRecord
 from isolated_agent.errors import EnvBusy, EnvNotFound, StoreError, UsageError, store_full
-from isolated_agent.sqlite import OutOfSpace
+from isolated_agent.system.sqlite import OutOfSpace
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

@@ -30,8 +30,8 @@ import os
 import stat
 from collections.abc import Sequence
 
-from isolated_agent import libc
 from isolated_agent.errors import IsolationError
+from isolated_agent.system import libc
 
 STEP = "confining the job"
 

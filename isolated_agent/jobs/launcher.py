@@ -49,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from isolated_agent import libc
 from isolated_agent.engines import Engine
 from isolated_agent.env.store import is_within
 from isolated_agent.errors import (
@@ -57,11 +56,12 @@ from isolated_agent.errors import (
     CommandNotFound,
     IsolationError,
 )
-from isolated_agent.jobs.cgroup import JobCgroup
 from isolated_agent.jobs.confine import confine_job, scope_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec, build_view
 from isolated_agent.jobs.syscall_filter import install_baseline, install_supervised
 from isolated_agent.jobs.terminal import JobTerminal
+from isolated_agent.system import libc
+from isolated_agent.system.cgroup import JobCgroup
 
 if TYPE_CHECKING:
     from isolated_agent.jobs import supervisor

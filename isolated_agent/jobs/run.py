@@ -8,17 +8,18 @@ import contextlib
 import os
 import pwd
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from isolated_agent.engines import Engine, problems, select_engine, serving
+from isolated_agent.engines import Engine, HostSide, problems, select_engine
 from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Store, is_within, show_host_root
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
-from isolated_agent.jobs.cgroup import sweep_stale_groups
 from isolated_agent.jobs.host_sockets import is_socket
 from isolated_agent.jobs.launcher import Job, JobSpec, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
+from isolated_agent.system.cgroup import sweep_stale_groups
 
 # Where coding agents and package managers keep state and caches: writable by default, so that an
 # agent can log in, cache and remember. A missing directory is made for the job (a new user's
@@ -239,3 +240,21 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         return status
     finally:
         remove_if_empty(made)
+
+
+@contextmanager
+def serving(engine: Engine, env: Env, log_dir: str) -> Iterator[Callable[[Job], None]]:
+    """Run the engine's host side (if it has one) around a job; yield what the launcher calls
+    once the job exists, before it is released."""
+    if not isinstance(engine, HostSide):
+        yield lambda job: None
+        return
+
+    def job_started(job: Job) -> None:
+        engine.job_started(job.pid, job.cgroup.path if job.cgroup is not None else None)
+
+    try:
+        engine.start(env, log_dir)
+        yield job_started
+    finally:
+        engine.stop()

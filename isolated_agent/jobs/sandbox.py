@@ -30,13 +30,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from isolated_agent import libc
 from isolated_agent.engines import Engine
 from isolated_agent.env.store import Root, is_within
 from isolated_agent.errors import IsolationError
 from isolated_agent.jobs.confine import DEVICES
 from isolated_agent.jobs.host_sockets import bound_socket_paths, is_socket, sockets_to_mask
-from isolated_agent.jobs.mountinfo import mounts_under
+from isolated_agent.system import libc
+from isolated_agent.system.mountinfo import mounts_under
 
 # Per-mount flags a remount must repeat (a user namespace refuses to clear locked ones).
 _KEPT_FLAGS = {

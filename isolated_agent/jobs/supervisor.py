@@ -52,12 +52,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from isolated_agent import libc
 from isolated_agent.env.store import is_within
 from isolated_agent.errors import IsolationError
 from isolated_agent.jobs.confine import scope_job
 from isolated_agent.jobs.host_sockets import bound_socket_paths, kept_sockets
 from isolated_agent.jobs.syscall_filter import FS_IOC_FSSETXATTR, SUPERVISED_IOCTLS
+from isolated_agent.system import libc
 
 STEP = "the filter engine's supervisor"
 

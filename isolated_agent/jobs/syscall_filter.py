@@ -46,8 +46,8 @@ import os
 import termios
 from typing import Any
 
-from isolated_agent import libc
 from isolated_agent.errors import IsolationError
+from isolated_agent.system import libc
 
 STEP = "seccomp filter"
 

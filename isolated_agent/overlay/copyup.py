@@ -21,8 +21,8 @@ import os
 import stat
 from collections.abc import Callable
 
-from isolated_agent import libc
 from isolated_agent.overlay.format import fd_path, is_private_xattr
+from isolated_agent.system import libc
 
 CHUNK = 1 << 20
 

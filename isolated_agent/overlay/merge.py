@@ -23,7 +23,7 @@ keyed by `(st_dev, st_ino)`), so hard links and cached handles agree. A node kee
 (the identity it was first seen with) across copy-up, which is what makes inode numbers stable.
 
 Caches, valid because the overlay is the only writer of its layers while in use (the same
-contract as the kernel caching mode, `engines/fuse/cache.py`): a directory's merged listing and
+contract as the kernel caching mode, `fusefs/cache.py`): a directory's merged listing and
 the nodes its names resolved to are kept until the namespace changes — any create, remove or
 rename anywhere bumps `generation`, which drops them all (children are held weakly: a cache
 never keeps a node alive). A node's fd for reading (or for reading and writing: `writer`) is
@@ -43,7 +43,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
-from isolated_agent import libc
 from isolated_agent.overlay.copyup import (
     FaultHook,
     copy_up_object,
@@ -62,6 +61,7 @@ from isolated_agent.overlay.format import (
 )
 from isolated_agent.overlay.layers import Layers
 from isolated_agent.overlay.node import Key, Node
+from isolated_agent.system import libc
 
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 # Flags that made sense to the caller's open(2) but not to our reopen of a resolved object.

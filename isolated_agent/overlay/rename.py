@@ -24,10 +24,10 @@ from __future__ import annotations
 import errno
 import os
 
-from isolated_agent import libc
 from isolated_agent.overlay.format import is_whiteout_stat, make_opaque_fd, make_whiteout_at
 from isolated_agent.overlay.merge import Overlay, fstatat, oserror
 from isolated_agent.overlay.node import Node
+from isolated_agent.system import libc
 
 RENAME_NOREPLACE = libc.RENAME_NOREPLACE
 RENAME_EXCHANGE = libc.RENAME_EXCHANGE

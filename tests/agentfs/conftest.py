@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent import libc
 from isolated_agent.engines.fuse.daemon import HANDLES_ENV
-from isolated_agent.engines.fuse.replies import handle_free_supported
+from isolated_agent.fusefs.replies import handle_free_supported
+from isolated_agent.system import libc
 from tests.conftest import Snapshot, snapshot
 
 AT_FDCWD = -100

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent import libc
-from isolated_agent.engines.fuse.mount import READAHEAD_KIB, mount_entry
+from isolated_agent.fusefs.mount import READAHEAD_KIB, mount_entry
+from isolated_agent.system import libc
 from tests.agentfs.conftest import Agentfs, renameat2, upper_tree, wait_for
 
 

@@ -36,8 +36,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, reject, settings
 from hypothesis import strategies as st
 
-from isolated_agent import libc
 from isolated_agent.engines.fuse.daemon import HANDLES_ENV
+from isolated_agent.system import libc
 from tests.agentfs.conftest import (
     bind_read_only,
     force_unmount,

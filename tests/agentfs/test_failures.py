@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent import libc
-from isolated_agent.engines.fuse.mount import unmount
+from isolated_agent.fusefs.mount import unmount
+from isolated_agent.system import libc
 from tests.agentfs.conftest import Agentfs, is_mounted, upper_tree, wait_for
 
 

@@ -69,7 +69,7 @@ def without_user_namespaces(argv: list[str], cwd: Path) -> subprocess.CompletedP
     """
     limit_and_exec = (
         "import os, sys\n"
-        "from isolated_agent import libc\n"
+        "from isolated_agent.system import libc\n"
         "r, w = os.pipe(); go_r, go_w = os.pipe()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"

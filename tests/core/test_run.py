@@ -347,7 +347,7 @@ def test_store_is_hidden_from_the_job(agentctl: Agentctl, project: Path, disk_di
 def test_job_gets_its_own_cgroup_v2_group_which_is_removed_after(
     agentctl: Agentctl, project: Path
 ) -> None:
-    from isolated_agent.jobs.cgroup import own_v2_path, v2_mount_point
+    from isolated_agent.system.cgroup import own_v2_path, v2_mount_point
 
     mount = v2_mount_point()
     assert mount is not None, "these machines have a cgroup v2 hierarchy"

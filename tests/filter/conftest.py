@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from isolated_agent.engines.filter import control, records
-from isolated_agent.engines.fuse import mount as mounts
-from isolated_agent.jobs.identity import start_time
+from isolated_agent.engines.filter.identity import start_time
+from isolated_agent.fusefs import mount as mounts
 from isolated_agent.protocol.client import request
 from isolated_agent.protocol.frames import Code, Frame
 from tests.agentfs.conftest import Agentfs, bind_read_only, force_unmount, wait_for

@@ -20,13 +20,13 @@ from typing import Any
 
 import pytest
 
-from isolated_agent import libc
 from isolated_agent.engines.kernel import KernelEngine
 from isolated_agent.env.store import Root
 from isolated_agent.errors import IsolationError
 from isolated_agent.jobs.confine import confine_job
 from isolated_agent.jobs.launcher import Job, JobSpec, run_job
 from isolated_agent.jobs.sandbox import SandboxSpec
+from isolated_agent.system import libc
 from tests.conftest import DISK_SCRATCH_PREFIX
 
 ABI = libc.landlock_abi()
@@ -314,7 +314,7 @@ def launch(scratch: Path, argv: list[str], cgroup: bool) -> subprocess.Popen[byt
 
 def remove_groups_of(pid: int) -> None:
     """The cgroup of a launcher that was killed (the next run's sweep would remove it)."""
-    from isolated_agent.jobs.cgroup import own_v2_path, v2_mount_point
+    from isolated_agent.system.cgroup import own_v2_path, v2_mount_point
 
     mount, own = v2_mount_point(), own_v2_path()
     assert mount is not None and own is not None

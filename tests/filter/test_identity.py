@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.jobs.cgroup import own_v2_path, v2_mount_point
-from isolated_agent.jobs.identity import (
+from isolated_agent.engines.filter.identity import (
     Identity,
     JobRecord,
     Unclassifiable,
@@ -26,6 +25,7 @@ from isolated_agent.jobs.identity import (
     record_for,
     start_time,
 )
+from isolated_agent.system.cgroup import own_v2_path, v2_mount_point
 
 # Each script runs in a fresh interpreter, says "NAME PID" for every process it wants the test
 # to know, and lives until its stdin closes. `go()` waits for the test's go-ahead (so that the

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isolated_agent.engines.daemon_log import FAILED_MARK, LogWatch
+from isolated_agent.fusefs.daemon_log import FAILED_MARK, LogWatch
 from tests.filter.conftest import FilterDaemon, Worker
 
 NAMES = ["src", "src/a", "src/sub", "src/sub/b", "x", "d", "d/e"]

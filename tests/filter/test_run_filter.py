@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.engines.fuse import mount as mounts
+from isolated_agent.fusefs import mount as mounts
 from tests.agentfs.conftest import wait_for
 from tests.conftest import DISK_SCRATCH_PREFIX, as_user, snapshot, user_agentctl
 from tests.filter.conftest import stop_filter_daemons

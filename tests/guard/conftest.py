@@ -134,9 +134,9 @@ class Staged:
 
     def __init__(self, home: Path, directory: Path) -> None:
         from isolated_agent.backup import Backups
-        from isolated_agent.backup.guard.policy import Policy
-        from isolated_agent.backup.guard.stage import Stager
-        from isolated_agent.backup.guard.staging import StagingDir
+        from isolated_agent.backup.staging import StagingDir
+        from isolated_agent.guard.policy import Policy
+        from isolated_agent.guard.stage import Stager
 
         self.home = home
         self.directory = directory

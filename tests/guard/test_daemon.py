@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from isolated_agent.backup import Backups
-from isolated_agent.backup.daemon import Daemon, Settings, Worker, backoff
 from isolated_agent.backup.s3 import S3BlobStore
+from isolated_agent.backupd import Daemon, Settings, Worker, backoff
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 from tests.guard.conftest import Backupd, MotoServer, Staged, wait_all_purged, wait_for

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isolated_agent.backup.daemon import Daemon, Settings, Worker
+from isolated_agent.backupd import Daemon, Settings, Worker
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import HEADER, VERSION, Code, Frame, FrameReader
 from tests.conftest import DISK_SCRATCH_PREFIX

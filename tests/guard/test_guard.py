@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.backup.guard.staging import process_alive
 from isolated_agent.backup.s3 import S3BlobStore
+from isolated_agent.system.durable import process_alive
 from tests.guard.conftest import Guards, MotoServer, agentctl_cmd, guard_mounted, upload_all
 
 RAW_UNLINK_C = r"""

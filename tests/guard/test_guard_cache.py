@@ -1,4 +1,4 @@
-"""The guard's caches (backup/guard/fs.py's cache contract): the kernel keeps entries,
+"""The guard's caches (guard/fs.py's cache contract): the kernel keeps entries,
 attributes, listings and data of a guarded tree, and must still never show what is gone — a
 staged file at its old name — nor miss what changed behind the mount."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.backup.guard.behind import Watcher
-from isolated_agent.engines.fuse.replies import handle_free_supported
+from isolated_agent.fusefs.replies import handle_free_supported
+from isolated_agent.guard.behind import Watcher
 from tests.guard.conftest import Guards
 
 

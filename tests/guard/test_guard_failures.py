@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent import libc
 from isolated_agent.backup import Backups
+from isolated_agent.system import libc
 from tests.guard.conftest import (
     Backupd,
     Guards,

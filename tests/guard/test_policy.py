@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.backup.guard.policy import Policy, parse_size
+from isolated_agent.guard.policy import Policy, parse_size
 from tests.guard.conftest import Backupd, Guards, agentctl_cmd, wait_for
 
 

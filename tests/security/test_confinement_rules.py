@@ -55,8 +55,8 @@ def test_the_baseline_refuses_what_it_lists(attempt: str) -> None:
         try:
             import ctypes
 
-            from isolated_agent import libc
             from isolated_agent.jobs.syscall_filter import install_baseline
+            from isolated_agent.system import libc
 
             libc.set_no_new_privs()
             install_baseline()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent import libc
+from isolated_agent.system import libc
 from tests.guard.conftest import Guards, agentctl_cmd, guard_mounted, wait_for
 
 HOLDER = r"""

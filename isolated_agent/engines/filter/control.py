@@ -22,9 +22,9 @@ from isolated_agent.engines.filter.records import (
     record_path,
     socket_path,
 )
-from isolated_agent.engines.fuse import mount as mounts
 from isolated_agent.env.store import Root, Store
 from isolated_agent.errors import AgentctlError
+from isolated_agent.fusefs import mount as mounts
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 

@@ -33,27 +33,21 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.filter.fs import FilterOperations
+from isolated_agent.engines.filter.identity import Identity, JobRecord, Unclassifiable, start_time
 from isolated_agent.engines.filter.records import (
     FilterRecord,
     record_path,
     socket_path,
     write_record,
 )
-from isolated_agent.engines.fuse import fastloop
-from isolated_agent.engines.fuse.daemon import (
-    MountFailed,
-    detach_process,
-    fault_hook_from_env,
-    raise_fd_limit,
-    run_trio,
-    setup_logging,
-    terminate_on_signal,
-)
-from isolated_agent.engines.fuse.mount import raise_readahead_when_initialized
-from isolated_agent.jobs.identity import Identity, JobRecord, Unclassifiable, start_time
+from isolated_agent.engines.fuse.daemon import MountFailed, fault_hook_from_env, setup_logging
+from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.mount import raise_readahead_when_initialized
+from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred, refusal
 from isolated_agent.protocol.server import serve as serve_control
+from isolated_agent.system.daemon import detach_process, raise_fd_limit
 
 log = logging.getLogger("agentfs.filter")
 
@@ -173,7 +167,7 @@ def _job_alive(job: JobRecord) -> bool:
             if start_time(pid) == started:
                 return True
     if job.cgroup is not None:
-        from isolated_agent.jobs.cgroup import v2_mount_point
+        from isolated_agent.system.cgroup import v2_mount_point
 
         mount = v2_mount_point()
         if mount is not None:

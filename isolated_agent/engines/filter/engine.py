@@ -19,11 +19,11 @@ import shutil
 import uuid
 from typing import TYPE_CHECKING
 
-from isolated_agent import libc
-from isolated_agent.engines.daemon_log import LogWatch
 from isolated_agent.engines.fuse.engine import check_dev_fuse
 from isolated_agent.env.store import Env, Root, Store
 from isolated_agent.errors import IsolationError
+from isolated_agent.fusefs.daemon_log import LogWatch
+from isolated_agent.system import libc
 
 if TYPE_CHECKING:
     from isolated_agent.engines.filter.records import FilterRecord
@@ -88,8 +88,8 @@ class FilterEngine:
     def job_started(self, pid: int, cgroup_dir: str | None) -> None:
         """Before the command is released: every root's daemon learns the job."""
         from isolated_agent.engines.filter.control import FilterError, register_job
-        from isolated_agent.jobs.cgroup import v2_mount_point
-        from isolated_agent.jobs.identity import cgroup_name, start_time
+        from isolated_agent.engines.filter.identity import cgroup_name, start_time
+        from isolated_agent.system.cgroup import v2_mount_point
 
         mount = v2_mount_point()
         cgroup = cgroup_name(cgroup_dir, mount) if cgroup_dir and mount else None

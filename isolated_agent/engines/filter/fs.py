@@ -54,9 +54,9 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
-from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable, RangeInodeTable
-from isolated_agent.engines.fuse.replies import entry_attributes, errno_handler, statfs_reply
-from isolated_agent.jobs.identity import Identity, Unclassifiable
+from isolated_agent.engines.filter.identity import Identity, Unclassifiable
+from isolated_agent.fusefs.inodes import ROOT_INODE, InodeTable, RangeInodeTable
+from isolated_agent.fusefs.replies import entry_attributes, errno_handler, statfs_reply
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import Layers
 from isolated_agent.overlay.merge import Overlay

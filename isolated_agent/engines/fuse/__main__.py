@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 
-from isolated_agent.engines.fuse.cache import MODES
 from isolated_agent.engines.fuse.daemon import (
     MountConfig,
     MountFailed,
@@ -27,6 +26,7 @@ from isolated_agent.engines.fuse.daemon import (
     setup_logging,
     start_background,
 )
+from isolated_agent.fusefs.cache import MODES
 
 # Generic mount(8)/libfuse options accepted as they are.
 _PASSED_TO_LIBFUSE = {"ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime",

@@ -16,24 +16,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import resource
-import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
-from isolated_agent.engines.fuse import fastloop
-from isolated_agent.engines.fuse.cache import EXCLUSIVE, CacheMode
-from isolated_agent.engines.fuse.mount import raise_readahead_when_initialized
 from isolated_agent.engines.fuse.operations import Operations
 from isolated_agent.engines.id_swap import IdSwap
+from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.cache import EXCLUSIVE, CacheMode
+from isolated_agent.fusefs.mount import raise_readahead_when_initialized
+from isolated_agent.fusefs.serve import hold_stop_signals, run_trio, terminate_on_signal
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
 from isolated_agent.overlay.merge import Overlay
+from isolated_agent.system.daemon import detach_stdio, raise_fd_limit
 
 log = logging.getLogger("agentfs")
 
@@ -41,8 +40,6 @@ log = logging.getLogger("agentfs")
 # meeting a name that contains MARKER raises an unexpected exception, to prove that the daemon
 # answers EIO, cleans up and goes on serving.
 FAULT_ENV = "AGENTFS_FAULTS"
-# Where to write a cProfile of the daemon when its mount ends (for benchmarks/README-agentfs.md).
-PROFILE_ENV = "AGENTFS_PROFILE"
 # Set to serve with pyfuse3's own request loop (see fastloop.py), to measure what it costs.
 PLAIN_LOOP_ENV = "AGENTFS_PLAIN_LOOP"
 # Set to answer OPEN/OPENDIR with file handles even where handle-free mode is possible (see
@@ -110,8 +107,7 @@ def serve(
     """
     os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
     raise_fd_limit()
-    for signum in _STOP_SIGNALS:  # until trio listens: remembered, not fatal (see below)
-        signal.signal(signum, _remember_signal)
+    hold_stop_signals()
     overlay = Overlay(layers, fault_hook_from_env())
     operations = Operations(overlay, config.cache,
                             handle_free=False if os.environ.get(HANDLES_ENV) else None,
@@ -138,32 +134,6 @@ def serve(
         overlay.close()
 
 
-def run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
-    """trio.run(main, *args): a daemon's whole life. Under cProfile when $AGENTFS_PROFILE names
-    a file, written when it returns (benchmarks/README-agentfs.md)."""
-    profile_path = os.environ.get(PROFILE_ENV)
-    if not profile_path:
-        trio.run(main, *args)
-        return
-    import cProfile
-
-    profiler = cProfile.Profile()
-    try:
-        profiler.runcall(trio.run, main, *args)
-    finally:
-        profiler.dump_stats(profile_path)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_early_signals: list[int] = []
-
-
-def _remember_signal(signum: int, frame: object) -> None:
-    """A stop signal that came while mounting, before trio listened: the default action
-    would kill the daemon and leave the mount dead (ENOTCONN); stop cleanly instead."""
-    _early_signals.append(signum)
-
-
 async def _serve_until_signalled(operations: Operations, readahead_path: str | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
@@ -172,34 +142,6 @@ async def _serve_until_signalled(operations: Operations, readahead_path: str | N
                                readahead_path)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
-
-
-async def terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
-        task_status.started()
-        if _early_signals:
-            log.info("agentfs: signal %d while mounting, unmounting", _early_signals[0])
-            pyfuse3.terminate()
-            return
-        async for signum in signals:
-            log.info("agentfs: signal %d, unmounting", signum)
-            pyfuse3.terminate()
-            return
-
-
-def raise_fd_limit() -> None:
-    """One O_PATH fd per node the kernel holds: allow as many as the system lets us."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard
-    if os.geteuid() == 0:
-        with contextlib.suppress(OSError, ValueError), open("/proc/sys/fs/nr_open") as f:
-            wanted = max(hard, int(f.read()))
-    for limit in (wanted, hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, hard)))
-            return
-        except (OSError, ValueError):
-            continue
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -254,28 +196,3 @@ def start_background(
     raise MountFailed(answer.removeprefix("error ").strip() or "the agentfs daemon died")
 
 
-def detach_process(log_path: str | None) -> None:
-    """What a daemon started on demand does first: a session of its own (no controlling
-    terminal, no signal meant for its caller's process group), "/" as its working directory
-    (its caller's may be inside a guarded or mounted directory: held there, the daemon would
-    reach the files below a guard's mount and keep a mount busy), stdio to /dev/null or to
-    `log_path`."""
-    with contextlib.suppress(PermissionError):  # EPERM: it leads a session or group already
-        os.setsid()
-    os.chdir("/")
-    detach_stdio(log_path)
-
-
-def detach_stdio(log_path: str | None) -> None:
-    """A daemon's stdin from /dev/null, its stdout and stderr to `log_path` (or nowhere)."""
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
-    if log_path:
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-    else:
-        out = null
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    for fd in {null, out}:
-        if fd > 2:
-            os.close(fd)

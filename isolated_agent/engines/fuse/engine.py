@@ -29,11 +29,11 @@ import socket
 import stat
 import time
 
-from isolated_agent import libc
-from isolated_agent.engines.daemon_log import LogWatch
 from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
+from isolated_agent.fusefs.daemon_log import LogWatch
+from isolated_agent.system import libc
 
 _ANSWER_TIMEOUT = 30.0
 
@@ -176,11 +176,11 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
         from isolated_agent.engines.fuse.daemon import (
             MountConfig,
             MountFailed,
-            detach_stdio,
             open_layers,
             serve,
             setup_logging,
         )
+        from isolated_agent.system.daemon import detach_stdio
 
         detach_stdio(log_path)
         setup_logging()

@@ -18,7 +18,6 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from isolated_agent.engines.fuse import mount as mounts
 from isolated_agent.engines.fuse.daemon import (
     MountConfig,
     MountFailed,
@@ -29,6 +28,7 @@ from isolated_agent.engines.fuse.daemon import (
 )
 from isolated_agent.env.store import Env, Root, Store, is_within
 from isolated_agent.errors import AgentctlError, UsageError
+from isolated_agent.fusefs import mount as mounts
 
 
 class MountError(AgentctlError):

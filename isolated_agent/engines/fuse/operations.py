@@ -39,15 +39,15 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
-from isolated_agent.engines.fuse.cache import CacheMode
-from isolated_agent.engines.fuse.inodes import ROOT_INODE, InodeTable
-from isolated_agent.engines.fuse.replies import (
+from isolated_agent.engines.id_swap import IdSwap
+from isolated_agent.fusefs.cache import CacheMode
+from isolated_agent.fusefs.inodes import ROOT_INODE, InodeTable
+from isolated_agent.fusefs.replies import (
     entry_attributes,
     errno_handler,
     handle_free_supported,
     statfs_reply,
 )
-from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
 from isolated_agent.overlay.rename import rename

@@ -1,7 +1,7 @@
 """What a FUSE daemon's log tells the user after a job: requests that failed on a bug.
 
 A daemon answers a request that raised anything but OSError with EIO and logs the traceback
-(`fuse/replies.errno_handler`), then goes on serving. The job only sees "Input/output error";
+(`fusefs/replies.errno_handler`), then goes on serving. The job only sees "Input/output error";
 `LogWatch` counts those entries from the job's start, so that `agentctl run` can say which daemon
 failed and where its log is. Light on purpose: the launcher imports it, never pyfuse3.
 """

@@ -84,7 +84,7 @@ def cgroup_name(group_dir: str, v2_mount: str) -> str:
 def record_for(job_id: str, view: str, pid: int, group_dir: str | None) -> JobRecord:
     """The record of a job whose outermost process is `pid` (alive now), in the cgroup v2
     group at `group_dir` (or in none)."""
-    from isolated_agent.jobs.cgroup import v2_mount_point
+    from isolated_agent.system.cgroup import v2_mount_point
 
     cgroup = None
     if group_dir is not None:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from isolated_agent.env.store import is_within
-from isolated_agent.jobs.mountinfo import read_mountinfo
+from isolated_agent.system.mountinfo import read_mountinfo
 
 MAX_HOLDERS_FDS = 4096  # descriptors read per process at most (a process may hold millions)
 WALK_MAX_ENTRIES = 200_000  # entries the hard-link walk looks at, at most

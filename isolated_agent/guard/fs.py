@@ -62,17 +62,17 @@ from typing import TypeVar
 import pyfuse3
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
-from isolated_agent import libc
-from isolated_agent.backup.guard.behind import Place, Watcher
-from isolated_agent.backup.guard.inodes import ROOT, Inode, InodeTable
-from isolated_agent.backup.guard.stage import Pending, Stager
-from isolated_agent.backup.guard.staging import STAGING_NAME
-from isolated_agent.engines.fuse.replies import (
+from isolated_agent.backup.staging import STAGING_NAME
+from isolated_agent.fusefs.replies import (
     entry_attributes,
     errno_handler,
     handle_free_supported,
     statfs_reply,
 )
+from isolated_agent.guard.behind import Place, Watcher
+from isolated_agent.guard.inodes import ROOT, Inode, InodeTable
+from isolated_agent.guard.stage import Pending, Stager
+from isolated_agent.system import libc
 
 log = logging.getLogger("guard")
 

@@ -47,10 +47,29 @@ from typing import Any
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
-from isolated_agent import libc
 from isolated_agent.backup import Backups
 from isolated_agent.backup.catalog import GuardCatalog, GuardRecord
-from isolated_agent.backup.guard.bypass import (
+from isolated_agent.backup.staging import (
+    STAGING_NAME,
+    StagingDir,
+    process_alive,
+    read_state,
+    reconcile,
+    running_guard_pid,
+    state_path,
+)
+from isolated_agent.env.store import is_within
+from isolated_agent.errors import GuardError
+from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.mount import (
+    NotMounted,
+    UnmountFailed,
+    mount_entry,
+    unmount,
+    wait_exited,
+)
+from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
+from isolated_agent.guard.bypass import (
     Gap,
     Holder,
     OutsideLinks,
@@ -60,37 +79,14 @@ from isolated_agent.backup.guard.bypass import (
     outside_links,
     past_gaps,
 )
-from isolated_agent.backup.guard.fs import GuardOperations
-from isolated_agent.backup.guard.policy import Policy
-from isolated_agent.backup.guard.stage import Stager
-from isolated_agent.backup.guard.staging import (
-    STAGING_NAME,
-    StagingDir,
-    process_alive,
-    read_state,
-    reconcile,
-    running_guard_pid,
-    state_path,
-)
-from isolated_agent.engines.fuse import fastloop
-from isolated_agent.engines.fuse.daemon import (
-    detach_process,
-    raise_fd_limit,
-    run_trio,
-    terminate_on_signal,
-)
-from isolated_agent.engines.fuse.mount import (
-    NotMounted,
-    UnmountFailed,
-    mount_entry,
-    unmount,
-    wait_exited,
-)
-from isolated_agent.env.store import is_within
-from isolated_agent.errors import GuardError
-from isolated_agent.jobs.mountinfo import MountEntry, read_mountinfo
+from isolated_agent.guard.fs import GuardOperations
+from isolated_agent.guard.policy import Policy
+from isolated_agent.guard.stage import Stager
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
+from isolated_agent.system import libc
+from isolated_agent.system.daemon import detach_process, raise_fd_limit
+from isolated_agent.system.mountinfo import MountEntry, read_mountinfo
 
 log = logging.getLogger("guard")
 

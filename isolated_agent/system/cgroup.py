@@ -12,7 +12,7 @@ import contextlib
 import os
 import time
 
-from isolated_agent.jobs.mountinfo import read_mountinfo
+from isolated_agent.system.mountinfo import read_mountinfo
 
 
 def v2_mount_point() -> str | None:

@@ -2,7 +2,7 @@
 the conversion of stat results into replies, and whether pyfuse3 allows handle-free mounts.
 
 Used by agentfs (`operations.py`), its filter mount (`engines/filter/fs.py`) and the guard
-(`backup/guard/fs.py`).
+(`guard/fs.py`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
-from isolated_agent.engines.daemon_log import FAILED_MARK
+from isolated_agent.fusefs.daemon_log import FAILED_MARK
 
 T = TypeVar("T")
 

@@ -31,7 +31,6 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from isolated_agent import libc
 from isolated_agent.backup.catalog import (
     RECORDED,
     SKIPPED,
@@ -40,8 +39,9 @@ from isolated_agent.backup.catalog import (
     GuardRecord,
     NewItem,
 )
-from isolated_agent.backup.guard.policy import Policy
-from isolated_agent.backup.guard.staging import StagedRecord, StagingDir
+from isolated_agent.backup.staging import StagedRecord, StagingDir
+from isolated_agent.guard.policy import Policy
+from isolated_agent.system import libc
 
 log = logging.getLogger("guard")
 

@@ -17,8 +17,8 @@ import time
 
 import trio  # type: ignore[import-untyped]
 
-from isolated_agent import libc
-from isolated_agent.jobs.mountinfo import MountEntry, read_mountinfo
+from isolated_agent.system import libc
+from isolated_agent.system.mountinfo import MountEntry, read_mountinfo
 
 # How far the kernel reads ahead in a FUSE mount that `raise_readahead` tuned: READs of up to
 # 1 MiB instead of 128 KiB, a sequential first read of a large file in 8× fewer round trips.

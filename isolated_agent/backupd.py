@@ -56,14 +56,14 @@ from isolated_agent.backup.catalog import (
     GuardItem,
     GuardRecord,
 )
-from isolated_agent.backup.guard.staging import (
+from isolated_agent.backup.s3 import BucketUnavailable
+from isolated_agent.backup.staging import (
     StagingDir,
     StagingUnavailable,
     open_staging,
     reconcile,
     running_guard_pid,
 )
-from isolated_agent.backup.s3 import BucketUnavailable
 from isolated_agent.backup.store import BlobStore, LocalBlobStore
 from isolated_agent.errors import BackupError, BlobCorrupt
 from isolated_agent.protocol.frames import Code, Frame, error_frame

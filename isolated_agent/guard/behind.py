@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from isolated_agent import libc
+from isolated_agent.system import libc
 
 log = logging.getLogger("guard")
 

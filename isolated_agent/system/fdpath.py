@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from isolated_agent import libc
+from isolated_agent.system import libc
 
 PATH_LIMIT = 4095  # bytes of a path the kernel takes (PATH_MAX counts the terminating NUL)
 DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC

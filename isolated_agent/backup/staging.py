@@ -52,7 +52,6 @@ import stat
 import time
 from dataclasses import dataclass
 
-from isolated_agent import libc
 from isolated_agent.backup.catalog import (
     FAILED,
     PURGED,
@@ -64,6 +63,8 @@ from isolated_agent.backup.catalog import (
     GuardRecord,
 )
 from isolated_agent.errors import BackupError
+from isolated_agent.system import libc
+from isolated_agent.system.durable import process_alive
 
 STAGING_NAME = b".isolated-agent-guard"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -399,19 +400,6 @@ def running_guard_pid(run_dir: str, guard_id: int) -> int | None:
     pid = None if state is None else state.get("pid")
     return pid if isinstance(pid, int) and process_alive(pid) else None
 
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def open_staging(run_dir: str, guard: GuardRecord) -> StagingDir:

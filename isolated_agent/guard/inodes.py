@@ -1,6 +1,6 @@
 """The guard's inode table: which host file each FUSE inode number stands for.
 
-The agentfs table (engines/fuse/inodes.py) binds numbers to overlay nodes; the guard has no
+The agentfs table (fusefs/inodes.py) binds numbers to overlay nodes; the guard has no
 overlay, only host files, so it keeps its own small table in the style of libfuse's
 passthrough_hp: each inode the kernel holds is an O_PATH fd to the host file, keyed by the
 file's (st_dev, st_ino).
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from isolated_agent.backup.guard.behind import Watcher
+    from isolated_agent.guard.behind import Watcher
 
 ROOT = 1
 _INO_BITS = 48

@@ -1,0 +1,68 @@
+"""The serve loop every FUSE daemon of ours runs: trio, one worker, stopped by a signal.
+
+    hold_stop_signals()   before mounting: a SIGTERM/SIGINT/SIGHUP that comes while mounting is
+                          remembered, not fatal (dying then would leave a dead mount, ENOTCONN)
+    run_trio(main, ...)   a daemon's whole life, under cProfile when $AGENTFS_PROFILE names a file
+    terminate_on_signal   the nursery task that ends the FUSE session on a stop signal
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pyfuse3
+import trio  # type: ignore[import-untyped]
+
+log = logging.getLogger("agentfs")
+
+# Where to write a cProfile of the daemon when its mount ends (for benchmarks/README-agentfs.md).
+PROFILE_ENV = "AGENTFS_PROFILE"
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_early_signals: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """Until trio listens, remember a stop signal instead of dying of it: the default action
+    would kill the daemon while it mounts and leave the mount dead (ENOTCONN)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _remember_signal)
+
+
+def _remember_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signum)
+
+
+def run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
+    """trio.run(main, *args): a daemon's whole life. Under cProfile when $AGENTFS_PROFILE names
+    a file, written when it returns (benchmarks/README-agentfs.md)."""
+    profile_path = os.environ.get(PROFILE_ENV)
+    if not profile_path:
+        trio.run(main, *args)
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(trio.run, main, *args)
+    finally:
+        profiler.dump_stats(profile_path)
+
+
+async def terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """End the FUSE session (pyfuse3.main returns, the daemon unmounts) on the first stop
+    signal — also on one that came while mounting (`hold_stop_signals`)."""
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        task_status.started()
+        if _early_signals:
+            log.info("signal %d while mounting, unmounting", _early_signals[0])
+            pyfuse3.terminate()
+            return
+        async for signum in signals:
+            log.info("signal %d, unmounting", signum)
+            pyfuse3.terminate()
+            return
