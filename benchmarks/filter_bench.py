@@ -62,10 +62,11 @@ from workloads import WORKLOADS, Workload, walk  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOAD_NAMES = ("walk+stat", "grep -r", "read all")
-PASSES = ("first", "second")
+PASSES = ("first", "second", "third")  # the third: settled (see README-filter.md)
 CHANGE_EVERY = 100  # the env changes every 100th file of the tree, in sorted order: 1 %
 ENV_ID = "bench-env"
-TARGET_HOST = 2.0  # filter-host / native, second pass
+# filter-host / native on the second pass (issue 13's bar; issue 5 had asked for 2× on all)
+TARGET_HOST = {"walk+stat": 3.0, "grep -r": 4.0, "read all": 4.0}
 TARGET_JOB = 1.5  # filter-job / env-mount, each pass
 
 
@@ -209,7 +210,7 @@ def real_tree(setup: Setup, ctx: BenchContext) -> str:
 
 
 def measure(setup: Setup, ctx: BenchContext, workload: Workload,
-            repeat: int = 2) -> dict[str, Any]:
+            repeat: int = len(PASSES)) -> dict[str, Any]:
     """One measurement: nothing mounted, every cache dropped, the real tree and the workload's
     programs read natively, then the setup mounted afresh and the runner started in it; once the
     runner says ready it is registered (filter-job), and goes: it times `repeat` passes."""
@@ -531,10 +532,11 @@ def report(results: list[Measurement], setups: list[str],
             ma, mb = cell[(workload, state, a)], cell[(workload, state, b)]
             ratio = ma.median / mb.median
             row.append(f"{ratio:.2f}×")
-            # The host's target is on its second pass; the job's on both passes.
-            if target is not None and (a != "filter-host" or state == "second"):
+            limit = target[workload] if isinstance(target, dict) else target
+            # The host's target is on its second pass; the job's on every pass.
+            if limit is not None and (a != "filter-host" or state == "second"):
                 verdicts.append({"workload": workload, "pass": state, "ratio": f"{a} / {b}",
-                                 "value": ratio, "target": target, "met": ratio <= target})
+                                 "value": ratio, "target": limit, "met": ratio <= limit})
         rows.append(row)
     print_table("wall time of the workload, median of the repetitions (±max deviation); "
                 "ratios of medians", header, rows)

@@ -70,5 +70,6 @@ def test_packages_import_only_layers_below_them() -> None:
 
 def test_libraries_do_not_import_pyfuse3() -> None:
     offenders = [str(path.relative_to(PACKAGE)) for top, path in _modules()
-                 if top in NO_PYFUSE3 and any(n.split(".")[0] == "pyfuse3" for n in _imported(path))]
+                 if top in NO_PYFUSE3
+                 and any(name.split(".")[0] == "pyfuse3" for name in _imported(path))]
     assert not offenders

@@ -36,6 +36,7 @@ def three_views(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Worker]]]:
     _file(root / "a.txt", "host")
     _file(root / "b.txt", "host")
     _file(root / "d" / "inner.txt", "host")
+    _file(root / "e" / "x.txt", "host")  # no env has touched e: listed alike in every view
     uppers = {}
     for env in ("one", "two"):
         upper, work = tmp_path / env / "upper", tmp_path / env / "work"
@@ -72,8 +73,8 @@ EXPECTED = {
     "d/only-one.txt": {"host": "errno 2", "one": "one!", "two": "errno 2"},
 }
 LISTINGS = {
-    "": {"host": ["a.txt", "b.txt", "d", "same.txt"], "one": ["a.txt", "b.txt", "d", "same.txt"],
-         "two": ["a.txt", "d", "same.txt"]},
+    "": {"host": ["a.txt", "b.txt", "d", "e", "same.txt"],
+         "one": ["a.txt", "b.txt", "d", "e", "same.txt"], "two": ["a.txt", "d", "e", "same.txt"]},
     "d": {"host": ["inner.txt"], "one": ["inner.txt", "only-one.txt"], "two": ["inner.txt"]},
 }
 
@@ -113,8 +114,8 @@ def test_a_change_in_one_env_reaches_no_other_view(
     assert workers["host"]("read", root / "same.txt") == "same"
     assert workers["one"]("read", root / "same.txt") == "written"
     assert workers["two"]("read", root / "same.txt") == "errno 2"
-    assert workers["two"]("list", root) == ["a.txt", "d"]
-    assert workers["host"]("list", root) == ["a.txt", "b.txt", "d", "same.txt"]
+    assert workers["two"]("list", root) == ["a.txt", "d", "e"]
+    assert workers["host"]("list", root) == ["a.txt", "b.txt", "d", "e", "same.txt"]
 
 
 def test_host_changes_show_in_envs_that_did_not_change_the_name(
@@ -127,3 +128,41 @@ def test_host_changes_show_in_envs_that_did_not_change_the_name(
     assert workers["one"]("read", root / "b.txt") == "written"  # the lower changed under it
     assert workers["two"]("read", root / "b.txt") == "errno 2"  # env two deleted it
     assert (root / "b.txt").read_text() == "written"  # the test process is a host process
+
+
+def test_a_listing_kept_for_every_view_ends_with_the_first_change(
+    three_views: tuple[Path, dict[str, Worker]]
+) -> None:
+    """A directory that every view lists alike is listed once for all (the kernel keeps the
+    listing: FOPEN_CACHE_DIR). A change to it by any view ends that: from then on each view
+    lists its own, in every order."""
+    root, workers = three_views
+    e = root / "e"
+    for _ in range(2):  # the second round is answered from the listing the kernel kept
+        for who in ("host", "one", "two"):
+            assert workers[who]("list", e) == ["x.txt"], who
+    assert workers["one"]("write", e / "new.txt") == "ok"
+    expected = {"host": ["x.txt"], "one": ["new.txt", "x.txt"], "two": ["x.txt"]}
+    for order in itertools.permutations(("host", "one", "two")):
+        for who in order:
+            assert workers[who]("list", e) == expected[who], (order, who)
+    assert workers["two"]("unlink", e / "x.txt") == "ok"
+    assert workers["host"]("write", e / "h.txt") == "ok"
+    expected = {"host": ["h.txt", "x.txt"], "one": ["h.txt", "new.txt", "x.txt"],
+                "two": ["h.txt"]}
+    for order in itertools.permutations(("host", "one", "two")):
+        for who in order:
+            assert workers[who]("list", e) == expected[who], (order, who)
+
+
+def test_a_host_change_to_a_kept_listing_reaches_every_view(
+    three_views: tuple[Path, dict[str, Worker]]
+) -> None:
+    root, workers = three_views
+    e = root / "e"
+    for who in ("host", "one", "two"):
+        assert workers[who]("list", e) == ["x.txt"]
+    assert workers["host"]("mkdir", e / "sub") == "ok"
+    assert workers["host"]("unlink", e / "x.txt") == "ok"
+    for who in ("two", "one", "host"):
+        assert workers[who]("list", e) == ["sub"], who

@@ -27,6 +27,11 @@ lifetimes are decided per *name* (DESIGN §4.2, issue 5):
   later at the path of one the env made is therefore not merged into the env's view while
   the kernel keeps its entries (the commit merges them as always).
 
+Listings follow the same rule (`_listed_alike`): a directory that every view lists alike — a
+shared one no env has a copy of in its upper, or an env's upper-only one — is listed once for
+all (the kernel keeps the listing, FOPEN_CACHE_DIR), until a change to it by any view, which
+the kernel sees, drops it; any other directory is listed for each open, in the caller's view.
+
 Names start shared and diverge when an env first changes them. Changes that go through a
 shared inode would leak through the shared kernel caches, so an env process that tries one
 (open for writing, truncate, chmod/chown/utimes, xattrs, link, or renaming it away) on a shared
@@ -67,6 +72,8 @@ log = logging.getLogger("agentfs.filter")
 _handler = errno_handler(log)
 
 LONG = 24 * 3600.0  # cache lifetime of what every view sees alike (invalidated explicitly)
+# Whether this pyfuse3 lets OPENDIR ask the kernel to keep a listing (packaging/pyfuse3).
+_CACHE_READDIR = {"cache_readdir", "opendir_file_info"} <= getattr(pyfuse3, "EXTENSIONS", set())
 
 # Env views number their private inodes in [2^62, 2^62 + 2^61): 2^40 numbers per view.
 _PRIVATE_BASE = 1 << 62
@@ -724,13 +731,42 @@ class FilterOperations(pyfuse3.Operations):
     # -- directories ----------------------------------------------------------------------------
 
     @_handler
-    def opendir(self, inode: int, ctx: RequestContext) -> int:
+    def opendir(  # type: ignore[override]  # this pyfuse3 takes a FileInfo too
+        self, inode: int, ctx: RequestContext
+    ) -> int | FileInfo:
         view = self._view(ctx)
         node = self._parent(view, inode)
         handle = self._handle()
         self._dirs[handle] = _DirHandle(view, node, inode)
         view.overlay.ref(node)
-        return handle
+        if not _CACHE_READDIR:
+            return handle
+        alike = self._listed_alike(inode)
+        return FileInfo(fh=handle, keep_cache=alike, cache_readdir=alike)
+
+    def _listed_alike(self, inode: int) -> bool:
+        """Whether every process that can list directory `inode` gets the same listing (the
+        same names, numbered alike), so that the kernel may keep it for all (FOPEN_CACHE_DIR).
+
+        A shared directory is listed alike when no env has a copy of it in its upper (its
+        names are then the host's, and each is shared: nothing under it diverged) and no env
+        forced a name of it private. An env's private directory is listed only by that env;
+        when it is upper-only, only the env's own requests change it. Whatever changes a
+        listing later reaches the kernel through this inode (a create, unlink or rename in it,
+        by any view), which drops the kept listing; an env's first change under a directory
+        copies the directory up first, so the next OPENDIR answers "not alike"."""
+        owner = self._owner(inode)
+        if not owner.is_host:
+            return owner.inodes.node(inode).upper_only
+        host = self.host.inodes.node(inode)
+        for view in self.envs.values():
+            try:
+                node = self._shadow(view, host)
+            except OSError:
+                return False
+            if node.in_upper or any(key == host.key for key, _ in view.forced):
+                return False
+        return True
 
     @_handler
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
