@@ -52,7 +52,6 @@ from isolated_agent.backup.catalog import GuardCatalog, GuardRecord
 from isolated_agent.backup.staging import (
     STAGING_NAME,
     StagingDir,
-    process_alive,
     read_state,
     reconcile,
     running_guard_pid,
@@ -86,6 +85,7 @@ from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 from isolated_agent.system import libc
 from isolated_agent.system.daemon import detach_process, raise_fd_limit
+from isolated_agent.system.durable import process_alive
 from isolated_agent.system.mountinfo import MountEntry, read_mountinfo
 
 log = logging.getLogger("guard")

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
-from isolated_agent.engines.fuse.operations import Operations
+from isolated_agent.engines.fuse.filesystem import OverlayFileSystem
 from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.adapter import Adapter, FuseKernel
 from isolated_agent.fusefs.cache import EXCLUSIVE, CacheMode
 from isolated_agent.fusefs.mount import raise_readahead_when_initialized
+from isolated_agent.fusefs.replies import handle_free_supported
 from isolated_agent.fusefs.serve import hold_stop_signals, run_trio, terminate_on_signal
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
@@ -43,7 +45,7 @@ FAULT_ENV = "AGENTFS_FAULTS"
 # Set to serve with pyfuse3's own request loop (see fastloop.py), to measure what it costs.
 PLAIN_LOOP_ENV = "AGENTFS_PLAIN_LOOP"
 # Set to answer OPEN/OPENDIR with file handles even where handle-free mode is possible (see
-# operations.py): to test and measure that mode, which is also what an unpatched pyfuse3 gets.
+# filesystem.py): to test and measure that mode, which is also what an unpatched pyfuse3 gets.
 HANDLES_ENV = "AGENTFS_HANDLES"
 
 
@@ -109,10 +111,12 @@ def serve(
     raise_fd_limit()
     hold_stop_signals()
     overlay = Overlay(layers, fault_hook_from_env())
-    operations = Operations(overlay, config.cache,
-                            handle_free=False if os.environ.get(HANDLES_ENV) else None,
-                            id_swap=config.id_swap)
-    log.info("agentfs: %s", "handle-free" if operations.handle_free else "file handles")
+    handle_free = (config.cache.keep_cache and handle_free_supported()
+                   and not os.environ.get(HANDLES_ENV))
+    model = OverlayFileSystem(overlay, config.cache, FuseKernel(), handle_free=handle_free,
+                              id_swap=config.id_swap)
+    operations = Adapter(model)
+    log.info("agentfs: %s", "handle-free" if handle_free else "file handles")
     try:
         pyfuse3.init(operations, mountpoint, config.libfuse_options())
     except RuntimeError as e:
@@ -128,13 +132,13 @@ def serve(
         # job's, whose sysfs is not ours to write).
         run_trio(_serve_until_signalled, operations, None if given.isdigit() else mountpoint)
     finally:
-        operations.release_all()
+        operations.close()
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
         overlay.close()
 
 
-async def _serve_until_signalled(operations: Operations, readahead_path: str | None) -> None:
+async def _serve_until_signalled(operations: Adapter, readahead_path: str | None) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
         if readahead_path is not None:
