@@ -1,5 +1,6 @@
-"""The guard's FUSE operations: a pass-through filesystem over the guarded directory that
-stages old content (stage.py) before anything destroys it.
+"""The guard as a `FileSystem` model (fusefs/model.py): a pass-through file system over the
+guarded directory that stages old content (stage.py) before anything destroys it. The one
+FUSE adapter (fusefs/adapter.py) serves it.
 
 Destructive operations and what is kept before they return:
     unlink                     the file itself (renamed into staging; copied if it has other
@@ -43,8 +44,8 @@ With handles (a pyfuse3 without those extensions): attributes and entries for
 the mount are seen within `SHORT_TIMEOUT`. Writeback caching is off in both, so an error
 writing to the host (ENOSPC) is reported by write(), not later.
 
-Errors become errnos in one place (`_handler`): OSError -> its errno; anything else is logged
-and answered EIO, and the daemon goes on. A staging failure fails the operation (fail closed):
+Errors are OSErrors, answered with their errno by the adapter (anything else is logged and
+answered EIO, and the daemon goes on). A staging failure fails the operation (fail closed):
 nothing is destroyed that was not first kept.
 """
 
@@ -57,17 +58,17 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
-
-import pyfuse3
-from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
 from isolated_agent.backup.staging import STAGING_NAME
-from isolated_agent.fusefs.replies import (
-    entry_attributes,
-    errno_handler,
-    handle_free_supported,
-    statfs_reply,
+from isolated_agent.fusefs.handles import Handles
+from isolated_agent.fusefs.model import (
+    Attributes,
+    Caller,
+    Changes,
+    Kernel,
+    Listed,
+    Opened,
+    Policy,
 )
 from isolated_agent.guard.behind import Place, Watcher
 from isolated_agent.guard.inodes import ROOT, Inode, InodeTable
@@ -78,10 +79,10 @@ log = logging.getLogger("guard")
 
 TIMEOUT = 24 * 3600.0  # handle-free: the kernel keeps what it learnt (contract above)
 SHORT_TIMEOUT = 1.0  # with handles (a pyfuse3 without the extensions)
-T = TypeVar("T")
 
 
-_handler = errno_handler(log)
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
 
 
 @dataclass
@@ -90,37 +91,32 @@ class _Handle:
     fd: int
 
 
-class GuardOperations(pyfuse3.Operations):
-    supports_dot_lookup = True
-    enable_writeback_cache = False
-
-    def __init__(self, root_fd: int, root_path: bytes, stager: Stager,
-                 handle_free: bool | None = None) -> None:
-        """`handle_free`: None chooses it whenever pyfuse3 allows it (see the cache
-        contract above)."""
-        super().__init__()
-        self.handle_free = handle_free_supported() if handle_free is None else handle_free
+class GuardFileSystem:
+    def __init__(self, root_fd: int, root_path: bytes, stager: Stager, kernel: Kernel,
+                 handle_free: bool) -> None:
+        """`handle_free`: wherever pyfuse3 allows it (`replies.handle_free_supported`; see
+        the cache contract above)."""
+        self.handle_free = handle_free
+        self.kernel = kernel
+        # A truncating open arrives as a SETATTR when handle-free: staged like truncate(2).
+        self.policy = Policy(handle_free=handle_free, atomic_o_trunc=not handle_free)
         # Long-lived caches need to hear of changes made behind the mount (behind.py).
         self.behind = Watcher() if self.handle_free else None
         self.inodes = InodeTable(root_fd, root_path, self.behind)
         self.stager = stager
-        # A truncating open then reaches us as a SETATTR, which stages like truncate(2).
-        self.enable_atomic_o_trunc = not self.handle_free
         self.timeout = TIMEOUT if self.handle_free else SHORT_TIMEOUT
-        self._files: dict[int, _Handle] = {}
-        self._dirs: dict[int, tuple[Inode, list[bytes] | None]] = {}
-        self._listings: dict[int, list[bytes]] = {}  # handle-free: a listing being streamed
-        self._next_handle = 1
+        self._files: Handles[_Handle] = Handles()
+        self._dirs: Handles[Inode] = Handles()
         self._root = self.inodes.get(ROOT)
         self._as_root = os.geteuid() == 0
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _attributes(self, inode: Inode, st: os.stat_result | None = None) -> EntryAttributes:
+    def _attributes(self, inode: Inode, st: os.stat_result | None = None) -> Attributes:
         st = st if st is not None else os.stat(inode.fd)
-        return entry_attributes(st, inode.number, self.timeout, self.timeout)
+        return Attributes(inode.number, st, self.timeout, self.timeout)
 
-    def _entry(self, parent: Inode, name: bytes) -> EntryAttributes:
+    def _entry(self, parent: Inode, name: bytes) -> Attributes:
         inode, st = self.inodes.lookup(parent, name)
         try:
             attrs = self._attributes(inode, st)
@@ -137,19 +133,14 @@ class GuardOperations(pyfuse3.Operations):
         if self._hidden(parent, name):
             raise OSError(errno.EACCES, "reserved for the guard's staging dir")
 
-    def _handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
-
-    def _give_to(self, parent: Inode, name: bytes, ctx: RequestContext) -> None:
+    def _give_to(self, parent: Inode, name: bytes, caller: Caller) -> None:
         """A new entry made by the (root) daemon belongs to the caller; its group is the
         directory's when that is set-group-ID, as the kernel would have made it."""
-        if not self._as_root or (ctx.uid == 0 and ctx.gid == 0):
+        if not self._as_root or (caller.uid == 0 and caller.gid == 0):
             return
         parent_st = os.stat(parent.fd)
-        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else ctx.gid
-        os.chown(name, ctx.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
+        gid = parent_st.st_gid if parent_st.st_mode & stat.S_ISGID else caller.gid
+        os.chown(name, caller.uid, gid, dir_fd=parent.fd, follow_symlinks=False)
 
     def _stat_child(self, parent: Inode, name: bytes) -> os.stat_result | None:
         try:
@@ -178,7 +169,7 @@ class GuardOperations(pyfuse3.Operations):
             log.warning("guard: inotify queue overflow: forgetting every cached attribute")
             for number in self.inodes.numbers():
                 with contextlib.suppress(OSError):
-                    pyfuse3.invalidate_inode(number, attr_only=True)
+                    self.kernel.invalidate_inode(number)
         for change in changes:
             directory = self.inodes.get_or_none(change.directory)
             if directory is None:
@@ -186,20 +177,18 @@ class GuardOperations(pyfuse3.Operations):
             if not change.name:
                 targets = [directory.number]
             elif change.namespace:
-                pyfuse3.invalidate_entry_async(directory.number, change.name,
-                                               ignore_enoent=True)
+                self.kernel.invalidate_entry(directory.number, change.name)
                 targets = [directory.number]
             else:
                 child = self.inodes.known(directory, change.name)
                 targets = [child.number] if child is not None else []
             for number in targets:
                 with contextlib.suppress(OSError):  # the kernel forgot it meanwhile
-                    pyfuse3.invalidate_inode(number, attr_only=True)
+                    self.kernel.invalidate_inode(number)
 
     # -- lookups and attributes -------------------------------------------------------------
 
-    @_handler
-    def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes, caller: Caller) -> Attributes:
         parent = self.inodes.get(parent_inode)
         if name in (b".", b".."):
             # Never resolve ".." on the host: from a child of DIR it climbs onto DIR, which is
@@ -218,45 +207,35 @@ class GuardOperations(pyfuse3.Operations):
             # The kernel remembers that the name does not exist (git asks for a .gitignore
             # in every directory, every time), until a create through the mount or inotify
             # says otherwise.
-            attrs = EntryAttributes()
-            attrs.st_ino = 0
-            attrs.entry_timeout = self.timeout
-            return attrs
+            return Attributes.negative(self.timeout)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for number, count in inode_list:
-            try:
-                self.inodes.forget(number, count)
-                if number not in self.inodes:
-                    self._listings.pop(number, None)
-            except Exception:  # must not fail
-                log.exception("guard: forget(%d, %d) failed", number, count)
+    def forget(self, number: int, count: int) -> bool:
+        self.inodes.forget(number, count)
+        return number not in self.inodes
 
-    @_handler
-    def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+    def getattr(self, inode: int, caller: Caller) -> Attributes:
         return self._attributes(self.inodes.get(inode))
 
-    @_handler
-    def setattr(self, inode_number: int, attr: EntryAttributes, fields: SetattrFields,
-                fh: int | None, ctx: RequestContext) -> EntryAttributes:
+    def setattr(self, inode_number: int, changes: Changes, fh: int | None,
+                caller: Caller) -> Attributes:
         inode = self.inodes.get(inode_number)
         st = os.stat(inode.fd)
         is_link = stat.S_ISLNK(st.st_mode)
-        if fields.update_size:
-            self._truncate(inode, st, attr.st_size, fh)
-        if fields.update_mode and not is_link:
-            os.chmod(inode.proc_path, stat.S_IMODE(attr.st_mode))
-        if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
+        if changes.size is not None:
+            self._truncate(inode, st, changes.size, fh)
+        if changes.mode is not None and not is_link:
+            os.chmod(inode.proc_path, stat.S_IMODE(changes.mode))
+        if changes.uid is not None or changes.gid is not None:
+            uid = changes.uid if changes.uid is not None else -1
+            gid = changes.gid if changes.gid is not None else -1
             if is_link:
                 parent = self.inodes.get(inode.parent)
                 os.chown(inode.name, uid, gid, dir_fd=parent.fd, follow_symlinks=False)
             else:
                 os.chown(inode.proc_path, uid, gid)
-        if fields.update_atime or fields.update_mtime:
-            times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                     attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+        if changes.atime_ns is not None or changes.mtime_ns is not None:
+            times = (changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns,
+                     changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns)
             if is_link:
                 parent = self.inodes.get(inode.parent)
                 os.utime(inode.name, ns=times, dir_fd=parent.fd, follow_symlinks=False)
@@ -274,8 +253,9 @@ class GuardOperations(pyfuse3.Operations):
             finally:
                 os.close(reader)
         try:
-            if fh is not None and not self.handle_free and fh in self._files:
-                os.ftruncate(self._files[fh].fd, size)
+            handle = None if self.handle_free else self._files.get(fh)
+            if handle is not None:
+                os.ftruncate(handle.fd, size)
             else:
                 os.truncate(inode.proc_path, size)
         except BaseException:
@@ -285,59 +265,49 @@ class GuardOperations(pyfuse3.Operations):
             self._settle(*self._places(inode))
         self.stager.done(pending)
 
-    @_handler
-    def readlink(self, inode: int, ctx: RequestContext) -> bytes:
+    def readlink(self, inode: int, caller: Caller) -> bytes:
         return os.readlink(b"", dir_fd=self.inodes.get(inode).fd)
 
-    @_handler
-    def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        return statfs_reply(os.statvfs(self._root.proc_path))
-
-    @_handler
-    def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
-        return True  # mounted with default_permissions: the kernel checks the mode bits
+    def statfs(self, caller: Caller) -> os.statvfs_result:
+        return os.statvfs(self._root.proc_path)
 
     # -- creating ---------------------------------------------------------------------------
 
-    @_handler
     def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-              ctx: RequestContext) -> EntryAttributes:
+              caller: Caller) -> Attributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
         try:
             os.mknod(name, mode, rdev, dir_fd=parent.fd)
-            self._give_to(parent, name, ctx)
+            self._give_to(parent, name, caller)
         finally:
             self._settle((parent.number, name))
         return self._entry(parent, name)
 
-    @_handler
     def mkdir(self, parent_inode: int, name: bytes, mode: int,
-              ctx: RequestContext) -> EntryAttributes:
+              caller: Caller) -> Attributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
         try:
             os.mkdir(name, mode, dir_fd=parent.fd)
-            self._give_to(parent, name, ctx)
+            self._give_to(parent, name, caller)
         finally:
             self._settle((parent.number, name))
         return self._entry(parent, name)
 
-    @_handler
     def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                ctx: RequestContext) -> EntryAttributes:
+                caller: Caller) -> Attributes:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
         try:
             os.symlink(target, name, dir_fd=parent.fd)
-            self._give_to(parent, name, ctx)
+            self._give_to(parent, name, caller)
         finally:
             self._settle((parent.number, name))
         return self._entry(parent, name)
 
-    @_handler
     def link(self, inode_number: int, new_parent_inode: int, new_name: bytes,
-             ctx: RequestContext) -> EntryAttributes:
+             caller: Caller) -> Attributes:
         inode = self.inodes.get(inode_number)
         parent = self.inodes.get(new_parent_inode)
         self._refuse_hidden(parent, new_name)
@@ -349,8 +319,7 @@ class GuardOperations(pyfuse3.Operations):
 
     # -- destroying: staged first -----------------------------------------------------------
 
-    @_handler
-    def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+    def unlink(self, parent_inode: int, name: bytes, caller: Caller) -> None:
         parent = self.inodes.get(parent_inode)
         if self._hidden(parent, name):
             raise OSError(errno.ENOENT, "hidden")
@@ -360,8 +329,7 @@ class GuardOperations(pyfuse3.Operations):
         finally:
             self._settle((parent.number, name))
 
-    @_handler
-    def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, caller: Caller) -> None:
         parent = self.inodes.get(parent_inode)
         if self._hidden(parent, name):
             raise OSError(errno.ENOENT, "hidden")
@@ -372,9 +340,8 @@ class GuardOperations(pyfuse3.Operations):
             self._settle((parent.number, name))
         self.stager.removed_dir(self.inodes.child_path(parent, name), st)
 
-    @_handler
     def rename(self, old_parent_inode: int, old_name: bytes, new_parent_inode: int,
-               new_name: bytes, flags: int, ctx: RequestContext) -> None:
+               new_name: bytes, flags: int, caller: Caller) -> None:
         old_parent = self.inodes.get(old_parent_inode)
         new_parent = self.inodes.get(new_parent_inode)
         if self._hidden(old_parent, old_name):
@@ -440,22 +407,19 @@ class GuardOperations(pyfuse3.Operations):
         self.stager.done(pending)
         return fd
 
-    def _file_info(self, inode: Inode, fd: int) -> FileInfo:
-        handle = self._handle()
-        self._files[handle] = _Handle(inode, fd)
+    def _opened(self, inode: Inode, fd: int) -> Opened:
+        handle = self._files.add(_Handle(inode, fd))
         self.inodes.entry(inode)  # an open file keeps its inode (and fd) bound
-        return FileInfo(fh=handle, keep_cache=False, direct_io=False)
+        return Opened(handle, keep_cache=False)
 
-    @_handler
-    def open(self, inode_number: int, flags: int, ctx: RequestContext) -> FileInfo:
+    def open(self, inode_number: int, flags: int, caller: Caller) -> Opened:
         if self.handle_free:
-            raise FUSEError(errno.ENOSYS)  # the kernel opens files itself from now on
+            raise _enosys()  # the kernel opens files itself from now on
         inode = self.inodes.get(inode_number)
-        return self._file_info(inode, self._open_host(inode, flags))
+        return self._opened(inode, self._open_host(inode, flags))
 
-    @_handler
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-               ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
+               caller: Caller) -> tuple[Opened, Attributes]:
         parent = self.inodes.get(parent_inode)
         self._refuse_hidden(parent, name)
         try:
@@ -468,15 +432,15 @@ class GuardOperations(pyfuse3.Operations):
             fd, created = -1, False  # it appeared behind the kernel's back: open it as it is
         try:
             if created:
-                self._give_to(parent, name, ctx)
-            attrs = self._entry(parent, name)
+                self._give_to(parent, name, caller)
+            attributes = self._entry(parent, name)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             raise
         finally:
             self._settle((parent.number, name))
-        inode = self.inodes.get(attrs.st_ino)
+        inode = self.inodes.get(attributes.inode)
         if not created:
             try:
                 fd = self._open_host(inode, flags)
@@ -485,37 +449,29 @@ class GuardOperations(pyfuse3.Operations):
                 raise
         if self.handle_free:
             os.close(fd)  # later reads and writes name the inode (InodeTable.data_fd)
-            return FileInfo(fh=0, keep_cache=True), attrs
-        return self._file_info(inode, fd), attrs
+            return Opened(0, keep_cache=True), attributes
+        return self._opened(inode, fd), attributes
 
     def _data_fd(self, fh: int, write: bool) -> int:
         if self.handle_free:  # `fh` is the inode
             return self.inodes.data_fd(self.inodes.get(fh), write)
         return self._files[fh].fd
 
-    @_handler
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._data_fd(fh, False), size, off)
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._data_fd(fh, False), size, offset)
 
-    @_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes) -> int:
         if not self.handle_free:
-            return os.pwrite(self._files[fh].fd, buf, off)
+            return os.pwrite(self._files[fh].fd, data, offset)
         inode = self.inodes.get(fh)
         try:
-            return os.pwrite(self.inodes.data_fd(inode, True), buf, off)
+            return os.pwrite(self.inodes.data_fd(inode, True), data, offset)
         finally:
             self._settle(*self._places(inode))
 
-    @_handler
-    def flush(self, fh: int) -> None:
-        raise FUSEError(errno.ENOSYS)  # writes go straight to the host file
-
-    @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(self._data_fd(fh, False))
 
-    @_handler
     def release(self, fh: int) -> None:
         if self.handle_free:
             return  # a created file's (its handle was 0): nothing to close
@@ -527,62 +483,21 @@ class GuardOperations(pyfuse3.Operations):
 
     # -- directories ------------------------------------------------------------------------
 
-    @_handler
-    def opendir(self, inode_number: int, ctx: RequestContext) -> int:
+    def opendir(self, inode_number: int, caller: Caller) -> Opened:
         if self.handle_free:
-            raise FUSEError(errno.ENOSYS)  # the kernel opens and caches listings itself
+            raise _enosys()  # the kernel opens and caches listings itself
         inode = self.inodes.get(inode_number)
         if not inode.is_dir:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        handle = self._handle()
-        self._dirs[handle] = (inode, None)
         self.inodes.entry(inode)  # an open directory keeps its inode bound
-        return handle
+        return Opened(self._dirs.add(inode))
 
-    @_handler
-    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """Offsets index a listing taken when the stream starts, so paging and telldir see
-        each name once. `.` and `..` come first and, like the kernel, are not counted as
-        lookups. Handle-free there is no handle to keep the listing in: it is kept per
-        directory (`fh` is the inode) until the stream ends; the kernel reads it once, from
-        offset 0, into its cache."""
-        if self.handle_free:
-            directory = self.inodes.get(fh)
-            names = self._listings.get(fh) if start_id else None
-            if names is None:
-                names = self._listings[fh] = self._listing(directory)
-            if start_id >= len(names):
-                del self._listings[fh]  # the stream ended: the kernel has the whole listing
-        else:
-            directory, names = self._dirs[fh]
-            if names is None or start_id == 0:
-                names = self._listing(directory)
-                self._dirs[fh] = (directory, names)
-        for position in range(start_id, len(names)):
-            if names[position] in (b".", b".."):
-                if names[position] == b"." or directory.number == ROOT:
-                    attrs = self._attributes(directory)
-                else:  # the parent we know, never ".." on the host (see lookup)
-                    attrs = self._attributes(self.inodes.get(directory.parent))
-                if not pyfuse3.readdir_reply(token, names[position], attrs, position + 1):
-                    return
-                continue
-            try:
-                inode, st = self.inodes.lookup(directory, names[position])
-            except FileNotFoundError:
-                continue  # removed since the listing was taken
-            try:
-                attrs = self._attributes(inode, st)
-                accepted = pyfuse3.readdir_reply(token, names[position], attrs, position + 1)
-            except BaseException:
-                self.inodes.unused(inode)
-                raise
-            if not accepted:
-                self.inodes.unused(inode)
-                return
-            self.inodes.entry(inode)
+    def _directory(self, fh: int) -> Inode:
+        return self.inodes.get(fh) if self.handle_free else self._dirs[fh]
 
-    def _listing(self, directory: Inode) -> list[bytes]:
+    def listing(self, fh: int) -> Sequence[bytes]:
+        """`.` and `..` first; the staging dir left out."""
+        directory = self._directory(fh)
         fd = os.open(directory.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             names = [b".", b"..", *sorted(os.fsencode(n) for n in os.listdir(fd))]
@@ -592,14 +507,33 @@ class GuardOperations(pyfuse3.Operations):
             names = [n for n in names if n != STAGING_NAME]
         return names
 
-    @_handler
-    def releasedir(self, fh: int) -> None:
-        inode, _ = self._dirs.pop(fh)
-        self.inodes.forget(inode.number, 1)
+    def listed(self, fh: int, name: bytes) -> Listed | None:
+        directory = self._directory(fh)
+        if name in (b".", b".."):  # like the kernel, not counted as lookups
+            if name == b"." or directory.number == ROOT:
+                return Listed(self._attributes(directory))
+            # the parent we know, never ".." on the host (see lookup)
+            return Listed(self._attributes(self.inodes.get(directory.parent)))
+        try:
+            inode, st = self.inodes.lookup(directory, name)
+        except FileNotFoundError:
+            return None  # removed since the listing was taken
+        try:
+            attributes = self._attributes(inode, st)
+        except BaseException:
+            self.inodes.unused(inode)
+            raise
 
-    @_handler
+        def settle(taken: bool) -> None:
+            (self.inodes.entry if taken else self.inodes.unused)(inode)
+
+        return Listed(attributes, settle)
+
+    def releasedir(self, fh: int) -> None:
+        self.inodes.forget(self._dirs.pop(fh).number, 1)
+
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        inode = self.inodes.get(fh) if self.handle_free else self._dirs[fh][0]
+        inode = self._directory(fh)
         fd = os.open(inode.proc_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
@@ -613,27 +547,23 @@ class GuardOperations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "no extended attributes on symlinks here")
         return inode.proc_path
 
-    @_handler
-    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes, caller: Caller) -> bytes:
         return os.getxattr(self._xattr_path(self.inodes.get(inode)), name)
 
-    @_handler
-    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
+    def listxattr(self, inode: int, caller: Caller) -> Sequence[bytes]:
         node = self.inodes.get(inode)
         if stat.S_ISLNK(os.stat(node.fd).st_mode):
             return []
         return [os.fsencode(n) for n in os.listxattr(node.proc_path)]
 
-    @_handler
-    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
+    def setxattr(self, inode: int, name: bytes, value: bytes, caller: Caller) -> None:
         node = self.inodes.get(inode)
         try:
             os.setxattr(self._xattr_path(node), name, value)
         finally:
             self._settle(*self._places(node))
 
-    @_handler
-    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+    def removexattr(self, inode: int, name: bytes, caller: Caller) -> None:
         node = self.inodes.get(inode)
         try:
             os.removexattr(self._xattr_path(node), name)
@@ -642,8 +572,9 @@ class GuardOperations(pyfuse3.Operations):
 
     # -- end --------------------------------------------------------------------------------
 
-    def release_all(self) -> None:
-        for handle in self._files.values():
+    def close(self) -> None:
+        """After the session ended: close everything."""
+        for handle in self._files:
             with contextlib.suppress(OSError):
                 os.close(handle.fd)
         self._files.clear()

@@ -60,6 +60,7 @@ from isolated_agent.backup.staging import (
 from isolated_agent.env.store import is_within
 from isolated_agent.errors import GuardError
 from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.adapter import Adapter, FuseKernel
 from isolated_agent.fusefs.mount import (
     NotMounted,
     UnmountFailed,
@@ -67,6 +68,7 @@ from isolated_agent.fusefs.mount import (
     unmount,
     wait_exited,
 )
+from isolated_agent.fusefs.replies import handle_free_supported
 from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
 from isolated_agent.guard.bypass import (
     Gap,
@@ -78,7 +80,7 @@ from isolated_agent.guard.bypass import (
     outside_links,
     past_gaps,
 )
-from isolated_agent.guard.fs import GuardOperations
+from isolated_agent.guard.fs import GuardFileSystem
 from isolated_agent.guard.policy import Policy
 from isolated_agent.guard.stage import Stager
 from isolated_agent.protocol.client import ControlError, request
@@ -248,7 +250,9 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         stager = Stager(staging, catalog, guard, config.policy, config.sync,
                         wake=notifier.backup, skipped=notifier.skip,
                         defer_rows=not config.sync)
-        operations = GuardOperations(root_fd, os.fsencode(directory), stager)
+        model = GuardFileSystem(root_fd, os.fsencode(directory), stager, FuseKernel(),
+                                handle_free=handle_free_supported())
+        operations = Adapter(model)
         options = {"default_permissions", "fsname=isolated-agent-guard",
                    "subtype=isolated-agent-guard"}
         if os.geteuid() == 0:
@@ -269,9 +273,9 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
             os.write(report_fd, f"ok {mounted_at!r}\n".encode())
             os.close(report_fd)
             log.info("guarding %s (pid %d)", directory, os.getpid())
-            run_trio(_serve, operations, catalog, state)  # under cProfile: $AGENTFS_PROFILE
+            run_trio(_serve, model, catalog, state)  # under cProfile: $AGENTFS_PROFILE
         finally:
-            operations.release_all()
+            operations.close()
             # Where the mount is no longer at DIR, whatever is there now (nothing, or the
             # next guard) is not ours to unmount: only the session is closed. Moved with a
             # parent of DIR, it is unmounted where it is now.
@@ -299,14 +303,13 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         return 1
 
 
-async def _serve(operations: GuardOperations, catalog: GuardCatalog,
-                 state: GuardState) -> None:
-    stager = operations.stager
+async def _serve(guard: GuardFileSystem, catalog: GuardCatalog, state: GuardState) -> None:
+    stager = guard.stager
     async with trio.open_nursery() as nursery:
         await nursery.start(terminate_on_signal)
         nursery.start_soon(_heartbeat, state)
-        if operations.behind is not None:
-            nursery.start_soon(_follow_changes_behind, operations)
+        if guard.behind is not None:
+            nursery.start_soon(_follow_changes_behind, guard)
         if not stager.sync:
             nursery.start_soon(_flush_periodically, stager, catalog)
         if stager.defer_rows:
@@ -315,13 +318,13 @@ async def _serve(operations: GuardOperations, catalog: GuardCatalog,
         nursery.cancel_scope.cancel()
 
 
-async def _follow_changes_behind(operations: GuardOperations) -> None:
+async def _follow_changes_behind(guard: GuardFileSystem) -> None:
     """Whenever inotify has news of a change made behind the mount, between two requests:
     the kernel forgets what it cached of it (fs.py's cache contract, behind.py)."""
-    assert operations.behind is not None
+    assert guard.behind is not None
     while True:
-        await trio.lowlevel.wait_readable(operations.behind.fd)
-        operations.invalidate_behind()
+        await trio.lowlevel.wait_readable(guard.behind.fd)
+        guard.invalidate_behind()
 
 
 async def _commit_rows_periodically(stager: Stager) -> None:
