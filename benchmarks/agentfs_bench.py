@@ -296,7 +296,7 @@ def prepare_lowers(ctx: BenchContext, source: str) -> str:
     return big
 
 
-OPERATIONS_FILE = os.path.join("engines", "fuse", "operations.py")
+OPERATIONS_FILE = os.path.join("fusefs", "adapter.py")  # every request passes its handler
 FUSE_HANDLERS = frozenset({
     "lookup", "forget", "getattr", "setattr", "readlink", "statfs", "access", "mknod", "mkdir",
     "symlink", "link", "unlink", "rmdir", "rename", "open", "create", "read", "write", "flush",

@@ -294,7 +294,7 @@ def next_segment(*_):
     segments.append((cProfile.Profile(), collections.Counter()))
     segments[-1][0].enable()
 signal.signal(signal.SIGUSR1, next_segment)
-policy_of = fs.FilterOperations._policy_of
+policy_of = fs.FilterFileSystem._policy_of
 names = {id(getattr(fs, name)): name for name in ("CACHED", "ATTRS_PER_VIEW", "PER_VIEW")
          if hasattr(fs, name)}
 def counted_policy_of(self, inode):  # called by getattr (and setattr) only
@@ -303,7 +303,7 @@ def counted_policy_of(self, inode):  # called by getattr (and setattr) only
     if segments:
         segments[-1][1][f"{kind}, {names.get(id(policy), policy)}"] += 1
     return policy
-fs.FilterOperations._policy_of = counted_policy_of
+fs.FilterFileSystem._policy_of = counted_policy_of
 def on_ready():
     with open(ready, "w") as f:
         f.write("ok")
@@ -384,7 +384,7 @@ def profile_passes(ctx: BenchContext, env: Env | None, workload: Workload, as_jo
         requests: dict[str, dict[str, float]] = {}
         rows = []
         for (filename, line, function), (_, calls, own, cumulative, _) in raw.items():
-            if filename.endswith(os.path.join("filter", "fs.py")) and function in OPERATIONS:
+            if filename.endswith(os.path.join("fusefs", "adapter.py")) and function in OPERATIONS:
                 requests[function] = {"calls": calls, "cumulative_s": cumulative}
             where = (os.path.relpath(filename, REPO) if filename.startswith(REPO)
                      else os.path.basename(filename))

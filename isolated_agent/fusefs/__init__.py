@@ -1,6 +1,10 @@
 """The FUSE layer shared by agentfs (`engines/fuse`), the filter (`engines/filter`) and the
-guard (`guard`): what all three mount on.
+guard (`guard`): each of the three is a model (`model.FileSystem`) that never imports pyfuse3,
+served by the one adapter.
 
+    model.py      what a file system is to the FUSE layer: the FileSystem protocol, plain types
+    adapter.py    the one pyfuse3.Operations: requests in, model calls, replies out
+    handles.py    open files and directories by handle number
     replies.py    the one place an exception becomes an errno; stat results as replies
     inodes.py     the inode table of overlay-backed mounts: numbering, lookup counts, invariants
     cache.py      the declared kernel-caching modes and their contract

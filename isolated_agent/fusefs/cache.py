@@ -14,11 +14,11 @@
     and nothing else needs it: copy-up keeps data and attributes; a directory rename keeps
     every inode number (children are re-pointed to their copies in place); whiteouts and
     opaque markers are never visible.
-    With the pyfuse3 of packaging/pyfuse3 this mode is also handle-free (operations.py): the
-    kernel opens files and directories without asking and caches every listing, so a second
-    pass over a tree sends no request at all. The one visible difference: an open for writing
-    copies up at its first write or truncate, not at the open (an open that writes nothing
-    copies nothing up).
+    With the pyfuse3 of packaging/pyfuse3 this mode is also handle-free
+    (engines/fuse/filesystem.py): the kernel opens files and directories without asking and
+    caches every listing, so a second pass over a tree sends no request at all. The one
+    visible difference: an open for writing copies up at its first write or truncate, not at
+    the open (an open that writes nothing copies nothing up).
     Writeback caching stays off: with it, an error writing to upper (ENOSPC) would surface at
     close() instead of write(), and the kernel would take over mtime — a weaker fail-closed
     story than the kernel overlayfs gives.

@@ -34,6 +34,13 @@ def handle_free_supported() -> bool:
     return {"inode_without_handle", "atomic_o_trunc_optional"} <= extensions
 
 
+def listing_cache_supported() -> bool:
+    """Whether this pyfuse3 lets OPENDIR ask the kernel to keep the listing it reads
+    (FOPEN_CACHE_DIR): the build in `packaging/pyfuse3/`."""
+    extensions: frozenset[str] = getattr(pyfuse3, "EXTENSIONS", frozenset())
+    return {"cache_readdir", "opendir_file_info"} <= extensions
+
+
 def errno_handler(
     log: logging.Logger,
 ) -> Callable[[Callable[..., T]], Callable[..., Coroutine[Any, Any, T]]]:

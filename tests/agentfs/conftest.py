@@ -178,7 +178,7 @@ class Agentfs:
 
 @pytest.fixture(params=["handle-free", "handles"])
 def open_mode(request: pytest.FixtureRequest) -> str:
-    """How agentfs answers OPEN and OPENDIR (see engines/fuse/operations.py): every test that
+    """How agentfs answers OPEN and OPENDIR (see engines/fuse/filesystem.py): every test that
     mounts runs in both modes; handle-free needs the pyfuse3 of packaging/pyfuse3."""
     if request.param == "handle-free" and not handle_free_supported():
         pytest.skip("this pyfuse3 lacks the extensions of packaging/pyfuse3")

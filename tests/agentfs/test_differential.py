@@ -9,7 +9,7 @@ to be exactly that:
   answers EXDEV (no redirect_dir in `userxattr` mode); agentfs renames it. The kernel side
   then does what `mv` does on EXDEV — copy, then delete — and from there on both must agree
   again, view and upper.
-- handle-free (engines/fuse/operations.py), an open for writing that writes nothing (an append
+- handle-free (engines/fuse/filesystem.py), an open for writing that writes nothing (an append
   of no bytes to an existing file) copies nothing up: agentfs never sees the open. The kernel
   copies up, which shows as an upper file equal to the lower one and as a directory's link
   count; the kernel side skips that open.

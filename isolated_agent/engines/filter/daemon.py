@@ -32,7 +32,7 @@ from typing import Any
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
-from isolated_agent.engines.filter.fs import FilterOperations
+from isolated_agent.engines.filter.fs import FilterFileSystem
 from isolated_agent.engines.filter.identity import Identity, JobRecord, Unclassifiable, start_time
 from isolated_agent.engines.filter.records import (
     FilterRecord,
@@ -42,7 +42,9 @@ from isolated_agent.engines.filter.records import (
 )
 from isolated_agent.engines.fuse.daemon import MountFailed, fault_hook_from_env, setup_logging
 from isolated_agent.fusefs import fastloop
+from isolated_agent.fusefs.adapter import Adapter, FuseKernel
 from isolated_agent.fusefs.mount import raise_readahead_when_initialized
+from isolated_agent.fusefs.replies import listing_cache_supported
 from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred, refusal
@@ -59,9 +61,10 @@ SWEEP_SECONDS = 2.0
 class FilterDaemon:
     """The state behind the control port: which envs and jobs the file system serves."""
 
-    def __init__(self, root: str, operations: FilterOperations, identity: Identity,
-                 on_demand: bool) -> None:
+    def __init__(self, root: str, views: FilterFileSystem, operations: Adapter,
+                 identity: Identity, on_demand: bool) -> None:
         self.root = root
+        self.views = views
         self.operations = operations
         self.identity = identity
         self.on_demand = on_demand
@@ -124,7 +127,7 @@ class FilterDaemon:
         for path in (upper, work):
             if not os.path.isabs(path) or os.path.commonpath([path, self.root]) == self.root:
                 raise ValueError(f"{path} must be an absolute path outside {self.root}")
-        self.operations.add_env(env, upper, work)
+        self.views.add_env(env, upper, work)
         self.env_jobs.setdefault(env, set())
 
     def _drop_job(self, job_id: str) -> None:
@@ -136,7 +139,7 @@ class FilterDaemon:
 
     def _drop_env(self, env: str) -> None:
         self.env_jobs.pop(env, None)
-        self.operations.remove_env(env)
+        self.views.remove_env(env)
         if not self.env_jobs:
             self.idle_since = time.monotonic()
 
@@ -187,8 +190,10 @@ def serve(root: str, run_dir: str, log_path: str, on_demand: bool,
     except OSError as e:
         raise MountFailed(f"cannot open {root}: {e.strerror}") from None
     identity = Identity()
-    operations = FilterOperations(root_fd, identity, fault_hook_from_env())
-    daemon = FilterDaemon(root, operations, identity, on_demand)
+    views = FilterFileSystem(root_fd, identity, FuseKernel(), fault_hook_from_env(),
+                             keep_listings=listing_cache_supported())
+    operations = Adapter(views)
+    daemon = FilterDaemon(root, views, operations, identity, on_demand)
     options = {"default_permissions", "fsname=agentfs-filter", "subtype=agentfs"}
     if os.geteuid() == 0 or _user_allow_other():
         options.add("allow_other")  # every user keeps reaching the project, as before

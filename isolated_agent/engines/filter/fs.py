@@ -1,4 +1,5 @@
 """The filter mount's file system: one agentfs mount over a managed root, a view per process.
+A `FileSystem` model (fusefs/model.py), served by the one FUSE adapter (fusefs/adapter.py).
 
 Every request that names something is served in the view of the process that sent it
 (`Identity.view_of`): the host's (pass-through to the real files) or the env of the job the
@@ -55,13 +56,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import pyfuse3
-import trio  # type: ignore[import-untyped]
-from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
-
 from isolated_agent.engines.filter.identity import Identity, Unclassifiable
+from isolated_agent.fusefs.handles import Handles
 from isolated_agent.fusefs.inodes import ROOT_INODE, InodeTable, RangeInodeTable
-from isolated_agent.fusefs.replies import entry_attributes, errno_handler, statfs_reply
+from isolated_agent.fusefs.model import (
+    Attributes,
+    Caller,
+    Changes,
+    Kernel,
+    Listed,
+    Opened,
+    Policy,
+)
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import Layers
 from isolated_agent.overlay.merge import Overlay
@@ -69,11 +75,8 @@ from isolated_agent.overlay.node import Key, Node
 from isolated_agent.overlay.rename import RENAME_EXCHANGE, rename
 
 log = logging.getLogger("agentfs.filter")
-_handler = errno_handler(log)
 
 LONG = 24 * 3600.0  # cache lifetime of what every view sees alike (invalidated explicitly)
-# Whether this pyfuse3 lets OPENDIR ask the kernel to keep a listing (packaging/pyfuse3).
-_CACHE_READDIR = {"cache_readdir", "opendir_file_info"} <= getattr(pyfuse3, "EXTENSIONS", set())
 
 # Env views number their private inodes in [2^62, 2^62 + 2^61): 2^40 numbers per view.
 _PRIVATE_BASE = 1 << 62
@@ -82,16 +85,18 @@ _VIEW_SHIFT = 40
 
 
 @dataclass(frozen=True)
-class Policy:
+class Lifetime:
+    """How long the kernel may keep a name and its attributes."""
+
     entry_timeout: float
     attr_timeout: float
 
 
-CACHED = Policy(LONG, LONG)  # the same object in every view (or a directory in every view)
-PER_VIEW = Policy(0.0, 0.0)  # resolves differently in some view
+CACHED = Lifetime(LONG, LONG)  # the same object in every view (or a directory in every view)
+PER_VIEW = Lifetime(0.0, 0.0)  # resolves differently in some view
 
 
-def private_policy(node: Node) -> Policy:
+def private_policy(node: Node) -> Lifetime:
     """An env's private inode, or the names under a private directory `node`: only that env's
     processes reach them (every other view resolves the name where the views part to an
     inode of its own). Upper-only (made or copied up by the env, merged with nothing of the
@@ -103,6 +108,10 @@ def private_policy(node: Node) -> Policy:
 
 def _estale() -> OSError:
     return OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+
+
+def _eacces() -> OSError:
+    return OSError(errno.EACCES, os.strerror(errno.EACCES))
 
 
 @dataclass
@@ -135,16 +144,19 @@ class _DirHandle:
     view: View
     node: Node
     kernel_inode: int
-    names: list[bytes] | None = None
 
 
-class FilterOperations(pyfuse3.Operations):
-    supports_dot_lookup = False  # no NFS export: the kernel never asks for ".."
-    enable_writeback_cache = False
+class FilterFileSystem:
+    # No NFS export: the kernel never asks for "..". Handles: the filter must see opens.
+    policy = Policy(handle_free=False, dot_lookup=False)
 
-    def __init__(self, root_fd: int, identity: Identity, fault: FaultHook | None = None) -> None:
-        super().__init__()
+    def __init__(self, root_fd: int, identity: Identity, kernel: Kernel,
+                 fault: FaultHook | None = None, keep_listings: bool = False) -> None:
+        """`keep_listings`: whether OPENDIR may ask the kernel to keep a listing (the pyfuse3
+        of packaging/pyfuse3: `replies.listing_cache_supported`)."""
         self.root_fd = root_fd
+        self.kernel = kernel
+        self.keep_listings = keep_listings
         self.identity = identity
         self.fault = fault
         work = os.dup(root_fd)  # never used: the host view has no lower to copy up from
@@ -154,15 +166,10 @@ class FilterOperations(pyfuse3.Operations):
         self._by_index: dict[int, View] = {}
         self._next_index = 0
         self.epoch = 0  # bumped by every namespace change in any view: shadows go stale
-        self._files: dict[int, _Handle] = {}
-        self._dirs: dict[int, _DirHandle] = {}
-        self._next_handle = 1
+        self._files: Handles[_Handle] = Handles()
+        self._dirs: Handles[_DirHandle] = Handles()
         self._buffer = bytearray(1 << 20)
         host_overlay.on_stale_entry = self._host_stale_entry
-        self.initialized = trio.Event()  # set when FUSE_INIT arrives (its reply follows at once)
-
-    def init(self) -> None:
-        self.initialized.set()
 
     # -- envs -----------------------------------------------------------------------------------
 
@@ -192,7 +199,7 @@ class FilterOperations(pyfuse3.Operations):
         for index, candidate in list(self._by_index.items()):
             if candidate is view:
                 del self._by_index[index]
-        for handle in list(self._files.values()):
+        for handle in self._files:
             if handle.view is view and handle.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(handle.fd)
@@ -217,26 +224,25 @@ class FilterOperations(pyfuse3.Operations):
                 if host.nodeid or host is self.host.overlay.root:
                     inode = host.nodeid or ROOT_INODE
                     for entry in (*dirnames, *filenames):
-                        pyfuse3.invalidate_entry_async(inode, os.fsencode(entry),
-                                                       ignore_enoent=True)
+                        self.kernel.invalidate_entry(inode, os.fsencode(entry))
                 continue
             dirnames.clear()  # the host has nothing here: the kernel cached nothing below
 
     # -- which view, which node -----------------------------------------------------------------
 
-    def _view(self, ctx: RequestContext) -> View:
+    def _view(self, caller: Caller) -> View:
         if not self.envs:
             return self.host
         try:
-            key = self.identity.view_of(ctx.pid)
+            key = self.identity.view_of(caller.pid)
         except Unclassifiable as e:
-            log.warning("refused a request from pid %d: %s", ctx.pid, e)
-            raise FUSEError(errno.EACCES) from None
+            log.warning("refused a request from pid %d: %s", caller.pid, e)
+            raise _eacces() from None
         if key is None:
             return self.host
         view = self.envs.get(key)
         if view is None:  # registered as a job, but its env is gone: never the host view
-            raise FUSEError(errno.EACCES)
+            raise _eacces()
         return view
 
     def _owner(self, inode: int) -> View:
@@ -328,7 +334,7 @@ class FilterOperations(pyfuse3.Operations):
 
     def _policy(
         self, host_parent: Node, name: bytes, host: Node | None, decided: View | None = None
-    ) -> Policy:
+    ) -> Lifetime:
         """How long the kernel may cache `name` under a shared directory: decided over every
         env view (but `decided`, known to share it), since a cached entry answers any
         process."""
@@ -344,7 +350,7 @@ class FilterOperations(pyfuse3.Operations):
                 return PER_VIEW
         return CACHED
 
-    def _policy_of(self, inode: int) -> Policy:
+    def _policy_of(self, inode: int) -> Lifetime:
         """The cache policy of an inode the kernel holds (for attribute replies)."""
         if not self._owner(inode).is_host:
             return PER_VIEW
@@ -358,11 +364,11 @@ class FilterOperations(pyfuse3.Operations):
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _attributes(self, view: View, node: Node, inode: int, policy: Policy) -> EntryAttributes:
+    def _attributes(self, view: View, node: Node, inode: int, policy: Lifetime) -> Attributes:
         st, nlink = view.overlay.getattr(node)
-        return entry_attributes(st, inode, policy.entry_timeout, policy.attr_timeout, nlink)
+        return Attributes(inode, st, policy.entry_timeout, policy.attr_timeout, nlink)
 
-    def _attributes_of(self, inode: int, view: View, node: Node) -> EntryAttributes:
+    def _attributes_of(self, inode: int, view: View, node: Node) -> Attributes:
         """The attributes of kernel inode `inode` as `view` may see them: a shared inode shows
         the host's (its one set of cached attributes serves every view; a directory an env
         merely created entries in shows the host's times), a private one the view's own."""
@@ -371,7 +377,7 @@ class FilterOperations(pyfuse3.Operations):
                                     self._policy_of(inode))
         return self._attributes(view, node, inode, private_policy(node))
 
-    def _entry(self, view: View, node: Node, policy: Policy) -> EntryAttributes:
+    def _entry(self, view: View, node: Node, policy: Lifetime) -> Attributes:
         """An entry reply numbered by `view`'s table; the lookup count goes up once the reply
         is certain."""
         inode = view.inodes.number(node)
@@ -385,7 +391,7 @@ class FilterOperations(pyfuse3.Operations):
 
     def _resolve_entry(
         self, view: View, parent_inode: int, name: bytes
-    ) -> tuple[View, Node | None, Policy]:
+    ) -> tuple[View, Node | None, Lifetime]:
         """Who answers for `name` in `parent_inode`, as `view` sees it: (the view whose
         table numbers the answer, the node or None, the cache policy)."""
         owner = self._owner(parent_inode)
@@ -406,11 +412,6 @@ class FilterOperations(pyfuse3.Operations):
             self._remember_shadow(view, host, other)
         return self.host, host, self._policy(host_parent, name, host, decided=view)
 
-    def _handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
-
     # -- keeping the kernel's caches honest -----------------------------------------------------
 
     def _namespace_changed(self, by: View | None) -> None:
@@ -426,14 +427,14 @@ class FilterOperations(pyfuse3.Operations):
 
     def _host_stale_entry(self, parent: Node, name: bytes) -> None:
         if parent.nodeid:
-            pyfuse3.invalidate_entry_async(parent.nodeid, name, ignore_enoent=True)
+            self.kernel.invalidate_entry(parent.nodeid, name)
 
     def _env_stale_entry(self, view: View, parent: Node, name: bytes) -> None:
         """An env's change made `name` mean something else (a broken hard link): its cached
         entry, whichever inode shows it to the kernel, must go."""
         inode = parent.nodeid or self._shared_inode_of(view, parent)
         if inode:
-            pyfuse3.invalidate_entry_async(inode, name, ignore_enoent=True)
+            self.kernel.invalidate_entry(inode, name)
 
     def _shared_inode_of(self, view: View, node: Node) -> int:
         if node is view.overlay.root:
@@ -469,7 +470,7 @@ class FilterOperations(pyfuse3.Operations):
         """From now on `view` gets its own inode for `name`; the kernel's cached entry goes."""
         view.forced.add((host_parent.key, name))
         if host_parent.nodeid:
-            pyfuse3.invalidate_entry_async(host_parent.nodeid, name, ignore_enoent=True)
+            self.kernel.invalidate_entry(host_parent.nodeid, name)
         self._namespace_changed(view)
 
     def _changes_shared(self, view: View, inode: int) -> bool:
@@ -480,74 +481,49 @@ class FilterOperations(pyfuse3.Operations):
 
     # -- lookups and attributes -----------------------------------------------------------------
 
-    @_handler
-    def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
-        view = self._view(ctx)
+    def lookup(self, parent_inode: int, name: bytes, caller: Caller) -> Attributes:
+        view = self._view(caller)
         owner, node, policy = self._resolve_entry(view, parent_inode, name)
         if node is None:
             if policy is CACHED:
-                attrs = EntryAttributes()
-                attrs.st_ino = 0  # remembered as missing, for every view alike
-                attrs.entry_timeout = LONG
-                return attrs
-            raise FUSEError(errno.ENOENT)
+                return Attributes.negative(LONG)  # remembered as missing, for every view alike
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
         return self._entry(owner, node, policy)
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
-            try:
-                self._owner(inode).inodes.forget(inode, count)
-            except OSError:
-                pass  # an env view that is gone: its inodes went with it
-            except Exception:  # must not fail: log the bug and go on
-                log.exception("forget(%d, %d) failed", inode, count)
+    def forget(self, inode: int, count: int) -> bool:
+        try:
+            table = self._owner(inode).inodes
+        except OSError:
+            return True  # an env view that is gone: its inodes went with it
+        table.forget(inode, count)
+        return not table.lookup_count(inode)
 
-    @_handler
-    def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
-        view = self._view(ctx)
+    def getattr(self, inode: int, caller: Caller) -> Attributes:
+        view = self._view(caller)
         return self._attributes_of(inode, view, self._node(view, inode))
 
-    @_handler
-    def setattr(
-        self,
-        inode: int,
-        attr: EntryAttributes,
-        fields: SetattrFields,
-        fh: int | None,
-        ctx: RequestContext,
-    ) -> EntryAttributes:
-        if fh is not None and fh in self._files:  # ftruncate: the handle knows its view
-            handle = self._files[fh]
+    def setattr(self, inode: int, changes: Changes, fh: int | None,
+                caller: Caller) -> Attributes:
+        handle = self._files.get(fh)
+        if handle is not None:  # ftruncate: the handle knows its view
             view, node = handle.view, handle.node
         else:
-            view = self._view(ctx)
+            view = self._view(caller)
             node = self._node(view, inode)
             if self._changes_shared(view, inode):
                 raise self._diverge(view, inode)
-        view.overlay.setattr(
-            node,
-            size=attr.st_size if fields.update_size else None,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-        )
+        view.overlay.setattr(node, size=changes.size, mode=changes.mode, uid=changes.uid,
+                             gid=changes.gid, atime_ns=changes.atime_ns,
+                             mtime_ns=changes.mtime_ns)
         self._data_changed(view)
         return self._attributes_of(inode, view, node)
 
-    @_handler
-    def readlink(self, inode: int, ctx: RequestContext) -> bytes:
-        view = self._view(ctx)
+    def readlink(self, inode: int, caller: Caller) -> bytes:
+        view = self._view(caller)
         return view.overlay.readlink(self._node(view, inode))
 
-    @_handler
-    def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        return statfs_reply(os.statvfs(self.root_fd))
-
-    @_handler
-    def access(self, inode: int, mode: int, ctx: RequestContext) -> bool:
-        return True  # mounted with default_permissions: the kernel checks the mode bits
+    def statfs(self, caller: Caller) -> os.statvfs_result:
+        return os.statvfs(self.root_fd)
 
     # -- creating and removing ------------------------------------------------------------------
 
@@ -557,8 +533,8 @@ class FilterOperations(pyfuse3.Operations):
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         return node
 
-    def _created(self, view: View, parent_inode: int, name: bytes, node: Node) -> EntryAttributes:
-        """The entry reply for something `view` just made at `name`."""
+    def _created(self, view: View, parent_inode: int, name: bytes, node: Node) -> Attributes:
+        """The entry for something `view` just made at `name`."""
         self._namespace_changed(view)
         parent_owner = self._owner(parent_inode)
         if view.is_host and parent_owner.is_host:
@@ -569,156 +545,121 @@ class FilterOperations(pyfuse3.Operations):
         return self._entry(view, node, private_policy(self._node(view, parent_inode)))
 
     def _create_with(
-        self, parent_inode: int, name: bytes, ctx: RequestContext,
+        self, parent_inode: int, name: bytes, caller: Caller,
         make: Callable[[Overlay, Node, tuple[int, int]], Node],
-    ) -> EntryAttributes:
-        view = self._view(ctx)
+    ) -> Attributes:
+        view = self._view(caller)
         parent = self._parent(view, parent_inode)
-        node = make(view.overlay, parent, (ctx.uid, ctx.gid))
+        node = make(view.overlay, parent, (caller.uid, caller.gid))
         return self._created(view, parent_inode, name, node)
 
-    @_handler
-    def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        return self._create_with(parent_inode, name, ctx,
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
+              caller: Caller) -> Attributes:
+        return self._create_with(parent, name, caller,
                                  lambda ov, p, owner: ov.mknod(p, name, mode, rdev, owner))
 
-    @_handler
-    def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        return self._create_with(parent_inode, name, ctx,
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attributes:
+        return self._create_with(parent, name, caller,
                                  lambda ov, p, owner: ov.mkdir(p, name, mode, owner))
 
-    @_handler
-    def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: RequestContext
-    ) -> EntryAttributes:
-        return self._create_with(parent_inode, name, ctx,
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attributes:
+        return self._create_with(parent, name, caller,
                                  lambda ov, p, owner: ov.symlink(p, name, target, owner))
 
-    @_handler
-    def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: RequestContext
-    ) -> EntryAttributes:
-        view = self._view(ctx)
+    def link(self, inode: int, new_parent: int, new_name: bytes, caller: Caller) -> Attributes:
+        view = self._view(caller)
         node = self._node(view, inode)
         if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
-        parent = self._parent(view, new_parent_inode)
-        return self._created(view, new_parent_inode, new_name,
+        parent = self._parent(view, new_parent)
+        return self._created(view, new_parent, new_name,
                              view.overlay.link(node, parent, new_name))
 
-    @_handler
-    def unlink(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        view = self._view(ctx)
-        view.overlay.unlink(self._parent(view, parent_inode), name)
+    def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
+        view = self._view(caller)
+        view.overlay.unlink(self._parent(view, parent), name)
         self._namespace_changed(view)
 
-    @_handler
-    def rmdir(self, parent_inode: int, name: bytes, ctx: RequestContext) -> None:
-        view = self._view(ctx)
-        view.overlay.rmdir(self._parent(view, parent_inode), name)
+    def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
+        view = self._view(caller)
+        view.overlay.rmdir(self._parent(view, parent), name)
         self._namespace_changed(view)
 
-    @_handler
-    def rename(
-        self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: RequestContext,
-    ) -> None:
-        view = self._view(ctx)
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int, caller: Caller) -> None:
+        view = self._view(caller)
         # The kernel moves the source's dentry (both, for an exchange): it must not be one
         # that other views share.
-        moved = self._diverge_name(view, parent_inode_old, name_old)
+        moved = self._diverge_name(view, old_parent, old_name)
         if flags & RENAME_EXCHANGE:
-            moved = self._diverge_name(view, parent_inode_new, name_new) or moved
+            moved = self._diverge_name(view, new_parent, new_name) or moved
         if moved:
             raise _estale()
-        rename(view.overlay, self._parent(view, parent_inode_old), name_old,
-               self._parent(view, parent_inode_new), name_new, flags)
+        rename(view.overlay, self._parent(view, old_parent), old_name,
+               self._parent(view, new_parent), new_name, flags)
         self._namespace_changed(view)
         if view.is_host and self.envs:
             # The moved dentry keeps the source's cache lifetime; if an env sees something
             # else at the new name, the kernel must ask again.
-            pyfuse3.invalidate_entry_async(parent_inode_new, name_new, ignore_enoent=True)
+            self.kernel.invalidate_entry(new_parent, new_name)
 
     # -- files ----------------------------------------------------------------------------------
 
-    def _file_info(self, view: View, node: Node, fd: int | None, private: bool) -> FileInfo:
-        handle = self._handle()
-        self._files[handle] = _Handle(view, node, fd)
+    def _opened(self, view: View, node: Node, fd: int | None, private: bool) -> Opened:
+        handle = self._files.add(_Handle(view, node, fd))
         view.overlay.ref(node)
         # The page cache belongs to the kernel inode: keep it across opens unless the inode
         # is an env's private view of a host file the host may change behind it.
-        keep = not (private and not node.in_upper)
-        return FileInfo(fh=handle, keep_cache=keep)
+        return Opened(handle, keep_cache=not (private and not node.in_upper))
 
-    @_handler
-    def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
-        view = self._view(ctx)
+    def open(self, inode: int, flags: int, caller: Caller) -> Opened:
+        view = self._view(caller)
         node = self._node(view, inode)
         private = not view.is_host and not self._owner(inode).is_host
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
             # Nothing to open yet: the kernel checked the permissions, and a second open of a
             # file is usually served from the page cache; the first READ opens the reader.
-            return self._file_info(view, node, None, private)
+            return self._opened(view, node, None, private)
         if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
         fd = view.overlay.open(node, flags)
         self._data_changed(view)
-        return self._file_info(view, node, fd, private)
+        return self._opened(view, node, fd, private)
 
-    @_handler
-    def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: RequestContext
-    ) -> tuple[FileInfo, EntryAttributes]:
-        view = self._view(ctx)
-        parent = self._parent(view, parent_inode)
-        node, fd = view.overlay.create(parent, name, mode, flags, (ctx.uid, ctx.gid))
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               caller: Caller) -> tuple[Opened, Attributes]:
+        view = self._view(caller)
+        directory = self._parent(view, parent)
+        node, fd = view.overlay.create(directory, name, mode, flags, (caller.uid, caller.gid))
         try:
-            attrs = self._created(view, parent_inode, name, node)
+            attributes = self._created(view, parent, name, node)
         except BaseException:
             os.close(fd)
             raise
-        private = not view.is_host
-        return self._file_info(view, node, fd, private), attrs
+        return self._opened(view, node, fd, not view.is_host), attributes
 
-    @_handler
-    def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+    def read(self, fh: int, offset: int, size: int) -> memoryview:
         handle = self._files[fh]
         fd = handle.fd if handle.fd is not None else handle.view.overlay.reader(handle.node)
         if len(self._buffer) < size:
             self._buffer = bytearray(size)
         view = memoryview(self._buffer)[:size]
-        return view[: os.preadv(fd, [view], off)]
+        return view[: os.preadv(fd, [view], offset)]
 
-    @_handler
-    def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes) -> int:
         handle = self._files[fh]
         if handle.fd is None:
-            raise FUSEError(errno.EBADF)
-        written = os.pwrite(handle.fd, buf, off)
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        written = os.pwrite(handle.fd, data, offset)
         handle.view.overlay.changed()
         self._data_changed(handle.view)
         return written
 
-    @_handler
-    def flush(self, fh: int) -> None:
-        raise FUSEError(errno.ENOSYS)  # writes go straight to the file: no FLUSH round trips
-
-    @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files[fh]
         if handle.fd is not None:
             (os.fdatasync if datasync else os.fsync)(handle.fd)
 
-    @_handler
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh)
         try:
@@ -730,19 +671,13 @@ class FilterOperations(pyfuse3.Operations):
 
     # -- directories ----------------------------------------------------------------------------
 
-    @_handler
-    def opendir(  # type: ignore[override]  # this pyfuse3 takes a FileInfo too
-        self, inode: int, ctx: RequestContext
-    ) -> int | FileInfo:
-        view = self._view(ctx)
+    def opendir(self, inode: int, caller: Caller) -> Opened:
+        view = self._view(caller)
         node = self._parent(view, inode)
-        handle = self._handle()
-        self._dirs[handle] = _DirHandle(view, node, inode)
+        handle = self._dirs.add(_DirHandle(view, node, inode))
         view.overlay.ref(node)
-        if not _CACHE_READDIR:
-            return handle
-        alike = self._listed_alike(inode)
-        return FileInfo(fh=handle, keep_cache=alike, cache_readdir=alike)
+        alike = self.keep_listings and self._listed_alike(inode)
+        return Opened(handle, keep_cache=alike, cache_readdir=alike)
 
     def _listed_alike(self, inode: int) -> bool:
         """Whether every process that can list directory `inode` gets the same listing (the
@@ -768,41 +703,34 @@ class FilterOperations(pyfuse3.Operations):
                 return False
         return True
 
-    @_handler
-    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """Offsets are positions in a listing taken when the stream starts, as in agentfs;
-        each entry is numbered and cached by the same per-name rules as a lookup."""
+    def listing(self, fh: int) -> Sequence[bytes]:
+        handle = self._dirs[fh]
+        return [b".", b"..", *handle.view.overlay.listdir(handle.node)]
+
+    def listed(self, fh: int, name: bytes) -> Listed | None:
+        """Each listed name is numbered and kept by the same per-name rules as a lookup."""
         handle = self._dirs[fh]
         view, directory = handle.view, handle.node
-        if handle.names is None or start_id == 0:
-            handle.names = [b".", b"..", *view.overlay.listdir(directory)]
-        names = handle.names
-        for position in range(start_id, len(names)):
-            name = names[position]
-            if name in (b".", b".."):  # not linked by the kernel: type and number only
-                inode = handle.kernel_inode if name == b"." else self._parent_inode(handle)
-                attrs = self._attributes(view, directory, inode, PER_VIEW)
-                if not pyfuse3.readdir_reply(token, name, attrs, position + 1):
-                    return
-                continue
-            try:
-                owner, node, policy = self._resolve_entry(view, handle.kernel_inode, name)
-            except OSError:
-                continue
-            if node is None:
-                continue  # removed since the listing was taken
-            inode = owner.inodes.number(node)
-            try:
-                attrs = self._attributes(owner, node, inode, policy)
-                reply = pyfuse3.readdir_reply(token, name, attrs, position + 1)
-            except BaseException:
-                owner.inodes.unused(node)
-                raise
-            if reply:
-                owner.inodes.entry(node)
-            else:
-                owner.inodes.unused(node)
-                return
+        if name in (b".", b".."):  # not linked by the kernel: type and number only
+            inode = handle.kernel_inode if name == b"." else self._parent_inode(handle)
+            return Listed(self._attributes(view, directory, inode, PER_VIEW))
+        try:
+            owner, node, policy = self._resolve_entry(view, handle.kernel_inode, name)
+        except OSError:
+            return None
+        if node is None:
+            return None  # removed since the listing was taken
+        inode = owner.inodes.number(node)
+        try:
+            attributes = self._attributes(owner, node, inode, policy)
+        except BaseException:
+            owner.inodes.unused(node)
+            raise
+
+        def settle(taken: bool) -> None:
+            (owner.inodes.entry if taken else owner.inodes.unused)(node)
+
+        return Listed(attributes, settle)
 
     def _parent_inode(self, handle: _DirHandle) -> int:
         """The number `..` shows in a listing (the kernel itself never asks for it)."""
@@ -815,51 +743,45 @@ class FilterOperations(pyfuse3.Operations):
         parent = view.overlay.parent_of(handle.node)
         return parent.nodeid or self._shared_inode_of(view, parent) or inode
 
-    @_handler
     def releasedir(self, fh: int) -> None:
         handle = self._dirs.pop(fh)
         if not handle.node.released:
             handle.view.overlay.unref(handle.node)
 
-    @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
         handle = self._dirs[fh]
         handle.view.overlay.fsync_dir(handle.node)
 
     # -- xattrs ---------------------------------------------------------------------------------
 
-    @_handler
-    def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
-        view = self._view(ctx)
+    def getxattr(self, inode: int, name: bytes, caller: Caller) -> bytes:
+        view = self._view(caller)
         return view.overlay.getxattr(self._node(view, inode), name)
 
-    @_handler
-    def listxattr(self, inode: int, ctx: RequestContext) -> list[bytes]:
-        view = self._view(ctx)
+    def listxattr(self, inode: int, caller: Caller) -> Sequence[bytes]:
+        view = self._view(caller)
         return view.overlay.listxattr(self._node(view, inode))
 
-    def _xattr_target(self, inode: int, ctx: RequestContext) -> tuple[View, Node]:
-        view = self._view(ctx)
+    def _xattr_target(self, inode: int, caller: Caller) -> tuple[View, Node]:
+        view = self._view(caller)
         node = self._node(view, inode)
         if self._changes_shared(view, inode):
             raise self._diverge(view, inode)
         return view, node
 
-    @_handler
-    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: RequestContext) -> None:
-        view, node = self._xattr_target(inode, ctx)
+    def setxattr(self, inode: int, name: bytes, value: bytes, caller: Caller) -> None:
+        view, node = self._xattr_target(inode, caller)
         view.overlay.setxattr(node, name, value)
 
-    @_handler
-    def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
-        view, node = self._xattr_target(inode, ctx)
+    def removexattr(self, inode: int, name: bytes, caller: Caller) -> None:
+        view, node = self._xattr_target(inode, caller)
         view.overlay.removexattr(node, name)
 
     # -- end ------------------------------------------------------------------------------------
 
     def close(self) -> None:
         """After the session ended: close everything."""
-        for handle in self._files.values():
+        for handle in self._files:
             if handle.fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(handle.fd)

@@ -1,6 +1,6 @@
 """agentfs: the project's own overlay filesystem, on FUSE (pyfuse3 + trio). DESIGN §4.2, §5.
 
-    operations.py  the pyfuse3 adapter (thin: requests in, overlay calls, replies out)
+    filesystem.py  agentfs as a model of the FUSE layer: requests in, overlay calls, answers out
     daemon.py      mount, serve, unmount; foreground or as a background daemon
     envmount.py    `agentctl mount`: an env's view at a path of the host, for a while
     engine.py      the `fuse` engine of `agentctl run`
