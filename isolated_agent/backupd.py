@@ -69,6 +69,7 @@ from isolated_agent.errors import BackupError, BlobCorrupt
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred
 from isolated_agent.protocol.server import serve
+from isolated_agent.system.daemon import read_report
 
 log = logging.getLogger("backupd")
 
@@ -485,36 +486,32 @@ def ensure_running(home: str, args: tuple[str, ...] = (), timeout: float = 15.0)
     import subprocess
     import sys
 
-    from isolated_agent.protocol.client import ControlError, request
-
     run_dir = os.path.join(home, "run")
     pid = running_pid(run_dir)
     if pid is not None:
         return pid
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    log_fd = os.open(os.path.join(run_dir, LOG_NAME),
-                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    log_path = os.path.join(run_dir, LOG_NAME)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    read_end, write_end = os.pipe()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "isolated_agent", "backupd", *args],
-            env={**os.environ, "ISOLATED_AGENT_HOME": home},
+            [sys.executable, "-m", "isolated_agent", "backupd", *args,
+             "--ready-fd", str(write_end)],
+            env={**os.environ, "ISOLATED_AGENT_HOME": home}, pass_fds=(write_end,),
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
             cwd="/",  # the caller's cwd may be in a guarded dir: held, it would bypass the guard
         )
     finally:
         os.close(log_fd)
-    socket_path = os.path.join(run_dir, SOCKET_NAME)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pid = running_pid(run_dir)  # lost a race with another starter: fine
-            if pid is not None:
-                return pid
-            raise BackupError(f"backupd exited at once (status {process.returncode}); see "
-                              f"{os.path.join(run_dir, LOG_NAME)}")
-        with contextlib.suppress(ControlError):
-            request(socket_path, Frame(Code.HEARTBEAT), timeout=1)
-            return process.pid
-        time.sleep(0.05)
-    raise BackupError(f"backupd did not answer within {timeout:.0f} s; see "
-                      f"{os.path.join(run_dir, LOG_NAME)}")
+        os.close(write_end)
+    report = read_report(read_end, "backupd exited at once", timeout)
+    if report.ok:
+        return process.pid
+    if process.poll() is None:  # no answer in time: do not leave it half-started
+        process.kill()
+    process.wait()
+    pid = running_pid(run_dir)  # lost a race with another starter: fine
+    if pid is not None:
+        return pid
+    raise BackupError(f"{report.detail} (status {process.returncode}); see {log_path}")

@@ -34,14 +34,17 @@ LISTED = 10  # lines per kind of warning; past that, "and N more"
               help="Exit after SECONDS with no guard running and nothing to upload (as when "
                    "`guard start` starts it), or at once if the store is removed.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every step.")
+@click.option("--ready-fd", type=int, default=None, hidden=True,
+              help="Report readiness (system/daemon.Report) on this descriptor.")
 def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: float,
-                idle_exit: float | None, verbose: bool) -> None:
+                idle_exit: float | None, verbose: bool, ready_fd: int | None) -> None:
     """The backup daemon: upload staged items, verify them, purge the staged copies.
 
     Runs in the foreground (systemd: packaging/systemd/agentctl-backupd.service); logs to
     stderr. `agentctl guard start` starts one on demand when none runs.
     """
     from isolated_agent.backupd import Daemon, Settings, setup_logging
+    from isolated_agent.system.daemon import Reporter
 
     setup_logging(verbose)
     home = Store().home  # absolute: the daemon works from / (it must hold nothing elsewhere)
@@ -49,7 +52,12 @@ def backupd_cmd(once: bool, rescan: float, backoff_base: float, backoff_cap: flo
     settings = Settings(rescan_interval=max(rescan, 0.05), backoff_base=max(backoff_base, 0.01),
                         backoff_cap=max(backoff_cap, 0.01),
                         idle_exit=None if idle_exit is None else max(idle_exit, 0.0))
-    Daemon(home, settings).run(once=once)
+    reporter = Reporter(ready_fd)
+    try:
+        Daemon(home, settings).run(once=once, on_ready=reporter.ready)
+    except Exception as e:
+        reporter.failed(str(e))
+        raise
 
 
 @click.group("guard")

@@ -3,7 +3,8 @@
     hold_stop_signals()   before mounting: a SIGTERM/SIGINT/SIGHUP that comes while mounting is
                           remembered, not fatal (dying then would leave a dead mount, ENOTCONN)
     run_trio(main, ...)   a daemon's whole life, under cProfile when $AGENTFS_PROFILE names a file
-    terminate_on_signal   the nursery task that ends the FUSE session on a stop signal
+    serve_session(...)    serve the mounted session until it ends, beside the daemon's own tasks
+    terminate_on_signal   the task that ends the FUSE session on a stop signal
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
+
+from isolated_agent.fusefs.adapter import Adapter
+from isolated_agent.fusefs.mount import raise_readahead_when_initialized
 
 log = logging.getLogger("agentfs")
 
@@ -66,3 +70,25 @@ async def terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> No
             log.info("signal %d, unmounting", signum)
             pyfuse3.terminate()
             return
+
+
+async def serve_session(adapter: Adapter, readahead_path: str | None = None,
+                        tasks: Sequence[Callable[[], Awaitable[object]]] = (),
+                        on_ready: Callable[[], None] | None = None) -> None:
+    """Serve the session `pyfuse3.init` opened until it ends (unmounted, or a stop signal), with
+    one worker task — a model sees one request at a time (adapter.py), and fastloop.py's wait
+    needs one reader — beside the daemon's own `tasks`, which end with it. The read-ahead is
+    raised once FUSE_INIT is answered where the mount is at a path of this namespace
+    (`readahead_path`; not in a job's, whose sysfs is not ours to write). `on_ready` runs once
+    stop signals are handled."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(terminate_on_signal)
+        if readahead_path is not None:
+            nursery.start_soon(raise_readahead_when_initialized, adapter.initialized,
+                               readahead_path)
+        for task in tasks:
+            nursery.start_soon(task)
+        if on_ready is not None:
+            on_ready()
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()

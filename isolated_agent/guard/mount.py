@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -69,7 +71,7 @@ from isolated_agent.fusefs.mount import (
     wait_exited,
 )
 from isolated_agent.fusefs.replies import handle_free_supported
-from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
+from isolated_agent.fusefs.serve import run_trio, serve_session
 from isolated_agent.guard.bypass import (
     Gap,
     Holder,
@@ -86,7 +88,12 @@ from isolated_agent.guard.stage import Stager
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
 from isolated_agent.system import libc
-from isolated_agent.system.daemon import detach_process, raise_fd_limit
+from isolated_agent.system.daemon import (
+    DaemonFailed,
+    Reporter,
+    fork_daemon,
+    raise_fd_limit,
+)
 from isolated_agent.system.durable import process_alive
 from isolated_agent.system.mountinfo import MountEntry, read_mountinfo
 
@@ -193,26 +200,22 @@ def start(home: str, config: GuardConfig, debug: bool = False) -> Started:
             alive = isinstance(old_pid, int) and process_alive(old_pid)
             gap = open_gap(previous, daemon_alive=alive)
         gaps = [] if previous is None else past_gaps(previous)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the daemon
-            os.close(read_end)
-            code = _daemon(home, config, directory, guard_id, root_fd, staging, write_end, debug,
+
+        def daemon(reporter: Reporter) -> int:
+            return _daemon(home, config, directory, guard_id, root_fd, staging, reporter, debug,
                            gap, gaps)
-            os._exit(code)
-        os.close(write_end)
+
+        try:
+            pid, report = fork_daemon(daemon, os.path.join(run_dir, f"guard-{guard_id}.log"),
+                                      "the guard", expected=(GuardError,))
+        except DaemonFailed as e:
+            raise GuardError(str(e)) from None
     finally:
         staging.close()
         os.close(root_fd)
-    with os.fdopen(read_end, "rb") as reader:
-        answer = reader.read().decode(errors="replace").strip()
-    if not answer.startswith("ok"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise GuardError(answer.removeprefix("error ").strip() or "the guard daemon died")
     if gap is not None:  # closed when the new mount was in place (the daemon says when)
-        with contextlib.suppress(ValueError, IndexError):
-            gap = Gap(gap.since, float(answer.split()[1]), gap.cause)
+        with contextlib.suppress(ValueError):
+            gap = Gap(gap.since, float(report.detail), gap.cause)
     return Started(guard_id, directory, pid, recovered, found_holders, links, views, gap)
 
 
@@ -229,93 +232,82 @@ def _refuse_if_moved(directory: str, previous: dict[str, object] | None) -> None
 
 
 def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_fd: int,
-            staging: StagingDir, report_fd: int, debug: bool, gap: Gap | None,
+            staging: StagingDir, reporter: Reporter, debug: bool, gap: Gap | None,
             gaps: list[Gap]) -> int:
-    """The forked guard daemon: never returns into the caller's code."""
+    """The forked guard daemon's life (`fork_daemon` detached it and reports its failure)."""
     run_dir = os.path.join(home, "run")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+                        format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
+    os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
+    raise_fd_limit()
+    staging.lock(blocking=True)
+    catalog = GuardCatalog(os.path.join(home, "backup", "catalog.sqlite"),
+                           durable=config.sync)
+    guard = catalog.guard(guard_id)
+    assert guard is not None
+    report = reconcile(staging, catalog, guard)
+    log.info("guard of %s: reconciled staging: %s", directory, report)
+    notifier = Notifier(os.path.join(run_dir, "backupd.sock"))
+    stager = Stager(staging, catalog, guard, config.policy, config.sync,
+                    wake=notifier.backup, skipped=notifier.skip,
+                    defer_rows=not config.sync)
+    model = GuardFileSystem(root_fd, os.fsencode(directory), stager, FuseKernel(),
+                            handle_free=handle_free_supported())
+    operations = Adapter(model)
+    options = {"default_permissions", "fsname=isolated-agent-guard",
+               "subtype=isolated-agent-guard"}
+    if os.geteuid() == 0:
+        options.add("allow_other")
     try:
-        detach_process(os.path.join(run_dir, f"guard-{guard_id}.log"))
-        logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                            format="guard[%(process)d] %(asctime)s %(levelname)s %(message)s")
-        os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
-        raise_fd_limit()
-        staging.lock(blocking=True)
-        catalog = GuardCatalog(os.path.join(home, "backup", "catalog.sqlite"),
-                               durable=config.sync)
-        guard = catalog.guard(guard_id)
-        assert guard is not None
-        report = reconcile(staging, catalog, guard)
-        log.info("guard of %s: reconciled staging: %s", directory, report)
-        notifier = Notifier(os.path.join(run_dir, "backupd.sock"))
-        stager = Stager(staging, catalog, guard, config.policy, config.sync,
-                        wake=notifier.backup, skipped=notifier.skip,
-                        defer_rows=not config.sync)
-        model = GuardFileSystem(root_fd, os.fsencode(directory), stager, FuseKernel(),
-                                handle_free=handle_free_supported())
-        operations = Adapter(model)
-        options = {"default_permissions", "fsname=isolated-agent-guard",
-                   "subtype=isolated-agent-guard"}
-        if os.geteuid() == 0:
-            options.add("allow_other")
-        try:
-            pyfuse3.init(operations, directory, options)
-        except RuntimeError as e:
-            raise GuardError(f"cannot mount the guard over {directory}: {e}") from None
-        fastloop.install()  # agentfs's wait for the next request: no trio round per request
-        mounted_at = time.time()
-        if gap is not None:
-            gap = Gap(gap.since, mounted_at, gap.cause)
-            log.warning("guard of %s: %s", directory, gap.describe(directory))
-            gaps = [*gaps, gap]
-        state = GuardState(run_dir, guard, staging, config, gaps[-MAX_GAPS:])
-        try:
-            state.write()
-            os.write(report_fd, f"ok {mounted_at!r}\n".encode())
-            os.close(report_fd)
-            log.info("guarding %s (pid %d)", directory, os.getpid())
-            run_trio(_serve, model, catalog, state)  # under cProfile: $AGENTFS_PROFILE
-        finally:
-            operations.close()
-            # Where the mount is no longer at DIR, whatever is there now (nothing, or the
-            # next guard) is not ours to unmount: only the session is closed. Moved with a
-            # parent of DIR, it is unmounted where it is now.
-            where = None if state.lost is not None else state.where()
-            if state.lost is None:
-                state.ended(where is not None)
-            if where is not None and where != directory:
-                with contextlib.suppress(NotMounted, UnmountFailed):
-                    unmount(where, lazy=True)
-            with contextlib.suppress(Exception):
-                pyfuse3.close(unmount=where == directory)
-            stager.flush_rows()
-            notifier.stop()
-            with contextlib.suppress(OSError):
-                _flush(stager, catalog)
-            catalog.close()
-            log.info("guard of %s ended", directory)
-        return 0
-    except BaseException as e:  # noqa: BLE001 - report, never unwind into the caller
-        message = str(e) if isinstance(e, GuardError) else f"the guard failed: {e!r}"
-        with contextlib.suppress(OSError):
-            os.write(report_fd, ("error " + message.replace("\n", " ") + "\n").encode())
+        pyfuse3.init(operations, directory, options)
+    except RuntimeError as e:
+        raise GuardError(f"cannot mount the guard over {directory}: {e}") from None
+    fastloop.install()  # agentfs's wait for the next request: no trio round per request
+    mounted_at = time.time()
+    if gap is not None:
+        gap = Gap(gap.since, mounted_at, gap.cause)
+        log.warning("guard of %s: %s", directory, gap.describe(directory))
+        gaps = [*gaps, gap]
+    state = GuardState(run_dir, guard, staging, config, gaps[-MAX_GAPS:])
+    try:
+        state.write()
+        reporter.ready(repr(mounted_at))
+        log.info("guarding %s (pid %d)", directory, os.getpid())
+        run_trio(serve_session, operations, None, _tasks(model, catalog, state))
+    finally:
+        operations.close()
+        # Where the mount is no longer at DIR, whatever is there now (nothing, or the
+        # next guard) is not ours to unmount: only the session is closed. Moved with a
+        # parent of DIR, it is unmounted where it is now.
+        where = None if state.lost is not None else state.where()
+        if state.lost is None:
+            state.ended(where is not None)
+        if where is not None and where != directory:
+            with contextlib.suppress(NotMounted, UnmountFailed):
+                unmount(where, lazy=True)
         with contextlib.suppress(Exception):
-            log.exception("guard: daemon ended with an error")
-        return 1
+            pyfuse3.close(unmount=where == directory)
+        stager.flush_rows()
+        notifier.stop()
+        with contextlib.suppress(OSError):
+            _flush(stager, catalog)
+        catalog.close()
+        log.info("guard of %s ended", directory)
+    return 0
 
 
-async def _serve(guard: GuardFileSystem, catalog: GuardCatalog, state: GuardState) -> None:
+def _tasks(guard: GuardFileSystem, catalog: GuardCatalog,
+           state: GuardState) -> list[Callable[[], Awaitable[None]]]:
+    """What the guard daemon does beside serving requests."""
     stager = guard.stager
-    async with trio.open_nursery() as nursery:
-        await nursery.start(terminate_on_signal)
-        nursery.start_soon(_heartbeat, state)
-        if guard.behind is not None:
-            nursery.start_soon(_follow_changes_behind, guard)
-        if not stager.sync:
-            nursery.start_soon(_flush_periodically, stager, catalog)
-        if stager.defer_rows:
-            nursery.start_soon(_commit_rows_periodically, stager)
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
-        nursery.cancel_scope.cancel()
+    tasks: list[Callable[[], Awaitable[None]]] = [functools.partial(_heartbeat, state)]
+    if guard.behind is not None:
+        tasks.append(functools.partial(_follow_changes_behind, guard))
+    if not stager.sync:
+        tasks.append(functools.partial(_flush_periodically, stager, catalog))
+    if stager.defer_rows:
+        tasks.append(functools.partial(_commit_rows_periodically, stager))
+    return tasks
 
 
 async def _follow_changes_behind(guard: GuardFileSystem) -> None:

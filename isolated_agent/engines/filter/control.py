@@ -27,6 +27,7 @@ from isolated_agent.errors import AgentctlError
 from isolated_agent.fusefs import mount as mounts
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
+from isolated_agent.system.daemon import read_report
 
 
 class FilterError(AgentctlError):
@@ -122,11 +123,9 @@ def start_background(root: str, run_dir: str, log_path: str, on_demand: bool) ->
     finally:
         os.close(write_end)
     child.wait()  # it forks the daemon and exits at once: not our child, not our zombie
-    with os.fdopen(read_end, "rb") as reader:
-        answer = reader.read().decode(errors="replace").strip()
-    if not answer.startswith("ok"):
-        reason = answer.removeprefix("error ").strip() or "the filter daemon died"
-        raise FilterError(f"cannot start the filter on {root}: {reason}")
+    report = read_report(read_end, "the filter daemon died")
+    if not report.ok:
+        raise FilterError(f"cannot start the filter on {root}: {report.detail}")
     record = read_record(run_dir, root)
     return record.pid if record is not None else 0
 

@@ -22,6 +22,7 @@ The record (`records.py`) names the root, the pid, the socket and the log: `filt
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -43,13 +44,12 @@ from isolated_agent.engines.filter.records import (
 from isolated_agent.engines.fuse.daemon import MountFailed, fault_hook_from_env, setup_logging
 from isolated_agent.fusefs import fastloop
 from isolated_agent.fusefs.adapter import Adapter, FuseKernel
-from isolated_agent.fusefs.mount import raise_readahead_when_initialized
 from isolated_agent.fusefs.replies import listing_cache_supported
-from isolated_agent.fusefs.serve import run_trio, terminate_on_signal
+from isolated_agent.fusefs.serve import run_trio, serve_session
 from isolated_agent.protocol.frames import Code, Frame, error_frame
 from isolated_agent.protocol.peer import PeerCred, refusal
 from isolated_agent.protocol.server import serve as serve_control
-from isolated_agent.system.daemon import detach_process, raise_fd_limit
+from isolated_agent.system.daemon import Reporter, become_daemon, raise_fd_limit
 
 log = logging.getLogger("agentfs.filter")
 
@@ -225,16 +225,11 @@ def _user_allow_other() -> bool:
 
 async def _main(daemon: FilterDaemon, record: FilterRecord, record_file: str,
                 on_ready: Callable[[], None] | None) -> None:
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:  # the control port lives as long as the mount
         await nursery.start(serve_control, record.socket, daemon.handle, daemon.refuse)
         write_record(record, record_file)
-        nursery.start_soon(_housekeeping, daemon)
-        await nursery.start(terminate_on_signal)
-        nursery.start_soon(raise_readahead_when_initialized, daemon.operations.initialized,
-                           daemon.root)
-        if on_ready is not None:
-            on_ready()
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        await serve_session(daemon.operations, daemon.root,
+                            [functools.partial(_housekeeping, daemon)], on_ready)
         nursery.cancel_scope.cancel()
 
 
@@ -250,26 +245,14 @@ async def _housekeeping(daemon: FilterDaemon) -> None:
 
 def daemon_main(root: str, run_dir: str, log_path: str, ready_fd: int, on_demand: bool) -> None:
     """The body of `python -m isolated_agent.engines.filter`: fork once more (so that the
-    caller can wait for its child at once), then serve; "ok" or "error ..." on `ready_fd`."""
+    caller can wait for its child at once), then serve, reporting on `ready_fd`."""
     if os.fork() != 0:
         os._exit(0)
-    code = 1
     root, run_dir, log_path = (os.path.abspath(p) for p in (root, run_dir, log_path))
-    try:
-        detach_process(log_path)  # "/" as cwd: never hold the caller's directory
+
+    def daemon(reporter: Reporter) -> int:
         setup_logging()
+        serve(root, run_dir, log_path, on_demand, on_ready=reporter.ready)
+        return 0
 
-        def ready() -> None:
-            os.write(ready_fd, b"ok\n")
-            os.close(ready_fd)
-
-        serve(root, run_dir, log_path, on_demand, on_ready=ready)
-        code = 0
-    except BaseException as e:  # noqa: BLE001 - report, never a traceback on a terminal
-        message = str(e) if isinstance(e, MountFailed) else f"filter daemon failed: {e!r}"
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, ("error " + message.replace("\n", " ") + "\n").encode())
-        with contextlib.suppress(Exception):
-            log.exception("filter daemon ended with an error")
-    finally:
-        os._exit(code)
+    become_daemon(daemon, Reporter(ready_fd), log_path, "filter daemon", expected=(MountFailed,))

@@ -6,14 +6,15 @@ One daemon serves one mount (pyfuse3 keeps one session per process). Its life:
     ->  serve requests (trio)  ->  SIGTERM/SIGINT/SIGHUP: end the session and unmount;
                                    umount by someone else: the kernel ends the session
 
-`serve` runs it in the calling process (foreground); `start_background` forks a daemon that
-reports "mounted" or the reason it could not mount before its parent returns, as a mount
-helper must.
+`serve` runs it in the calling process (foreground); `start_background` forks a daemon
+(`system/daemon.fork_daemon`) that reports it is mounted, or the reason it could not mount,
+before its parent returns, as a mount helper must.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -21,20 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
-import trio  # type: ignore[import-untyped]
 
 from isolated_agent.engines.fuse.filesystem import OverlayFileSystem
 from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.fusefs import fastloop
 from isolated_agent.fusefs.adapter import Adapter, FuseKernel
 from isolated_agent.fusefs.cache import EXCLUSIVE, CacheMode
-from isolated_agent.fusefs.mount import raise_readahead_when_initialized
 from isolated_agent.fusefs.replies import handle_free_supported
-from isolated_agent.fusefs.serve import hold_stop_signals, run_trio, terminate_on_signal
+from isolated_agent.fusefs.serve import hold_stop_signals, run_trio, serve_session
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
 from isolated_agent.overlay.merge import Overlay
-from isolated_agent.system.daemon import detach_stdio, raise_fd_limit
+from isolated_agent.system.daemon import DaemonFailed, Reporter, fork_daemon, raise_fd_limit
 
 log = logging.getLogger("agentfs")
 
@@ -128,24 +127,12 @@ def serve(
             fastloop.install(int(given) if given.isdigit() else None)
         if on_ready is not None:
             on_ready()
-        # The read-ahead is raised where the mount is at a path of this namespace (not in the
-        # job's, whose sysfs is not ours to write).
-        run_trio(_serve_until_signalled, operations, None if given.isdigit() else mountpoint)
+        run_trio(serve_session, operations, None if given.isdigit() else mountpoint)
     finally:
         operations.close()
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
         overlay.close()
-
-
-async def _serve_until_signalled(operations: Adapter, readahead_path: str | None) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(terminate_on_signal)
-        if readahead_path is not None:
-            nursery.start_soon(raise_readahead_when_initialized, operations.initialized,
-                               readahead_path)
-        await pyfuse3.main(min_tasks=1, max_tasks=1)
-        nursery.cancel_scope.cancel()
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -164,39 +151,20 @@ def start_background(
 ) -> int:
     """Fork a daemon that mounts and serves; return its pid once the mount is in place.
     Raises MountFailed (the daemon is gone by then) when it cannot mount. The daemon keeps
-    every fd of the caller it was forked with (an env lock, for one)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the daemon
-        code = 1
-        try:
-            os.close(read_end)
-            os.setsid()
-            detach_stdio(log_path)
-            setup_logging(debug)
-            layers = open_layers(config)
+    every fd of the caller it was forked with (an env lock, for one); it works from "/", so
+    every path is made absolute first."""
+    config = dataclasses.replace(
+        config, lowers=[os.path.abspath(p) for p in config.lowers],
+        upper=os.path.abspath(config.upper), work=os.path.abspath(config.work))
+    mountpoint = os.path.abspath(mountpoint)
 
-            def ready() -> None:
-                os.write(write_end, b"ok\n")
-                os.close(write_end)
+    def daemon(reporter: Reporter) -> int:
+        setup_logging(debug)
+        serve(open_layers(config), mountpoint, config, on_ready=reporter.ready)
+        return 0
 
-            serve(layers, mountpoint, config, on_ready=ready)
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - report, never unwind into the caller
-            message = str(e) if isinstance(e, MountFailed) else f"agentfs failed: {e!r}"
-            with contextlib.suppress(OSError):
-                os.write(write_end, ("error " + message.replace("\n", " ") + "\n").encode())
-            with contextlib.suppress(Exception):
-                log.exception("agentfs: daemon ended with an error")
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        answer = reader.read().decode(errors="replace").strip()
-    if answer.startswith("ok"):
-        return pid
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-    raise MountFailed(answer.removeprefix("error ").strip() or "the agentfs daemon died")
-
-
+    try:
+        pid, _ = fork_daemon(daemon, log_path, "agentfs", expected=(MountFailed,))
+    except DaemonFailed as e:
+        raise MountFailed(str(e)) from None
+    return pid

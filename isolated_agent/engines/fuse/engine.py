@@ -34,6 +34,7 @@ from isolated_agent.env.store import Env, Root
 from isolated_agent.errors import IsolationError
 from isolated_agent.fusefs.daemon_log import LogWatch
 from isolated_agent.system import libc
+from isolated_agent.system.daemon import Report, detach_stdio
 
 _ANSWER_TIMEOUT = 30.0
 
@@ -150,14 +151,13 @@ class FuseEngine:
             os.close(fuse_fd)  # the daemon's copy must be the only one: its death aborts
         try:
             link.settimeout(_ANSWER_TIMEOUT)
-            answer = link.recv(4096).decode(errors="replace")
+            report = Report.decode(link.recv(4096), "the agentfs daemon exited")
         except OSError as e:
             raise IsolationError(step, f"no answer from the agentfs daemon: {e}") from e
         finally:
             link.close()
-        if answer != "ok":
-            detail = answer.removeprefix("error ").strip() or "the agentfs daemon exited"
-            raise IsolationError(step, detail)
+        if not report.ok:
+            raise IsolationError(step, report.detail)
 
 
 def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) -> None:
@@ -180,8 +180,6 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
             serve,
             setup_logging,
         )
-        from isolated_agent.system.daemon import detach_stdio
-
         detach_stdio(log_path)
         setup_logging()
         config = MountConfig(lowers=[root.path], upper=root.upper, work=root.work,
@@ -189,19 +187,19 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
         try:
             layers = open_layers(config)
         except MountFailed as e:
-            link.send(f"error {e}".encode())
+            link.send(Report(False, str(e)).encode())
             os._exit(1)
         _, fds, _, _ = socket.recv_fds(link, 16, 1)
         if not fds:
             os._exit(0)  # the job never got to mount: nothing to serve
 
         def ready() -> None:
-            link.send(b"ok")
+            link.send(Report(True).encode())
 
         serve(layers, f"/dev/fd/{fds[0]}", config, on_ready=ready)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report, never unwind into the launcher
         with contextlib.suppress(Exception):
-            link.send(f"error agentfs daemon failed: {e!r}".encode())
+            link.send(Report(False, f"agentfs daemon failed: {e!r}").encode())
     finally:
         os._exit(code)
