@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,48 @@ class Listed:
 
     attributes: Attributes
     settle: Callable[[bool], None] | None = None
+
+
+N = TypeVar("N", contravariant=True)
+
+
+class LookupCounts(Protocol[N]):
+    """An inode table's count of the lookups the kernel holds. A node it just numbered is
+    bound with no lookup yet: `entry` counts one once an answer naming it reached the kernel,
+    `unused` drops a binding no answer reached."""
+
+    def entry(self, node: N, /) -> object: ...
+    def unused(self, node: N, /) -> object: ...
+
+
+def _or_unused(counts: LookupCounts[N], node: N,
+               attributes: Callable[[], Attributes]) -> Attributes:
+    try:
+        return attributes()
+    except BaseException:
+        counts.unused(node)
+        raise
+
+
+def counted_entry(counts: LookupCounts[N], node: N,
+                  attributes: Callable[[], Attributes]) -> Attributes:
+    """The entry answer for `node`, just numbered: counted as a lookup once the answer is
+    certain; if its attributes cannot be had, the binding is dropped."""
+    answer = _or_unused(counts, node, attributes)
+    counts.entry(node)
+    return answer
+
+
+def listed_entry(counts: LookupCounts[N], node: N,
+                 attributes: Callable[[], Attributes]) -> Listed:
+    """One listed name's entry for `node`, just numbered: counted only if the kernel takes it
+    (`Listed.settle`), else the binding is dropped."""
+    answer = _or_unused(counts, node, attributes)
+
+    def settle(taken: bool) -> None:
+        (counts.entry if taken else counts.unused)(node)
+
+    return Listed(answer, settle)
 
 
 class Kernel(Protocol):

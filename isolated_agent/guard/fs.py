@@ -69,6 +69,8 @@ from isolated_agent.fusefs.model import (
     Listed,
     Opened,
     Policy,
+    counted_entry,
+    listed_entry,
 )
 from isolated_agent.guard.behind import Place, Watcher
 from isolated_agent.guard.inodes import ROOT, Inode, InodeTable
@@ -118,13 +120,7 @@ class GuardFileSystem:
 
     def _entry(self, parent: Inode, name: bytes) -> Attributes:
         inode, st = self.inodes.lookup(parent, name)
-        try:
-            attrs = self._attributes(inode, st)
-        except BaseException:
-            self.inodes.unused(inode)
-            raise
-        self.inodes.entry(inode)
-        return attrs
+        return counted_entry(self.inodes, inode, lambda: self._attributes(inode, st))
 
     def _hidden(self, parent: Inode, name: bytes) -> bool:
         return parent.number == ROOT and name == STAGING_NAME
@@ -518,16 +514,7 @@ class GuardFileSystem:
             inode, st = self.inodes.lookup(directory, name)
         except FileNotFoundError:
             return None  # removed since the listing was taken
-        try:
-            attributes = self._attributes(inode, st)
-        except BaseException:
-            self.inodes.unused(inode)
-            raise
-
-        def settle(taken: bool) -> None:
-            (self.inodes.entry if taken else self.inodes.unused)(inode)
-
-        return Listed(attributes, settle)
+        return listed_entry(self.inodes, inode, lambda: self._attributes(inode, st))
 
     def releasedir(self, fh: int) -> None:
         self.inodes.forget(self._dirs.pop(fh).number, 1)

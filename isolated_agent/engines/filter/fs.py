@@ -67,6 +67,8 @@ from isolated_agent.fusefs.model import (
     Listed,
     Opened,
     Policy,
+    counted_entry,
+    listed_entry,
 )
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import Layers
@@ -381,13 +383,8 @@ class FilterFileSystem:
         """An entry reply numbered by `view`'s table; the lookup count goes up once the reply
         is certain."""
         inode = view.inodes.number(node)
-        try:
-            attrs = self._attributes(view, node, inode, policy)
-        except BaseException:
-            view.inodes.unused(node)
-            raise
-        view.inodes.entry(node)
-        return attrs
+        return counted_entry(view.inodes, node,
+                             lambda: self._attributes(view, node, inode, policy))
 
     def _resolve_entry(
         self, view: View, parent_inode: int, name: bytes
@@ -721,16 +718,8 @@ class FilterFileSystem:
         if node is None:
             return None  # removed since the listing was taken
         inode = owner.inodes.number(node)
-        try:
-            attributes = self._attributes(owner, node, inode, policy)
-        except BaseException:
-            owner.inodes.unused(node)
-            raise
-
-        def settle(taken: bool) -> None:
-            (owner.inodes.entry if taken else owner.inodes.unused)(node)
-
-        return Listed(attributes, settle)
+        return listed_entry(owner.inodes, node,
+                            lambda: self._attributes(owner, node, inode, policy))
 
     def _parent_inode(self, handle: _DirHandle) -> int:
         """The number `..` shows in a listing (the kernel itself never asks for it)."""

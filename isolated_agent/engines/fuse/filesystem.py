@@ -40,6 +40,8 @@ from isolated_agent.fusefs.model import (
     Listed,
     Opened,
     Policy,
+    counted_entry,
+    listed_entry,
 )
 from isolated_agent.overlay.merge import Overlay
 from isolated_agent.overlay.node import Node
@@ -105,13 +107,7 @@ class OverlayFileSystem:
     def _entry(self, node: Node) -> Attributes:
         """An entry for `node`: the lookup count goes up once the answer is certain."""
         inode = self.inodes.number(node)
-        try:
-            attributes = self._attributes(node, inode)
-        except BaseException:
-            self.inodes.unused(node)
-            raise
-        self.inodes.entry(node)
-        return attributes
+        return counted_entry(self.inodes, node, lambda: self._attributes(node, inode))
 
     def _stale_entry(self, parent: Node, name: bytes) -> None:
         if parent.nodeid:
@@ -352,16 +348,7 @@ class OverlayFileSystem:
         except FileNotFoundError:
             return None
         inode = self.inodes.number(node)
-        try:
-            attributes = self._attributes(node, inode)
-        except BaseException:
-            self.inodes.unused(node)
-            raise
-
-        def settle(taken: bool) -> None:
-            (self.inodes.entry if taken else self.inodes.unused)(node)
-
-        return Listed(attributes, settle)
+        return listed_entry(self.inodes, node, lambda: self._attributes(node, inode))
 
     def releasedir(self, fh: int) -> None:
         self.overlay.unref(self._dirs.pop(fh))
