@@ -38,19 +38,49 @@ _FALLBACK_BASE = 1 << 63
 _RANGE_STABLE_BITS = 39  # of an env view's 2^40 numbers (RangeInodeTable)
 
 
+class InodeNumbers:
+    """The numbering every inode table of ours uses (this module's and the guard's): stable
+    numbers from where a file was first seen, `slot(st_dev) << 48 | st_ino`, slots counted from
+    `first_slot` in the order devices are met (0: the first device's files show their own
+    st_ino); `stable` is None where that does not fit (a slot past 2^15, an st_ino of 0 or past
+    2^48, the root's 1). `spare` numbers come from a counter range of their own (from
+    `spare_base`), for those and for a stable number another live file holds."""
+
+    def __init__(self, first_slot: int = 1, spare_base: int = _FALLBACK_BASE) -> None:
+        self._first_slot = first_slot
+        self._slots: dict[int, int] = {}
+        self._next_spare = spare_base
+
+    def slot(self, dev: int) -> int:
+        slot = self._slots.get(dev)
+        if slot is None:
+            slot = self._slots[dev] = len(self._slots) + self._first_slot
+        return slot
+
+    def stable(self, dev: int, ino: int) -> int | None:
+        slot = self.slot(dev)
+        if slot > _MAX_SLOT or ino > _INO_MASK or ino == 0 or (slot << _INO_BITS | ino) == 1:
+            return None
+        return (slot << _INO_BITS) | ino
+
+    def spare(self) -> int:
+        number = self._next_spare
+        self._next_spare += 1
+        return number
+
+
 class InodeTable:
-    def __init__(self, overlay: Overlay, first_slot: int = 1) -> None:
+    def __init__(self, overlay: Overlay, first_slot: int = 1,
+                 spare_base: int = _FALLBACK_BASE) -> None:
         """`first_slot=0` numbers the first layer's files (upper's) by their own st_ino: the
         filter mount's host view shows the host's inode numbers unchanged."""
         self.overlay = overlay
-        self._first_slot = first_slot
+        self.numbering = InodeNumbers(first_slot, spare_base)
         self._nodes: dict[int, Node] = {ROOT_INODE: overlay.root}
         self._counts: dict[int, int] = {}
-        self._slots: dict[int, int] = {}
-        self._next_fallback = _FALLBACK_BASE
         overlay.root.nodeid = ROOT_INODE
         for fd in (overlay.layers.upper, *overlay.layers.lowers):
-            self._slot(os.fstat(fd).st_dev)
+            self.numbering.slot(os.fstat(fd).st_dev)
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -69,8 +99,7 @@ class InodeTable:
             return node.nodeid
         wanted = self._stable_number(node)
         if wanted in self._nodes:
-            wanted = self._next_fallback
-            self._next_fallback += 1
+            wanted = self.numbering.spare()
         node.nodeid = wanted
         self._nodes[wanted] = node
         self.overlay.ref(node)
@@ -111,16 +140,10 @@ class InodeTable:
 
     def _stable_number(self, node: Node) -> int:
         dev, ino = node.origin
-        slot = self._slot(dev)
-        if slot > _MAX_SLOT or ino > _INO_MASK or ino == 0 or (slot << _INO_BITS | ino) == 1:
-            return _FALLBACK_BASE - 1 - (ino & _INO_MASK)  # still deterministic, below fallbacks
-        return (slot << _INO_BITS) | ino
-
-    def _slot(self, dev: int) -> int:
-        slot = self._slots.get(dev)
-        if slot is None:
-            slot = self._slots[dev] = len(self._slots) + self._first_slot
-        return slot
+        number = self.numbering.stable(dev, ino)
+        if number is None:
+            return _FALLBACK_BASE - 1 - (ino & _INO_MASK)  # still deterministic, below spares
+        return number
 
 
 class RangeInodeTable(InodeTable):
@@ -132,15 +155,12 @@ class RangeInodeTable(InodeTable):
     and for a number another live node holds."""
 
     def __init__(self, overlay: Overlay, base: int) -> None:
-        super().__init__(overlay)
+        super().__init__(overlay, spare_base=base + (1 << _RANGE_STABLE_BITS))
         self._base = base
-        self._next_fallback = base + (1 << _RANGE_STABLE_BITS)
 
     def _stable_number(self, node: Node) -> int:
         dev, ino = node.origin
-        slot = self._slot(dev)
+        slot = self.numbering.slot(dev)
         if 0 < ino < (1 << 32) and slot < (1 << (_RANGE_STABLE_BITS - 32)):
             return self._base + (slot << 32 | ino)
-        number = self._next_fallback
-        self._next_fallback += 1
-        return number
+        return self.numbering.spare()

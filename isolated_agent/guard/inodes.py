@@ -3,7 +3,7 @@
 The agentfs table (fusefs/inodes.py) binds numbers to overlay nodes; the guard has no
 overlay, only host files, so it keeps its own small table in the style of libfuse's
 passthrough_hp: each inode the kernel holds is an O_PATH fd to the host file, keyed by the
-file's (st_dev, st_ino).
+file's (st_dev, st_ino). Both number inodes alike (`fusefs.inodes.InodeNumbers`).
 
 Invariants (a violation is a bug and asserts):
 - inode 1 is the guarded directory, opened before the mount; it is never forgotten;
@@ -34,14 +34,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from isolated_agent.fusefs.inodes import InodeNumbers
+
 if TYPE_CHECKING:
     from isolated_agent.guard.behind import Watcher
 
 ROOT = 1
-_INO_BITS = 48
-_INO_MASK = (1 << _INO_BITS) - 1
-_MAX_SLOT = (1 << 15) - 1
-_FALLBACK_BASE = 1 << 63
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 DATA_FDS = 256
 
@@ -68,12 +66,11 @@ class InodeTable:
         st = os.fstat(root_fd)
         self.root_path = root_path
         self.watcher = watcher
-        self._slots: dict[int, int] = {}
-        self._slot(st.st_dev)
+        self.numbering = InodeNumbers(first_slot=0)  # DIR's own files keep their st_ino
+        self.numbering.slot(st.st_dev)
         self._by_number: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, int], Inode] = {}
         self._data: OrderedDict[tuple[int, bool], int] = OrderedDict()  # (number, write) -> fd
-        self._next_fallback = _FALLBACK_BASE
         root = Inode(ROOT, root_fd, (st.st_dev, st.st_ino), True, ROOT, b"")
         self._bind(root)
 
@@ -212,19 +209,10 @@ class InodeTable:
         os.close(inode.fd)
 
     def _number(self, key: tuple[int, int]) -> int:
-        dev, ino = key
-        slot = self._slot(dev)
-        number = (slot << _INO_BITS) | ino
-        if slot > _MAX_SLOT or ino > _INO_MASK or ino == 0 or number in self._by_number:
-            number = self._next_fallback
-            self._next_fallback += 1
+        number = self.numbering.stable(*key)
+        if number is None or number in self._by_number:
+            number = self.numbering.spare()
         return number
-
-    def _slot(self, dev: int) -> int:
-        slot = self._slots.get(dev)
-        if slot is None:
-            slot = self._slots[dev] = len(self._slots)
-        return slot
 
 
 def _is_dir(mode: int) -> bool:
