@@ -13,7 +13,7 @@ import click
 
 from isolated_agent.cli.output import emit_json, notice, when
 from isolated_agent.env import diff as render
-from isolated_agent.env.changeset import Change, read_changeset
+from isolated_agent.env.changeset import Change, Changeset, env_layers, read_changeset
 from isolated_agent.env.commit import (
     CommitResult,
     Privileged,
@@ -26,6 +26,7 @@ from isolated_agent.env.commit import (
 )
 from isolated_agent.env.journal import pending_env_ids
 from isolated_agent.env.selection import Selection, select_paths, split_env_and_paths
+from isolated_agent.env.stack import compare_states, find_checkpoint, layers_of
 from isolated_agent.env.store import Env, Store, default_home
 from isolated_agent.errors import AgentctlError, CommitConflict, CommitIncomplete, UsageError
 
@@ -92,19 +93,29 @@ def progress_bar(label: str, enabled: bool | None = None) -> Iterator[Progress]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--color", type=click.Choice(["auto", "always", "never"]), default="auto",
               show_default=True, help="Colour the output (auto: on a terminal).")
+@click.option("--from", "from_checkpoint", metavar="CHECKPOINT",
+              help="Compare from this checkpoint of the env instead of from the host.")
+@click.option("--to", "to_checkpoint", metavar="CHECKPOINT",
+              help="With --from: compare to this checkpoint instead of the env as it is now.")
 def diff_cmd(
     args: tuple[str, ...], env_name: str | None, show_stat: bool, name_status: bool,
-    as_json: bool, color: str,
+    as_json: bool, color: str, from_checkpoint: str | None, to_checkpoint: str | None,
 ) -> None:
-    """Show what an env changed, as a unified diff against the host.
+    """Show what an env changed, as a unified diff against the host (or, with --from,
+    between two of its checkpoints, or a checkpoint and now).
 
     Status letters: A added, M modified, T type changed, D deleted.
     """
-    _, env, selection = _target(env_name, args)
-    changeset = read_changeset(env, selection)
-    unknown = changeset.unknown_paths()
-    if unknown:
-        raise UsageError(f"{unknown[0]}: no such path in env {env.name} or on the host")
+    store, env, selection = _target(env_name, args)
+    if from_checkpoint is not None:
+        changeset = _between_checkpoints(store, env, selection, from_checkpoint, to_checkpoint)
+    elif to_checkpoint is not None:
+        raise UsageError("--to needs --from: give the checkpoint to compare from")
+    else:
+        changeset = read_changeset(env, selection)
+        unknown = changeset.unknown_paths()
+        if unknown:
+            raise UsageError(f"{unknown[0]}: no such path in env {env.name} or on the host")
     colored = color == "always" or (color == "auto" and sys.stdout.isatty())
     if as_json:
         emit_json({"env": env.name, "changes": render.to_json(changeset)})
@@ -115,10 +126,19 @@ def diff_cmd(
         _write_lines(render.stat_lines(render.file_stats(changeset), width, colored))
     else:
         _write_lines(render.patch(changeset, colored))
-    if not as_json:
+    if not as_json and from_checkpoint is None:
         # After the output, so that it is the last thing a terminal shows.
         _privilege_lines([(os.fsdecode(render.display_path(changeset, item.change)), item)
                           for item in find_privileged(changeset.changes)], committed=False)
+
+
+def _between_checkpoints(
+    store: Store, env: Env, selection: Selection, older: str, newer: str | None
+) -> Changeset:
+    start = find_checkpoint(store, env, older)
+    end = env_layers(env) if newer is None else layers_of(
+        store, env, find_checkpoint(store, env, newer).layers)
+    return compare_states(env, layers_of(store, env, start.layers), end, selection)
 
 
 def _listed(names: tuple[str, ...]) -> str:

@@ -100,8 +100,8 @@ class KernelEngine:
             # only (the view, a copy of the tree made before, does not show them).
             namespace = self._swap_namespaces[root.index]
             try:
-                libc.attach_idmapped(lower, namespace)
-                libc.attach_idmapped(os.path.dirname(root.upper), namespace)
+                for path in (lower, os.path.dirname(root.upper), *root.layers):
+                    libc.attach_idmapped(path, namespace)
             except OSError as e:
                 raise IsolationError(
                     f"idmapped layers of {root.path}", os.strerror(e.errno or 0),
@@ -110,7 +110,8 @@ class KernelEngine:
                     "project's owner") from e
         options = ",".join(
             (
-                f"lowerdir={_escape(lower)}",
+                # Frozen layers (DESIGN §11) sit between the upper and the tree, top first.
+                "lowerdir=" + ":".join(_escape(path) for path in (*root.layers, lower)),
                 f"upperdir={_escape(root.upper)}",
                 f"workdir={_escape(root.work)}",
                 "userxattr",

@@ -1,9 +1,9 @@
-"""An env's changes: how the view its upper layers give differs from the host, root by root.
+"""An env's changes: how the view its layers give differs from the host, root by root.
 
-The view of a root is upper ∪ host − whiteouts (DESIGN §3), except under an upper directory that
-*hides* the host: an opaque one (`user.overlay.opaque`), or one that sits over a host non-directory.
-There the view is the upper subtree alone. A change is a path whose entry in the view differs from
-the host's entry:
+The view of a root is upper ∪ frozen layers ∪ host − whiteouts (DESIGN §3, §11), except under a
+layer directory that *hides* what is below it: an opaque one (`user.overlay.opaque`), or one that
+sits over a lower whiteout or non-directory. There the view is the layers' subtree alone. A
+change is a path whose entry in the view differs from the host's entry:
 
     A  added      the view has an entry where the host has none
     M  modified   same type; different content, permission bits, owner, symlink target or data
@@ -30,8 +30,9 @@ would turn it into a privileged program on the host. Directories carry none: set
 directory only makes new entries inherit its group (shared project directories rely on it), and
 Linux ignores setuid on directories.
 
-Each change remembers `seen_from`: the upper entry whose creation marks the moment the env took the
-path over (the copy-up, the create, the whiteout, or the directory hiding it). Commit uses its
+Each change remembers `seen_from`: the layer entry whose creation marks the moment the env took the
+path over (the copy-up, the create, the whiteout, or the directory hiding it; in a stack, the
+oldest of the env's own versions of the path). Commit uses its
 birth time to tell whether the host changed the path afterwards (see `commit.find_conflicts`).
 """
 
@@ -186,6 +187,20 @@ class Changeset:
 
 def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
     """The env's changes, restricted to `selection` (default: everything)."""
+    return read_view_changes(env, env_layers(env), selection)
+
+
+def env_layers(env: Env) -> dict[int, list[str]]:
+    """The layers of the env's view as it is now, per root, top first: its upper, then its
+    frozen layers."""
+    return {root.index: [root.upper, *root.layers] for root in env.roots}
+
+
+def read_view_changes(
+    env: Env, layers: dict[int, list[str]], selection: Selection | None = None
+) -> Changeset:
+    """The changes of the view that `layers` (per root index, top first) give over the host:
+    the env's own (read_changeset), or a checkpoint's."""
     selection = selection or Selection(None)
     reader = _Reader(env, selection)
     wanted = selection.roots()
@@ -194,22 +209,26 @@ def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
             raise RootMissing(env.name, root.path)
         if wanted is not None and root.index not in wanted:
             continue
-        upper = os.fsencode(root.upper)
-        host = os.fsencode(root.path)
+        opened: list[Layer] = []
         try:
-            upper_fd = os.open(upper, fdpath.DIR_READ)
-        except OSError as e:
-            raise StoreError(
-                f"the layer {root.upper} of env {env.name} is missing; the store is damaged"
-            ) from e
-        try:
+            for layer in layers[root.index]:
+                try:
+                    opened.append((os.open(layer, fdpath.DIR_READ), os.fsencode(layer)))
+                except OSError as e:
+                    raise StoreError(
+                        f"the layer {layer} of env {env.name} is missing; the store is damaged"
+                    ) from e
+            host = os.fsencode(root.path)
             host_fd = os.open(host, fdpath.DIR_PATH)
             try:
-                reader.walk(root.index, b"", upper_fd, upper, host_fd, host, False, upper)
+                chain, cut = _root_chain(opened)
+                hider = chain[-1][1] if chain else host
+                reader.walk(root.index, b"", chain, host_fd, host, cut, hider)
             finally:
                 os.close(host_fd)
         finally:
-            os.close(upper_fd)
+            for fd, _ in opened:
+                os.close(fd)
     result = Changeset(env, selection)
     for change in sorted(reader.found, key=lambda c: (c.root, c.rel)):
         if selection.matches(change.root, change.rel):
@@ -220,10 +239,27 @@ def read_changeset(env: Env, selection: Selection | None = None) -> Changeset:
     return result
 
 
+Layer = tuple[int, bytes]  # a directory of a layer: an fd open on it, and its path
+
+
+def _root_chain(layers: list[Layer]) -> tuple[list[Layer], bool]:
+    """The layers' root directories that merge (down to the first opaque one), and whether
+    that opaque one hides the host."""
+    for i, (fd, _) in enumerate(layers):
+        if is_opaque_fd(fd):
+            return layers[: i + 1], True
+    return layers, False
+
+
 class _Reader:
-    """Walks an upper layer and the host beside it through directory fds, one per level and
-    side (trees can be deeper than PATH_MAX); the paths it builds are names for the results,
-    never handed to the kernel here."""
+    """Walks the layers of a view and the host beside them through directory fds, one per level,
+    layer and side (trees can be deeper than PATH_MAX); the paths it builds are names for the
+    results, never handed to the kernel here.
+
+    A directory of the view is a chain of layer directories, top first: the topmost entry of the
+    name, then the same-named directories of the layers below, down to the first opaque one,
+    whiteout or non-directory (as overlayfs merges middle layers). A name is the topmost entry
+    of it in the chain."""
 
     def __init__(self, env: Env, selection: Selection) -> None:
         self.env = env
@@ -232,29 +268,28 @@ class _Reader:
         self.unchanged_links: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
 
     def walk(
-        self, root: int, rel: bytes, upper_fd: int, upper_dir: bytes, host_fd: int | None,
+        self, root: int, rel: bytes, chain: list[Layer], host_fd: int | None,
         host_dir: bytes | None, hides_host: bool, hider: bytes,
     ) -> None:
-        """Visit the upper dir at `rel` (`upper_fd`, readable). `host_fd`/`host_dir` is the
+        """Visit the view's directory at `rel`, made of `chain`. `host_fd`/`host_dir` is the
         host's directory there (None when the host has no directory there); `hides_host`: the
-        host's entries under it are hidden, and `hider` is the upper entry that hides them."""
-        try:
-            names = [os.fsencode(name) for name in os.listdir(upper_fd)]
-        except OSError as e:
-            raise self._layer_error(upper_dir, e) from e
+        host's entries under it are hidden, and `hider` is the layer entry that hides them."""
+        names: dict[bytes, None] = {}
+        for fd, path in chain:
+            try:
+                names.update((os.fsencode(name), None) for name in os.listdir(fd))
+            except OSError as e:
+                raise self._layer_error(path, e) from e
         for name in names:
             path = join(rel, name)
             if not self.selection.relevant(root, path):
                 continue
-            st = os.stat(name, dir_fd=upper_fd, follow_symlinks=False)
             host_path = None if host_dir is None else host_dir + b"/" + name
             host_st = None if host_fd is None else fdpath.lstat_at(host_fd, name)
-            self.visit(root, path, upper_fd, name, upper_dir + b"/" + name, st, host_fd,
-                       host_path, host_st, hides_host, hider)
+            self.visit(root, path, chain, name, host_fd, host_path, host_st, hides_host, hider)
         if hides_host and host_fd is not None and host_dir is not None:
-            present = set(names)
             for host_name in _list_at(host_fd):
-                if host_name in present:
+                if host_name in names:
                     continue
                 path = join(rel, host_name)
                 if not self.selection.relevant(root, path):
@@ -265,75 +300,101 @@ class _Reader:
                                  host_st, hider)
 
     def visit(
-        self, root: int, rel: bytes, upper_fd: int, name: bytes, upper_path: bytes,
-        st: os.stat_result, host_fd: int | None, host_path: bytes | None,
-        host_st: os.stat_result | None, hides_host: bool, hider: bytes,
+        self, root: int, rel: bytes, chain: list[Layer], name: bytes, host_fd: int | None,
+        host_path: bytes | None, host_st: os.stat_result | None, hides_host: bool,
+        hider: bytes,
     ) -> None:
+        entries = [(fd, path + b"/" + name, st) for fd, path in chain
+                   if (st := fdpath.lstat_at(fd, name)) is not None]
+        top_fd, upper_path, st = entries[0]
         if is_whiteout(st):
             if host_st is not None and host_path is not None and host_fd is not None:
                 self.deleted(root, rel, host_fd, name, host_path, host_st, upper_path)
             return
         new = Entry.of(upper_path, st)
         if stat.S_ISDIR(st.st_mode):
+            children: list[Layer] = []
             try:
-                child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=upper_fd)
-            except OSError as e:
-                raise self._layer_error(upper_path, e) from e
-            try:
-                self._check_supported(fdpath.child_path(upper_fd, name), upper_path)
-                self._visit_dir(root, rel, child, upper_path, new, host_fd, name, host_path,
-                                host_st, hides_host, hider)
+                cut_by = self._open_chain(entries, name, children)
+                self._visit_dir(root, rel, children, upper_path, new, host_fd, name, host_path,
+                                host_st, hides_host, hider, cut_by)
             finally:
-                os.close(child)
+                for fd, _ in children:
+                    os.close(fd)
             return
         if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
             # Only a file with holes can be a metacopy (its data left in the lower layer).
-            self._check_supported(fdpath.child_path(upper_fd, name), upper_path)
+            self._check_supported(fdpath.child_path(top_fd, name), upper_path)
         if host_st is None or host_path is None or host_fd is None:
             self.add(root, rel, ADDED, None, new, upper_path, True)
             return
+        # The env took the path over when the oldest of its own versions of it was made.
+        taken_at = upper_path
+        for _, older, older_st in entries[1:]:
+            if stat.S_ISDIR(older_st.st_mode):
+                break
+            taken_at = older
         old = Entry.of(host_path, host_st)
         if old.is_dir:
-            self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
-            self.expand(root, rel, host_fd, name, host_path, upper_path)
+            self.add(root, rel, TYPE_CHANGED, old, new, taken_at, True)
+            self.expand(root, rel, host_fd, name, host_path, taken_at)
             return
         if stat.S_IFMT(old.mode) != stat.S_IFMT(new.mode):
-            self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
+            self.add(root, rel, TYPE_CHANGED, old, new, taken_at, True)
             return
-        content_changed = not _same_content(old, new)
+        content_changed = not same_content(old, new)
         xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
         if content_changed or xattrs_changed or (old.perms, old.owner) != (new.perms, new.owner):
-            self.add(root, rel, MODIFIED, old, new, upper_path, content_changed, xattrs_changed)
+            self.add(root, rel, MODIFIED, old, new, taken_at, content_changed, xattrs_changed)
         elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
 
+    def _open_chain(
+        self, entries: list[tuple[int, bytes, os.stat_result]], name: bytes,
+        children: list[Layer],
+    ) -> bytes | None:
+        """Open the chain of the directory `name` into `children`; return the path of the
+        entry that hides the host beneath it (an opaque directory, or a lower layer's
+        whiteout or non-directory), None when the chain merges with the host."""
+        for fd, path, st in entries:
+            if not stat.S_ISDIR(st.st_mode):
+                return path
+            try:
+                child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                raise self._layer_error(path, e) from e
+            children.append((child, path))
+            self._check_supported(fdpath.child_path(fd, name), path)
+            if is_opaque_fd(child):
+                return path
+        return None
+
     def _visit_dir(
-        self, root: int, rel: bytes, child: int, upper_path: bytes, new: Entry,
+        self, root: int, rel: bytes, chain: list[Layer], upper_path: bytes, new: Entry,
         host_fd: int | None, name: bytes, host_path: bytes | None,
-        host_st: os.stat_result | None, hides_host: bool, hider: bytes,
+        host_st: os.stat_result | None, hides_host: bool, hider: bytes, cut_by: bytes | None,
     ) -> None:
         if host_st is None or host_path is None or host_fd is None:
             self.add(root, rel, ADDED, None, new, upper_path, True)
-            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            self.walk(root, rel, chain, None, None, False, upper_path)
             return
         old = Entry.of(host_path, host_st)
         if not old.is_dir:
             self.add(root, rel, TYPE_CHANGED, old, new, upper_path, True)
-            self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+            self.walk(root, rel, chain, None, None, False, upper_path)
             return
         xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
         if xattrs_changed or (old.perms, old.owner) != (new.perms, new.owner):
             self.add(root, rel, MODIFIED, old, new, upper_path, False, xattrs_changed)
         with fdpath.dir_at(host_fd, name) as host_child:
             if host_child is None:  # gone from the host since it was looked at
-                self.walk(root, rel, child, upper_path, None, None, False, upper_path)
+                self.walk(root, rel, chain, None, None, False, upper_path)
             elif hides_host:
-                self.walk(root, rel, child, upper_path, host_child, host_path, True, hider)
-            elif is_opaque_fd(child):
-                self.walk(root, rel, child, upper_path, host_child, host_path, True, upper_path)
+                self.walk(root, rel, chain, host_child, host_path, True, hider)
+            elif cut_by is not None:
+                self.walk(root, rel, chain, host_child, host_path, True, cut_by)
             else:
-                self.walk(root, rel, child, upper_path, host_child, host_path, False,
-                          upper_path)
+                self.walk(root, rel, chain, host_child, host_path, False, upper_path)
 
     def deleted(
         self, root: int, rel: bytes, parent_fd: int, name: bytes, host_path: bytes,
@@ -432,7 +493,7 @@ def _list_at(dir_fd: int) -> list[bytes]:
         raise
 
 
-def _same_content(old: Entry, new: Entry) -> bool:
+def same_content(old: Entry, new: Entry) -> bool:
     """Do two entries of the same type hold the same thing (data, target, device)?"""
     if stat.S_ISLNK(old.mode):
         return old.target() == new.target()

@@ -249,6 +249,7 @@ def build_ops(
     `keep_privileges`: carry setuid/setgid bits and file capabilities to the host."""
     hosts = {root.index: os.fsencode(root.path) for root in env.roots}
     uppers = {root.index: os.fsencode(root.upper) for root in env.roots}
+    layered = {root.index: bool(root.layers) for root in env.roots}
     root_devs = {root.index: os.stat(root.path).st_dev for root in env.roots}
     selection = changeset.selection
     opaque_cache: dict[bytes, bool] = {}
@@ -260,7 +261,9 @@ def build_ops(
         # A file can leave the layer by rename (no copy) when nothing else in the env links to
         # it, it is on the host's filesystem, and every opaque directory above it goes in this
         # commit as a whole (so prune can lift the mark and the file stays in the env's view).
-        if new.nlink != 1 or new.dev != root_devs[change.root]:
+        # An env with frozen layers copies: a frozen layer never changes, and taking a file out
+        # of the upper would show the one beneath it (prune leaves such roots alone).
+        if new.nlink != 1 or new.dev != root_devs[change.root] or layered[change.root]:
             return False
         parts = change.rel.split(b"/")
         for depth in range(1, len(parts)):

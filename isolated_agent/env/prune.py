@@ -12,7 +12,9 @@ single step here, so a crash half-way leaves a correct env and a redo simply car
   or adds nothing (same permissions, owner and data xattrs as the host's);
 - a file moved out of the layer whose place is still hidden from the host (its commit failed
   half-way under an opaque directory) is copied back from the host.
-Everything else stays: uncommitted changes and entries the view still needs.
+Everything else stays: uncommitted changes and entries the view still needs. A root with frozen
+layers under its upper (DESIGN §11) is left as it is: its committed entries are redundant with
+the host, but not removable, since what is beneath them is a layer, not the host.
 
 The layer is walked through directory fds (with the host's directory beside it), so trees deeper
 than PATH_MAX are pruned like any other.
@@ -53,6 +55,11 @@ def prune(
         for depth in range(len(parts) + 1):
             blocked.add((root, b"/".join(parts[:depth])))
     for env_root in env.roots:
+        if env_root.layers:
+            # Taking an entry out of the upper would show the frozen layer's beneath it, not
+            # the host's: the view stays right only if the upper stays as it is. The commit
+            # made the host what the view shows, so the entries are merely redundant now.
+            continue
         host_root = os.fsencode(env_root.path)
         pruner = _Pruner(env_root.index, host_root, selection, committed, blocked)
         upper_fd = os.open(env_root.upper, fdpath.DIR_READ)

@@ -6,6 +6,8 @@ Layout under the store root (`$ISOLATED_AGENT_HOME`, default `$XDG_DATA_HOME/iso
     envs/<id>/lock            flock'ed by whoever uses the env (a run, a discard, a removal)
     envs/<id>/roots/<n>/upper the overlayfs upper layer of root n (DESIGN §3)
     envs/<id>/roots/<n>/work  overlayfs work dir, same filesystem as upper
+    layers/<id>/roots/<n>     a frozen layer of root n: an upper renamed here by a checkpoint,
+                              read-only from then on, shared by every stack naming it (stack.py)
     run/                      sockets and pid files of daemons
 
 Rules kept here: managed roots are absolute, resolved, existing directories; never `/`, never
@@ -22,14 +24,21 @@ import os
 import re
 import secrets
 import shutil
+import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from isolated_agent.env.catalog import Catalog, EnvRecord
+from isolated_agent.env.layers import (
+    collect_layers,
+    finish_interrupted_freeze,
+    interrupted_freezes,
+)
 from isolated_agent.errors import EnvBusy, EnvNotFound, StoreError, UsageError, store_full
 from isolated_agent.system.sqlite import OutOfSpace
+from isolated_agent.system.trees import remove_tree
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -44,12 +53,18 @@ def default_home() -> str:
 
 @dataclass(frozen=True)
 class Root:
-    """One managed root of an env: the host directory and the env's layer over it."""
+    """One managed root of an env: the host directory and the env's layers over it."""
 
     index: int
     path: str
     upper: str
     work: str
+    layers: tuple[str, ...] = ()  # frozen layers between upper and the host, top first
+
+    @property
+    def lowers(self) -> list[str]:
+        """What the upper is mounted over, top first: the frozen layers, then the host."""
+        return [*self.layers, self.path]
 
 
 def show_host_root(root: Root) -> None:
@@ -77,6 +92,7 @@ class Env:
     created: float
     dir: str
     roots: tuple[Root, ...]
+    layers: tuple[str, ...] = ()  # ids of the frozen layers under the live upper, bottom first
 
     @property
     def lock_path(self) -> str:
@@ -89,6 +105,7 @@ class Store:
         try:
             os.makedirs(os.path.join(self.home, "envs"), mode=0o700, exist_ok=True)
             os.makedirs(os.path.join(self.home, "run"), mode=0o700, exist_ok=True)
+            os.makedirs(os.path.join(self.home, "layers"), mode=0o700, exist_ok=True)
             self.catalog = Catalog(os.path.join(self.home, "catalog.sqlite"))
         except OSError as e:
             raise StoreError(
@@ -111,6 +128,11 @@ class Store:
     @property
     def run_dir(self) -> str:
         return os.path.join(self.home, "run")
+
+    def layer_dir(self, layer_id: str, index: int | None = None) -> str:
+        """The directory of a frozen layer, or of its part for root `index`."""
+        path = os.path.join(self.home, "layers", layer_id)
+        return path if index is None else os.path.join(path, "roots", str(index))
 
     # -- roots --------------------------------------------------------------------------------
 
@@ -141,7 +163,11 @@ class Store:
 
     # -- envs ---------------------------------------------------------------------------------
 
-    def create(self, name: str | None, roots: list[str]) -> Env:
+    def create(
+        self, name: str | None, roots: list[str],
+        then: Callable[[sqlite3.Connection, str], None] = lambda db, env_id: None,
+    ) -> Env:
+        """A new env over `roots`; `then(db, env_id)` runs in the transaction that adds it."""
         if name is not None:
             check_name(name)
         env_id = secrets.token_hex(4)
@@ -156,7 +182,7 @@ class Store:
                 for part in ("upper", "work"):
                     os.makedirs(os.path.join(env_dir, "roots", str(index), part), mode=0o755)
             open(os.path.join(env_dir, "lock"), "a").close()
-            record = self.catalog.add_env(env_id, name, roots)
+            record = self.catalog.add_env(env_id, name, roots, lambda db: then(db, env_id))
         except OSError as e:
             shutil.rmtree(env_dir, ignore_errors=True)
             raise StoreError(f"cannot create env {name} in {self.home}: {e.strerror}") from e
@@ -169,7 +195,13 @@ class Store:
         record = self.catalog.find_env(name_or_id)
         if record is None:
             raise EnvNotFound(name_or_id)
-        return self._env(record)
+        env = self._env(record)
+        if interrupted_freezes(self.home, env.id):
+            # A crash in a checkpoint: readers (diff, log) must not see the half-moved upper.
+            # Taking the lock finishes it, unless someone holds it (then it is theirs to do).
+            with contextlib.suppress(EnvBusy), self.lock(env, purpose="read it"):
+                pass
+        return env
 
     def list_envs(self) -> list[Env]:
         return [self._env(r) for r in self.catalog.list_envs()]
@@ -178,19 +210,25 @@ class Store:
         return [e for e in self.list_envs() if [r.path for r in e.roots] == roots]
 
     def remove(self, env: Env) -> None:
+        """Remove the env, its checkpoints, and the layers nothing else uses."""
         with self.lock(env, purpose="remove it"):
             trash = os.path.join(self.home, "envs", f".removing-{env.id}")
             os.rename(env.dir, trash)
             self.catalog.remove_env(env.id)
         remove_tree(trash)
+        collect_layers(self.home, self.catalog)
 
     def discard(self, env: Env) -> None:
-        """Drop every change of the env: its layers become empty; the env itself stays."""
+        """Drop every change of the env: its upper becomes empty and its stack too (the
+        frozen layers stay with the checkpoints that name them); the env itself stays."""
         with self.lock(env, purpose="discard it"):
             for root in env.roots:
                 for part in (root.upper, root.work):
                     remove_tree(part)
                     os.makedirs(part, mode=0o755)
+            if env.layers:
+                with self.catalog.transaction() as db:
+                    self.catalog.set_env_layers(db, env.id, ())
 
     @contextmanager
     def lock(self, env: Env, purpose: str) -> Iterator[int]:
@@ -214,6 +252,8 @@ class Store:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            finish_interrupted_freeze(self.home, self.catalog, env.id,
+                                      [(r.index, r.upper) for r in env.roots])
             yield fd
         finally:
             os.close(fd)
@@ -230,16 +270,18 @@ class Store:
 
     def _env(self, record: EnvRecord) -> Env:
         env_dir = os.path.join(self.home, "envs", record.id)
+        layers = self.catalog.env_layers(record.id)
         roots = tuple(
             Root(
                 index=i,
                 path=path,
                 upper=os.path.join(env_dir, "roots", str(i), "upper"),
                 work=os.path.join(env_dir, "roots", str(i), "work"),
+                layers=tuple(self.layer_dir(layer, i) for layer in reversed(layers)),
             )
             for i, path in enumerate(record.roots)
         )
-        return Env(record.id, record.name, record.created, env_dir, roots)
+        return Env(record.id, record.name, record.created, env_dir, roots, layers)
 
 
 def check_name(name: str) -> None:
@@ -251,28 +293,14 @@ def check_name(name: str) -> None:
 
 
 def count_changes(env: Env) -> int:
-    """How many entries the env's upper layers hold (files, dirs, whiteouts)."""
+    """How many entries the env's layers hold, its upper and its frozen ones (files, dirs,
+    whiteouts)."""
     total = 0
     for root in env.roots:
-        for _, dirs, files in os.walk(root.upper):
-            total += len(dirs) + len(files)
+        for layer in (root.upper, *root.layers):
+            for _, dirs, files in os.walk(layer):
+                total += len(dirs) + len(files)
     return total
-
-
-def remove_tree(path: str) -> None:
-    """rm -rf that also gets through the mode-000 dirs overlayfs leaves in its work dir."""
-    if not os.path.lexists(path):
-        return
-    if os.path.isdir(path) and not os.path.islink(path):
-        os.chmod(path, stat.S_IRWXU)
-        for dirpath, dirnames, _ in os.walk(path):  # top-down: chmod each dir before entering
-            for name in dirnames:
-                sub = os.path.join(dirpath, name)
-                if not os.path.islink(sub):
-                    os.chmod(sub, stat.S_IRWXU)
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
 
 
 def is_within(path: str, parent: str) -> bool:

@@ -186,6 +186,7 @@ def register_job(record: FilterRecord, job_id: str, env_id: str, root: Root,
                  cgroup: str | None, anchor: tuple[int, int]) -> None:
     _ask(record, Frame(Code.REGISTER_JOB, {
         "job": job_id, "env": env_id, "upper": root.upper, "work": root.work,
+        "layers": list(root.layers),
         "cgroup": cgroup, "anchor": list(anchor),
     }))
 

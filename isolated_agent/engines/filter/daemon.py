@@ -124,10 +124,11 @@ class FilterDaemon:
 
     def _add_env(self, body: dict[str, Any]) -> None:
         env, upper, work = str(body["env"]), str(body["upper"]), str(body["work"])
-        for path in (upper, work):
+        layers = [str(path) for path in body.get("layers", [])]
+        for path in (upper, work, *layers):
             if not os.path.isabs(path) or os.path.commonpath([path, self.root]) == self.root:
                 raise ValueError(f"{path} must be an absolute path outside {self.root}")
-        self.views.add_env(env, upper, work)
+        self.views.add_env(env, upper, work, layers)
         self.env_jobs.setdefault(env, set())
 
     def _drop_job(self, job_id: str) -> None:

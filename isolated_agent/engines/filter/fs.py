@@ -175,12 +175,13 @@ class FilterFileSystem:
 
     # -- envs -----------------------------------------------------------------------------------
 
-    def add_env(self, env_id: str, upper: str, work: str) -> None:
-        """Serve env `env_id` (its upper and work dirs, by path: they are in the store, never
-        under the root) to the processes the identity places in it."""
+    def add_env(self, env_id: str, upper: str, work: str, frozen: Sequence[str] = ()) -> None:
+        """Serve env `env_id` (its upper and work dirs, and its frozen layers top first, by
+        path: they are in the store, never under the root) to the processes the identity
+        places in it."""
         if env_id in self.envs:
             return
-        layers = Layers.open(upper, work, [], lower_fds=[self.root_fd])
+        layers = Layers.open(upper, work, frozen, lower_fds=[self.root_fd])
         overlay = Overlay(layers, self.fault)
         index = self._next_index
         self._next_index += 1
@@ -190,7 +191,7 @@ class FilterFileSystem:
         self.envs[env_id] = view
         self._by_index[index] = view
         self._namespace_changed(None)
-        self._invalidate_upper_names(view)
+        self._invalidate_changed_names(view)
 
     def remove_env(self, env_id: str) -> None:
         """Stop serving an env (its jobs have ended). Inodes the kernel still holds for it
@@ -210,12 +211,16 @@ class FilterFileSystem:
         view.overlay.layers.close()
         self._namespace_changed(None)
 
-    def _invalidate_upper_names(self, view: View) -> None:
+    def _invalidate_changed_names(self, view: View) -> None:
         """A new env: what the kernel cached as the same in every view was decided without
-        it, and its upper may already hold changes (a second run in an env). Drop the cached
-        entry of every name its upper has."""
-        upper = view.overlay.layers.upper
-        for directory, dirnames, filenames, _ in os.fwalk(".", dir_fd=upper):
+        it, and its layers may already hold changes (a second run in an env, a checkpoint).
+        Drop the cached entry of every name its upper or a frozen layer has."""
+        layers = view.overlay.layers
+        for layer in (layers.upper, *layers.lowers[:-1]):  # the last lower is the root
+            self._invalidate_names_of(layer)
+
+    def _invalidate_names_of(self, layer: int) -> None:
+        for directory, dirnames, filenames, _ in os.fwalk(".", dir_fd=layer):
             host = self.host.overlay.root
             for name in os.fsencode(directory).split(b"/")[1:]:
                 found = _lookup_or_none(self.host.overlay, host, name)
@@ -680,9 +685,10 @@ class FilterFileSystem:
         """Whether every process that can list directory `inode` gets the same listing (the
         same names, numbered alike), so that the kernel may keep it for all (FOPEN_CACHE_DIR).
 
-        A shared directory is listed alike when no env has a copy of it in its upper (its
-        names are then the host's, and each is shared: nothing under it diverged) and no env
-        forced a name of it private. An env's private directory is listed only by that env;
+        A shared directory is listed alike when every env sees the host's directory itself
+        there, with no copy of it in its upper or a frozen layer (its names are then the
+        host's, and each is shared: nothing under it diverged) and no env forced a name of it
+        private. An env's private directory is listed only by that env;
         when it is upper-only, only the env's own requests change it. Whatever changes a
         listing later reaches the kernel through this inode (a create, unlink or rename in it,
         by any view), which drops the kept listing; an env's first change under a directory
@@ -696,7 +702,7 @@ class FilterFileSystem:
                 node = self._shadow(view, host)
             except OSError:
                 return False
-            if node.in_upper or any(key == host.key for key, _ in view.forced):
+            if node.key != host.key or any(key == host.key for key, _ in view.forced):
                 return False
         return True
 

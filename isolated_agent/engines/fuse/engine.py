@@ -182,7 +182,7 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
         )
         detach_stdio(log_path)
         setup_logging()
-        config = MountConfig(lowers=[root.path], upper=root.upper, work=root.work,
+        config = MountConfig(lowers=root.lowers, upper=root.upper, work=root.work,
                              id_swap=id_swap_for(root.path))
         try:
             layers = open_layers(config)

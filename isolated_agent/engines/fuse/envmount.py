@@ -118,7 +118,7 @@ def mount_env(
     returns once the mount is in place; in the foreground it returns when the mount ends."""
     chosen = pick_root(env, root)
     target = check_mountpoint(store, env, mountpoint)
-    config = MountConfig(lowers=[chosen.path], upper=chosen.upper, work=chosen.work,
+    config = MountConfig(lowers=chosen.lowers, upper=chosen.upper, work=chosen.work,
                          fsname=f"agentfs:{env.name}")
     log_path = os.path.join(_records_dir(store), f"{env.id}-{chosen.index}.log")
     with store.lock(env, purpose="mount it") as lock_fd:

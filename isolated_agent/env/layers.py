@@ -1,0 +1,126 @@
+"""Frozen layers on disk: freezing an env's uppers into a new layer, finishing a freeze a crash
+interrupted, and removing the layers no stack names any more (DESIGN §11).
+
+A freeze is a rename per root, never a copy, in three steps that each leave a state a later
+`finish_interrupted_freeze` completes or undoes — so a crash anywhere leaves the env as it was
+before, or as it is after, and no layer lost or leaked:
+
+    1. every root's upper is renamed into `layers/.freezing-<env>-<layer>/roots/<n>`, and an empty
+       upper made in its place (a crash here: the uppers are moved back);
+    2. one catalog transaction adds the layer and whatever the caller records with it (the env's
+       new stack, the checkpoint) — the point of no return;
+    3. the pending directory is renamed to `layers/<layer>` (a crash before it: it is finished).
+
+The env is locked while it is frozen, and an interrupted freeze is finished whenever its lock is
+next taken, before anything reads the env's layers.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+
+from isolated_agent.env.catalog import Catalog
+from isolated_agent.errors import StoreError
+from isolated_agent.system.durable import fsync_dir
+from isolated_agent.system.trees import remove_tree
+
+Uppers = Sequence[tuple[int, str]]  # (root index, path of that root's upper)
+
+_FREEZING = ".freezing-"
+_REMOVING = ".removing-"
+
+
+def freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers,
+           record: Callable[[sqlite3.Connection, str], None]) -> str:
+    """Freeze the uppers into a new layer; `record(db, layer_id)` runs inside the transaction
+    that makes it exist. Returns the layer's id."""
+    layer_id = secrets.token_hex(6)
+    layers_dir = os.path.join(home, "layers")
+    pending = os.path.join(layers_dir, f"{_FREEZING}{env_id}-{layer_id}")
+    os.makedirs(os.path.join(pending, "roots"), mode=0o700)
+    for index, upper in uppers:
+        os.rename(upper, os.path.join(pending, "roots", str(index)))
+        os.mkdir(upper, 0o755)
+        fsync_dir(os.path.dirname(upper))
+    fsync_dir(os.path.join(pending, "roots"))
+    with catalog.transaction() as db:
+        catalog.add_layer(db, layer_id, time.time())
+        record(db, layer_id)
+    os.rename(pending, os.path.join(layers_dir, layer_id))
+    fsync_dir(layers_dir)
+    return layer_id
+
+
+def interrupted_freezes(home: str, env_id: str) -> list[str]:
+    """The names of the env's freezes a crash left pending (in `layers/`)."""
+    prefix = f"{_FREEZING}{env_id}-"
+    try:
+        return [n for n in os.listdir(os.path.join(home, "layers")) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+
+
+def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers) -> None:
+    """Complete or undo a freeze of this env that a crash interrupted (see the module)."""
+    layers_dir = os.path.join(home, "layers")
+    for name in interrupted_freezes(home, env_id):
+        pending = os.path.join(layers_dir, name)
+        layer_id = name[len(f"{_FREEZING}{env_id}-"):]
+        if catalog.has_layer(layer_id):
+            os.rename(pending, os.path.join(layers_dir, layer_id))
+        else:
+            _move_back(pending, dict(uppers))
+            remove_tree(pending)
+        fsync_dir(layers_dir)
+
+
+def _move_back(pending: str, uppers: dict[int, str]) -> None:
+    roots = os.path.join(pending, "roots")
+    try:
+        moved = os.listdir(roots)
+    except FileNotFoundError:
+        return  # killed before anything was moved
+    for part in moved:
+        upper = uppers.get(int(part))
+        if upper is None:
+            continue
+        try:
+            os.rmdir(upper)  # the empty upper step 1 made; nothing used it since
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StoreError(
+                f"an interrupted checkpoint left {os.path.join(roots, part)} and a non-empty "
+                f"{upper}; move one of them aside by hand: {e.strerror}") from e
+        os.rename(os.path.join(roots, part), upper)
+        fsync_dir(os.path.dirname(upper))
+
+
+def collect_layers(home: str, catalog: Catalog) -> list[str]:
+    """Remove every layer no env's stack and no checkpoint names; returns their ids. The rows go
+    first (in one transaction that also decides which are unreferenced, so a concurrent fork
+    cannot pick one up half-way), then the directories; a directory left behind by a crash
+    between the two has no row and is swept here too."""
+    with catalog.transaction() as db:
+        unreferenced = catalog.unreferenced_layers()
+        catalog.remove_layers(db, unreferenced)
+    layers_dir = os.path.join(home, "layers")
+    try:
+        names = os.listdir(layers_dir)
+    except FileNotFoundError:
+        return unreferenced
+    for name in names:
+        if name.startswith(_FREEZING):
+            continue  # its env's next lock finishes or undoes it
+        if not name.startswith(_REMOVING):
+            if catalog.has_layer(name):
+                continue
+            trash = os.path.join(layers_dir, f"{_REMOVING}{name}")
+            os.rename(os.path.join(layers_dir, name), trash)
+            name = os.path.basename(trash)
+        remove_tree(os.path.join(layers_dir, name))
+    return unreferenced

@@ -1,0 +1,195 @@
+"""Checkpoints, rollback and forks: an env's history on its layer stack (DESIGN §11).
+
+A checkpoint freezes the env's live upper into a new layer on top of its stack (a rename per
+root, layers.py) and records the stack: O(1), whatever the env holds. An env whose upper is empty
+gets a checkpoint of the stack as it is, with no new layer.
+
+A rollback points the env's stack at a checkpoint's, under a new empty upper — O(1) too. What it
+rolls away is checkpointed first (unless it is a checkpoint already), so a rollback is undone by
+rolling back to that one.
+
+A fork is a new env over the same roots whose stack is a checkpoint's: the frozen layers are
+shared, never copied, and each env writes its own upper. Its first checkpoint records where it
+started.
+
+`gc` drops the checkpoints rollbacks kept once they are older than the retention the user gives,
+then every layer nothing names any more.
+
+Checkpoint and rollback hold the env's lock: the env must not be in use by a job.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import stat
+import time
+from dataclasses import replace
+
+from isolated_agent.env.catalog import FORK, ROLLED_AWAY, CheckpointRecord
+from isolated_agent.env.changeset import (
+    ADDED,
+    DELETED,
+    MODIFIED,
+    TYPE_CHANGED,
+    Change,
+    Changeset,
+    Entry,
+    data_xattrs,
+    read_view_changes,
+    same_content,
+)
+from isolated_agent.env.layers import collect_layers, freeze
+from isolated_agent.env.selection import Selection
+from isolated_agent.env.store import Env, Store, show_host_root
+from isolated_agent.errors import UsageError
+
+
+def checkpoint(store: Store, env: Env, message: str = "") -> CheckpointRecord:
+    """Freeze the env's current state as a checkpoint; returns it."""
+    with store.lock(env, purpose="checkpoint it"):
+        return _checkpoint_locked(store, store.get(env.id), message, "user")
+
+
+def fork(store: Store, env: Env, name: str, at: CheckpointRecord | None = None
+         ) -> tuple[Env, CheckpointRecord]:
+    """A new env named `name` that starts from checkpoint `at` of `env` (default: `env` as it
+    is now, checkpointed first). Returns it and its first checkpoint."""
+    if at is None:
+        at = checkpoint(store, env, f"fork point of {name}")
+    start = CheckpointRecord(secrets.token_hex(4), "", time.time(),
+                             f"forked from {env.name} at {at.id}", at.layers, FORK)
+
+    def record_in(db: sqlite3.Connection, new_id: str) -> None:
+        store.catalog.set_env_layers(db, new_id, at.layers)
+        store.catalog.add_checkpoint(db, replace(start, env_id=new_id))
+
+    new = store.create(name, [root.path for root in env.roots], record_in)
+    return new, replace(start, env_id=new.id)
+
+
+def gc(store: Store, rolled_away_before: float) -> tuple[int, list[str]]:
+    """Drop the checkpoints rollbacks kept that were made before `rolled_away_before`, then the
+    layers nothing names; returns how many checkpoints and which layers went."""
+    with store.catalog.transaction() as db:
+        dropped = store.catalog.remove_checkpoints(db, ROLLED_AWAY, rolled_away_before)
+    return dropped, collect_layers(store.home, store.catalog)
+
+
+def rollback(store: Store, env: Env, target: CheckpointRecord) -> CheckpointRecord | None:
+    """Make the env's view exactly `target`'s. Returns the checkpoint that keeps what was rolled
+    away (None when that state was a checkpoint already)."""
+    with store.lock(env, purpose="roll it back"):
+        env = store.get(env.id)
+        kept = None
+        if not _upper_empty(env) or env.layers not in {
+                cp.layers for cp in store.catalog.checkpoints(env.id)}:
+            kept = _checkpoint_locked(store, env, f"before rollback to {target.id}",
+                                      ROLLED_AWAY)
+        with store.catalog.transaction() as db:
+            store.catalog.set_env_layers(db, env.id, target.layers)
+        return kept
+
+
+def find_checkpoint(store: Store, env: Env, given: str) -> CheckpointRecord:
+    """The env's checkpoint whose id is, or starts with, `given`."""
+    found = store.catalog.find_checkpoint(env.id, given) if given else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(
+            f"env {env.name} has no checkpoint {given!r}; `agentctl log {env.name}` lists them")
+    raise UsageError(f"{given!r} names several checkpoints of env {env.name}; give more of it")
+
+
+def _checkpoint_locked(store: Store, env: Env, message: str, kind: str) -> CheckpointRecord:
+    checkpoint_id = secrets.token_hex(4)
+    created = time.time()
+    if _upper_empty(env):
+        record = CheckpointRecord(checkpoint_id, env.id, created, message, env.layers, kind)
+        with store.catalog.transaction() as db:
+            store.catalog.add_checkpoint(db, record)
+        return record
+
+    def with_layer(layer_id: str) -> CheckpointRecord:
+        return CheckpointRecord(checkpoint_id, env.id, created, message,
+                                (*env.layers, layer_id), kind)
+
+    def record_in(db: sqlite3.Connection, layer_id: str) -> None:
+        store.catalog.set_env_layers(db, env.id, with_layer(layer_id).layers)
+        store.catalog.add_checkpoint(db, with_layer(layer_id))
+
+    layer_id = freeze(store.home, store.catalog, env.id,
+                      [(r.index, r.upper) for r in env.roots], record_in)
+    for root in env.roots:
+        show_host_root(root)  # the new upper's root shows the host root's bits, as before
+    return with_layer(layer_id)
+
+
+def _upper_empty(env: Env) -> bool:
+    for root in env.roots:
+        with os.scandir(root.upper) as entries:
+            if next(entries, None) is not None:
+                return False
+    return True
+
+
+# -- what changed between two states ---------------------------------------------------------
+
+
+def layers_of(store: Store, env: Env, stack: tuple[str, ...]) -> dict[int, list[str]]:
+    """The layer directories of `stack` (bottom first) per root, top first."""
+    return {root.index: [store.layer_dir(layer, root.index) for layer in reversed(stack)]
+            for root in env.roots}
+
+
+def compare_states(
+    env: Env, older: dict[int, list[str]], newer: dict[int, list[str]],
+    selection: Selection | None = None,
+) -> Changeset:
+    """How the view `newer` (layers per root, top first) differs from the view `older`, as a
+    changeset whose old sides are `older`'s entries and new sides `newer`'s. Both views are
+    read over the host as it is: a path neither changed is the host's in both."""
+    selection = selection or Selection(None)
+    before = {(c.root, c.rel): c for c in _changes(env, older, selection)}
+    after = {(c.root, c.rel): c for c in _changes(env, newer, selection)}
+    result = Changeset(env, selection)
+    for root, rel in sorted(before.keys() | after.keys()):
+        b, a = before.get((root, rel)), after.get((root, rel))
+        old = b.new if b is not None else a.old if a is not None else None
+        new = a.new if a is not None else b.old if b is not None else None
+        change = _step(root, rel, old, new)
+        if change is not None:
+            result.changes.append(change)
+    return result
+
+
+def count_statuses(changes: list[Change]) -> dict[str, int]:
+    counts = {ADDED: 0, MODIFIED: 0, TYPE_CHANGED: 0, DELETED: 0}
+    for change in changes:
+        counts[change.status] += 1
+    return counts
+
+
+def _changes(env: Env, layers: dict[int, list[str]], selection: Selection) -> list[Change]:
+    if not any(layers.values()):
+        return []
+    return read_view_changes(env, layers, selection).changes
+
+
+def _step(root: int, rel: bytes, old: Entry | None, new: Entry | None) -> Change | None:
+    """The change from `old` to `new` at one path, if they differ."""
+    if old is None and new is None:
+        return None
+    if old is None or new is None:
+        return Change(root, rel, ADDED if old is None else DELETED, old, new, b"", True)
+    if stat.S_IFMT(old.mode) != stat.S_IFMT(new.mode):
+        return Change(root, rel, TYPE_CHANGED, old, new, b"", True)
+    if old.path == new.path:
+        return None  # the same entry of the same layer
+    content_changed = not old.is_dir and not same_content(old, new)
+    xattrs_changed = data_xattrs(old.path) != data_xattrs(new.path)
+    if content_changed or xattrs_changed or (old.perms, old.owner) != (new.perms, new.owner):
+        return Change(root, rel, MODIFIED, old, new, b"", content_changed, xattrs_changed)
+    return None
