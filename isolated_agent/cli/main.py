@@ -29,6 +29,7 @@ COMMANDS = {
     "rollback": "isolated_agent.cli.stack_cmds:rollback_cmd",
     "fork": "isolated_agent.cli.stack_cmds:fork_cmd",
     "gc": "isolated_agent.cli.stack_cmds:gc_cmd",
+    "squash": "isolated_agent.cli.stack_cmds:squash_cmd",
     "diff": "isolated_agent.cli.review_cmds:diff_cmd",
     "commit": "isolated_agent.cli.review_cmds:commit_cmd",
     "backup": "isolated_agent.cli.backup_cmds:backup_group",

@@ -128,6 +128,26 @@ def fork_cmd(env_name: str, new_name: str, at: str | None, as_json: bool) -> Non
         click.echo(new.name)
 
 
+@click.command("squash")
+@click.argument("env_name", metavar="[ENV]", required=False)
+@json_option
+def squash_cmd(env_name: str | None, as_json: bool) -> None:
+    """Merge the env's own frozen layers into one (those it shares with forks stay as they
+    are). Its view does not change; its checkpoints keep their layers until gc."""
+    from isolated_agent.env.squash import squash
+
+    store = Store()
+    env = _env(store, env_name)
+    done = squash(store, env)
+    if as_json:
+        emit_json({"env": env.name, "merged": list(done.merged) if done else [],
+                   "layer": done.layer if done else None})
+    elif done is None:
+        notice(f"env {env.name} has fewer than two layers of its own: nothing to squash")
+    else:
+        notice(f"merged {len(done.merged)} layers of env {env.name} into one")
+
+
 @click.command("gc")
 @click.option("--older-than", default="7d", show_default=True, metavar="AGE",
               help="Drop the checkpoints rollbacks kept that are older than this (30m, 2h, 3d, "

@@ -108,10 +108,21 @@ class KernelEngine:
                     "the filesystems of the project and of the store must support idmapped "
                     "mounts (Linux >= 5.19: ext4, xfs, btrfs, tmpfs >= 6.3); or run as the "
                     "project's owner") from e
+        # Frozen layers (DESIGN §11) sit between the upper and the tree, top first. Named by
+        # their descriptors: mount(2) takes one page of options, which 40 store paths fill.
+        layer_fds = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                     for path in root.layers]
+        try:
+            self._mount_overlay(root, target, [*(f"/proc/self/fd/{fd}" for fd in layer_fds),
+                                               lower])
+        finally:
+            for fd in layer_fds:
+                os.close(fd)
+
+    def _mount_overlay(self, root: Root, target: str, lowers: list[str]) -> None:
         options = ",".join(
             (
-                # Frozen layers (DESIGN §11) sit between the upper and the tree, top first.
-                "lowerdir=" + ":".join(_escape(path) for path in (*root.layers, lower)),
+                "lowerdir=" + ":".join(_escape(path) for path in lowers),
                 f"upperdir={_escape(root.upper)}",
                 f"workdir={_escape(root.work)}",
                 "userxattr",

@@ -200,6 +200,14 @@ class Catalog:
                 names.append(name)
         return names
 
+    def layers_used_by_others(self, env_id: str) -> set[str]:
+        """The layers another env's stack or checkpoints name."""
+        rows = self._db.execute(
+            "SELECT layer_id FROM env_layers WHERE env_id != ? UNION "
+            "SELECT l.layer_id FROM checkpoint_layers l JOIN checkpoints c "
+            "ON c.id = l.checkpoint_id WHERE c.env_id != ?", (env_id, env_id))
+        return {layer for (layer,) in rows.fetchall()}
+
     def unreferenced_layers(self) -> list[str]:
         rows = self._db.execute(
             "SELECT id FROM layers WHERE id NOT IN (SELECT layer_id FROM env_layers) "

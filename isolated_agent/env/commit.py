@@ -70,7 +70,7 @@ from isolated_agent.errors import (
     EnvBusy,
     EnvNotFound,
 )
-from isolated_agent.overlay.format import is_opaque_dir
+from isolated_agent.overlay.format import is_opaque_dir, taken_time_ns
 from isolated_agent.system import fdpath, libc
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -202,10 +202,7 @@ def find_conflicts(env: Env, changes: list[Change]) -> list[Conflict]:
             continue
         seen = seen_cache.get(change.seen_from)
         if seen is None:
-            try:
-                seen = fdpath.birth_time_ns(change.seen_from) or fallback
-            except OSError:
-                seen = fallback
+            seen = taken_time_ns(change.seen_from) or fallback
             seen_cache[change.seen_from] = seen
         if change.old.ctime_ns > seen:
             conflicts.append(Conflict(change, change.old.ctime_ns, seen))

@@ -31,6 +31,7 @@ from isolated_agent.system.trees import remove_tree
 Uppers = Sequence[tuple[int, str]]  # (root index, path of that root's upper)
 
 _FREEZING = ".freezing-"
+SQUASHING = ".squashing-"  # a merged layer being built (squash.py)
 _REMOVING = ".removing-"
 
 
@@ -50,31 +51,39 @@ def freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers,
     with catalog.transaction() as db:
         catalog.add_layer(db, layer_id, time.time())
         record(db, layer_id)
-    os.rename(pending, os.path.join(layers_dir, layer_id))
-    fsync_dir(layers_dir)
+    finish_rename(pending, os.path.join(layers_dir, layer_id))
     return layer_id
 
 
+def finish_rename(pending: str, final: str) -> None:
+    """The last step of making a layer: its directory takes its name."""
+    os.rename(pending, final)
+    fsync_dir(os.path.dirname(final))
+
+
 def interrupted_freezes(home: str, env_id: str) -> list[str]:
-    """The names of the env's freezes a crash left pending (in `layers/`)."""
-    prefix = f"{_FREEZING}{env_id}-"
+    """The names of the env's freezes and squashes a crash left pending (in `layers/`)."""
+    prefixes = (f"{_FREEZING}{env_id}-", f"{SQUASHING}{env_id}-")
     try:
-        return [n for n in os.listdir(os.path.join(home, "layers")) if n.startswith(prefix)]
+        return [n for n in os.listdir(os.path.join(home, "layers")) if n.startswith(prefixes)]
     except FileNotFoundError:
         return []
 
 
 def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers) -> None:
-    """Complete or undo a freeze of this env that a crash interrupted (see the module)."""
+    """Complete or undo a freeze (or squash) of this env that a crash interrupted (see the
+    module): a layer the catalog has takes its name; one it has not goes — after a freeze's
+    uppers are moved back."""
     layers_dir = os.path.join(home, "layers")
     for name in interrupted_freezes(home, env_id):
         pending = os.path.join(layers_dir, name)
-        layer_id = name[len(f"{_FREEZING}{env_id}-"):]
+        layer_id = name.rsplit("-", 1)[1]
         if catalog.has_layer(layer_id):
-            os.rename(pending, os.path.join(layers_dir, layer_id))
-        else:
+            finish_rename(pending, os.path.join(layers_dir, layer_id))
+            continue
+        if name.startswith(_FREEZING):
             _move_back(pending, dict(uppers))
-            remove_tree(pending)
+        remove_tree(pending)
         fsync_dir(layers_dir)
 
 
@@ -114,7 +123,7 @@ def collect_layers(home: str, catalog: Catalog) -> list[str]:
     except FileNotFoundError:
         return unreferenced
     for name in names:
-        if name.startswith(_FREEZING):
+        if name.startswith((_FREEZING, SQUASHING)):
             continue  # its env's next lock finishes or undoes it
         if not name.startswith(_REMOVING):
             if catalog.has_layer(name):

@@ -42,6 +42,7 @@ from isolated_agent.env.changeset import (
 )
 from isolated_agent.env.layers import collect_layers, freeze
 from isolated_agent.env.selection import Selection
+from isolated_agent.env.squash import SQUASH_DEPTH, squash_locked
 from isolated_agent.env.store import Env, Store, show_host_root
 from isolated_agent.errors import UsageError
 
@@ -124,6 +125,8 @@ def _checkpoint_locked(store: Store, env: Env, message: str, kind: str) -> Check
                       [(r.index, r.upper) for r in env.roots], record_in)
     for root in env.roots:
         show_host_root(root)  # the new upper's root shows the host root's bits, as before
+    if len(env.layers) + 1 > SQUASH_DEPTH:
+        squash_locked(store, store.get(env.id))
     return with_layer(layer_id)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import stat
 
+from isolated_agent.system import fdpath
+
 OPAQUE_XATTR = "user.overlay.opaque"
 OPAQUE_VALUE = b"y"
 
@@ -67,6 +69,25 @@ def make_whiteout_at(dir_fd: int, name: bytes) -> None:
 
 def make_opaque_fd(dir_fd: int) -> None:
     os.setxattr(fd_path(dir_fd), OPAQUE_XATTR, OPAQUE_VALUE)
+
+
+# On a directory made anew by a squash (env/squash.py): when the env first took over what the
+# directory stands for, in nanoseconds since the epoch — the birth time of the oldest layer
+# entry it replaces, which the new directory's own birth time no longer tells.
+TAKEN_XATTR = PRIVATE_XATTR_PREFIX + "agentctl.taken"
+
+
+def taken_time_ns(path: bytes) -> int | None:
+    """When the env took the entry at `path` (a layer's) over: its `TAKEN_XATTR`, or else its
+    birth time; None when the filesystem keeps neither."""
+    try:
+        return int(fdpath.getxattr(path, TAKEN_XATTR))
+    except (OSError, ValueError):
+        pass
+    try:
+        return fdpath.birth_time_ns(path)
+    except OSError:
+        return None
 
 
 def is_private_xattr(name: str | bytes) -> bool:

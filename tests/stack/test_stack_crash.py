@@ -1,5 +1,5 @@
-"""SIGKILL at random points of checkpoint and rollback: the env is in its before or its after
-state, no layer is lost and none leaked (DESIGN §11, env/layers.py)."""
+"""SIGKILL at random points of checkpoint, rollback and squash: the env is in its before or its
+after state, no layer is lost and none leaked (DESIGN §11, env/layers.py)."""
 
 from __future__ import annotations
 
@@ -22,13 +22,16 @@ from isolated_agent.env.store import Store
 # The child: everything imported and opened, then "ready", then the operation.
 CHILD = """
 import sys
+from isolated_agent.env.squash import squash
 from isolated_agent.env.stack import checkpoint, find_checkpoint, rollback
 from isolated_agent.env.store import Store
 store = Store(sys.argv[1])
 env = store.get("e1")
 target = find_checkpoint(store, env, sys.argv[3]) if sys.argv[2] == "rollback" else None
 print("ready", flush=True)
-if target is None:
+if sys.argv[2] == "squash":
+    squash(store, env)
+elif target is None:
     checkpoint(store, env, "killed")
 else:
     rollback(store, env, target)
@@ -122,5 +125,10 @@ def test_sigkill_during_checkpoint_and_rollback(tmp_path: Path, seed: int) -> No
                         if view_at(store, cp.id) == before)
             rollback(store, store.get("e1"), kept)
         assert view_of(store) == before
+
+        if kill_during(home, "squash"):
+            finished += 1
+        assert view_of(store) == before  # nor does a squash
+        check_layers(store, home)
     store.close()
-    assert 0 < finished < 24, "the kills should land both during and after the operations"
+    assert 0 < finished < 36, "the kills should land both during and after the operations"
