@@ -46,8 +46,9 @@ def freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers,
     for index, upper in uppers:
         os.rename(upper, os.path.join(pending, "roots", str(index)))
         os.mkdir(upper, 0o755)
-        fsync_dir(os.path.dirname(upper))
-    fsync_dir(os.path.join(pending, "roots"))
+    # No fsync between the steps: a crash, or a power cut, leaves some prefix of them (one
+    # filesystem journals its metadata in order), and each prefix is finished or undone. The
+    # one fsync at the end makes the result durable before this returns.
     with catalog.transaction() as db:
         catalog.add_layer(db, layer_id, time.time())
         record(db, layer_id)
