@@ -4,9 +4,13 @@ costs the view and a commit.
     sudo .venv/bin/python benchmarks/stack_bench.py                 # everything
     sudo .venv/bin/python benchmarks/stack_bench.py --part ops --ops-files 1 --ops-files 100000
     sudo .venv/bin/python benchmarks/stack_bench.py --part view --reps 1 --workload 'git status'
+    sudo .venv/bin/python benchmarks/stack_bench.py --part live
 
 Three parts:
 
+live    live checkpoints of a job that writes continuously on agentfs (`run --engine fuse`): how
+        long the daemon held the job's requests (its own measure), and the job's slowest
+        write against its median one (what the job felt, the copy-up of its file included).
 ops     checkpoint, rollback and fork of an env holding 1 changed file and one holding 100 000:
         the library's time for the operation (the median of --ops-reps), and `agentctl`'s
         end-to-end time for the same operation beside it (a new Python process each time).
@@ -25,10 +29,12 @@ See benchmarks/README-stack.md for the method and the figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -213,6 +219,72 @@ def report_ops(results: list[dict[str, Any]]) -> None:
     print_table("checkpoint, rollback and fork (median)", header, rows)
 
 
+# -- live --------------------------------------------------------------------------------------
+
+# The job: 4 KiB writes through one open file for as long as it is told, rewriting its first
+# MiB over and over; prints the duration of every write, sorted, in microseconds.
+LIVE_JOB = """
+import json, sys, time
+chunk, durations = b"x" * 4096, []
+end = time.monotonic() + float(sys.argv[1])
+with open("live.bin", "wb", buffering=0) as f:
+    while time.monotonic() < end:
+        began = time.perf_counter()
+        f.write(chunk)
+        durations.append(round((time.perf_counter() - began) * 1e6))
+        if len(durations) % 256 == 0:
+            f.seek(0)
+print(json.dumps(sorted(durations)))
+"""
+
+
+def measure_live(workdir: str, agentctl: str, count: int) -> dict[str, Any]:
+    base = os.path.join(workdir, "live")
+    remove(base)
+    project = os.path.join(base, "project")
+    os.makedirs(project)
+    home = os.path.join(base, "store")
+    store = Store(home)
+    env = store.create("live", [project])
+    seconds = 2.0 + count * 0.3
+    job = subprocess.Popen(
+        [agentctl, "run", "-q", "--env", "live", "--engine", "fuse", "--", "python3", "-c",
+         LIVE_JOB, str(seconds)], cwd=project, env={**os.environ, "ISOLATED_AGENT_HOME": home},
+        stdout=subprocess.PIPE, text=True)
+    paused: list[float] = []
+    took: list[float] = []
+    try:
+        time.sleep(1.0)
+        for _ in range(count):
+            began = time.perf_counter()
+            paused.extend(checkpoint(store, env).paused_ms)
+            took.append(time.perf_counter() - began)
+            time.sleep(0.3)
+        output, _ = job.communicate(timeout=seconds + 60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    store.close()
+    remove(base)
+    writes = json.loads(output)
+    return {"checkpoints": count, "paused_ms": paused, "library_ms": [t * 1000 for t in took],
+            "writes": len(writes), "write_median_us": writes[len(writes) // 2],
+            "slowest_writes_us": writes[-count:]}
+
+
+def report_live(live: dict[str, Any]) -> None:
+    slowest = live["slowest_writes_us"]
+    print_table(f"live checkpoints of a writing job ({live['checkpoints']}, agentfs)",
+                ["daemon pause, median", "daemon pause, max", "checkpoint call, median",
+                 "job's median write", f"job's {len(slowest)} slowest writes"],
+                [[f"{statistics.median(live['paused_ms']):.2f} ms",
+                  f"{max(live['paused_ms']):.2f} ms",
+                  f"{statistics.median(live['library_ms']):.2f} ms",
+                  f"{live['write_median_us']} µs",
+                  f"{slowest[0] / 1000:.2f}–{slowest[-1] / 1000:.2f} ms"]])
+
+
 # -- commit -------------------------------------------------------------------------------------
 
 
@@ -244,7 +316,7 @@ def _commit_once(ctx: BenchContext, agentctl: str, layered: bool) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", action="append", choices=["ops", "view", "commit"])
+    p.add_argument("--part", action="append", choices=["ops", "live", "view", "commit"])
     p.add_argument("--tree", help="benchmark this tree instead of the Django sdist")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--scratch-dir", metavar="DIR",
@@ -253,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops-files", type=int, action="append",
                    help="env sizes for the ops part (default: 1 and 100000)")
     p.add_argument("--ops-reps", type=int, default=5)
+    p.add_argument("--live-checkpoints", type=int, default=10)
     p.add_argument("--reps", type=int, default=3, help="repetitions of the view and commit parts")
     p.add_argument("--workload", action="append", choices=[w.name for w in VIEW_WORKLOADS])
     p.add_argument("--engine", action="append", choices=["kernel", "fuse"])
@@ -262,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stack_bench: run as root (it drops caches and mounts)", file=sys.stderr)
         return 2
     reexec_in_private_mount_namespace()
-    parts = args.part or ["ops", "view", "commit"]
+    parts = args.part or ["ops", "live", "view", "commit"]
     source = os.path.realpath(args.tree) if args.tree else django_tree(args.cache_dir)
     agentctl = default_agentctl()
     many_inodes = ("mkfs.ext4", "-q", "-F", "-i", "4096")
@@ -283,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
                    for files in args.ops_files or [1, 100_000]]
             payload["ops"] = ops
             report_ops(ops)
+        if "live" in parts:
+            payload["live"] = measure_live(workdir, agentctl, args.live_checkpoints)
+            report_live(payload["live"])
         if "view" in parts or "commit" in parts:
             print(f"preparing {source} -> {workdir} ...", file=sys.stderr)
             ctx.prepare()

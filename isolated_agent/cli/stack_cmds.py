@@ -42,15 +42,18 @@ def _summary(record: CheckpointRecord, env: Env) -> dict[str, Any]:
 def checkpoint_cmd(env_name: str | None, message: str, as_json: bool) -> None:
     """Keep the env's current state as a checkpoint, to roll back to or fork from later.
 
-    O(1): the env's changes are frozen in place (renamed, not copied). ENV defaults to the env
-    managing the current directory. Prints the checkpoint's id."""
+    O(1): the env's changes are frozen in place (renamed, not copied). A job running in the env
+    on the fuse engine goes on while it is taken (it waits a fraction of a millisecond). ENV
+    defaults to the env managing the current directory. Prints the checkpoint's id."""
     store = Store()
     env = _env(store, env_name)
     record = checkpoint(store, env, message)
     if as_json:
-        emit_json(_summary(record, env))
-    else:
-        click.echo(record.id)
+        emit_json({**_summary(record, env), "paused_ms": list(record.paused_ms)})
+        return
+    click.echo(record.id)
+    if record.paused_ms:
+        notice(f"checkpointed the running job (it waited {max(record.paused_ms):.1f} ms)")
 
 
 @click.command("log")

@@ -83,6 +83,9 @@ class CheckpointRecord:
     message: str
     layers: tuple[str, ...]  # bottom first
     kind: str = "user"  # or ROLLED_AWAY, FORK
+    # A live checkpoint (not stored): how long each root's agentfs daemon held the job's
+    # requests while it froze the upper, in milliseconds.
+    paused_ms: tuple[float, ...] = ()
 
 
 _CHECKPOINT_COLUMNS = "id, env_id, created, message, kind"

@@ -30,7 +30,7 @@ from isolated_agent.system.trees import remove_tree
 
 Uppers = Sequence[tuple[int, str]]  # (root index, path of that root's upper)
 
-_FREEZING = ".freezing-"
+FREEZING = ".freezing-"
 SQUASHING = ".squashing-"  # a merged layer being built (squash.py)
 _REMOVING = ".removing-"
 
@@ -40,9 +40,7 @@ def freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers,
     """Freeze the uppers into a new layer; `record(db, layer_id)` runs inside the transaction
     that makes it exist. Returns the layer's id."""
     layer_id = secrets.token_hex(6)
-    layers_dir = os.path.join(home, "layers")
-    pending = os.path.join(layers_dir, f"{_FREEZING}{env_id}-{layer_id}")
-    os.makedirs(os.path.join(pending, "roots"), mode=0o700)
+    pending = begin_freeze(home, env_id, layer_id)
     for index, upper in uppers:
         os.rename(upper, os.path.join(pending, "roots", str(index)))
         os.mkdir(upper, 0o755)
@@ -52,8 +50,15 @@ def freeze(home: str, catalog: Catalog, env_id: str, uppers: Uppers,
     with catalog.transaction() as db:
         catalog.add_layer(db, layer_id, time.time())
         record(db, layer_id)
-    finish_rename(pending, os.path.join(layers_dir, layer_id))
+    finish_rename(pending, os.path.join(home, "layers", layer_id))
     return layer_id
+
+
+def begin_freeze(home: str, env_id: str, layer_id: str) -> str:
+    """The directory a freeze of env `env_id` into layer `layer_id` fills: `<it>/roots/<n>`."""
+    pending = os.path.join(home, "layers", f"{FREEZING}{env_id}-{layer_id}")
+    os.makedirs(os.path.join(pending, "roots"), mode=0o700)
+    return pending
 
 
 def finish_rename(pending: str, final: str) -> None:
@@ -64,7 +69,7 @@ def finish_rename(pending: str, final: str) -> None:
 
 def interrupted_freezes(home: str, env_id: str) -> list[str]:
     """The names of the env's freezes and squashes a crash left pending (in `layers/`)."""
-    prefixes = (f"{_FREEZING}{env_id}-", f"{SQUASHING}{env_id}-")
+    prefixes = (f"{FREEZING}{env_id}-", f"{SQUASHING}{env_id}-")
     try:
         return [n for n in os.listdir(os.path.join(home, "layers")) if n.startswith(prefixes)]
     except FileNotFoundError:
@@ -80,12 +85,25 @@ def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: 
         pending = os.path.join(layers_dir, name)
         layer_id = name.rsplit("-", 1)[1]
         if catalog.has_layer(layer_id):
+            if name.startswith(FREEZING):
+                _complete(pending, uppers)
             finish_rename(pending, os.path.join(layers_dir, layer_id))
             continue
-        if name.startswith(_FREEZING):
+        if name.startswith(FREEZING):
             _move_back(pending, dict(uppers))
         remove_tree(pending)
         fsync_dir(layers_dir)
+
+
+def _complete(pending: str, uppers: Uppers) -> None:
+    """A live checkpoint (stack.py) is in the catalog before its daemons freeze the uppers; a
+    root its daemon never froze (the job ended, the checkpoint command died) is frozen now,
+    as it is: nothing the job wrote is lost, and the checkpoint holds it."""
+    for index, upper in uppers:
+        target = os.path.join(pending, "roots", str(index))
+        if not os.path.lexists(target):
+            os.rename(upper, target)
+            os.mkdir(upper, 0o755)
 
 
 def _move_back(pending: str, uppers: dict[int, str]) -> None:
@@ -124,7 +142,7 @@ def collect_layers(home: str, catalog: Catalog) -> list[str]:
     except FileNotFoundError:
         return unreferenced
     for name in names:
-        if name.startswith((_FREEZING, SQUASHING)):
+        if name.startswith((FREEZING, SQUASHING)):
             continue  # its env's next lock finishes or undoes it
         if not name.startswith(_REMOVING):
             if catalog.has_layer(name):

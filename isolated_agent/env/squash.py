@@ -38,8 +38,8 @@ from isolated_agent.overlay.format import (
     make_opaque_fd,
     taken_time_ns,
 )
-from isolated_agent.system import fdpath, libc
-from isolated_agent.system.durable import fsync_dir
+from isolated_agent.system import fdpath
+from isolated_agent.system.durable import fsync_dir, sync_filesystem
 
 # A checkpoint that makes a stack deeper than this squashes the env's private layers (DESIGN
 # §11): lookups of names no layer has cost one probe per layer, and the kernel engine's mount
@@ -80,21 +80,13 @@ def squash_locked(store: Store, env: Env) -> Squashed | None:
         finally:
             for fd in sources:
                 os.close(fd)
-    _sync_filesystem(pending)  # the merged layer is on disk before the catalog names it
+    sync_filesystem(pending)  # the merged layer is on disk before the catalog names it
     stack = (*env.layers[: len(env.layers) - len(private)], layer_id)
     with store.catalog.transaction() as db:
         store.catalog.add_layer(db, layer_id, time.time())
         store.catalog.set_env_layers(db, env.id, stack)
     finish_rename(pending, os.path.join(layers_dir, layer_id))
     return Squashed(tuple(private), layer_id)
-
-
-def _sync_filesystem(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc.syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def _merge_root(chain: list[int], target: str) -> None:

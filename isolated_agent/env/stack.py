@@ -15,16 +15,21 @@ started.
 `gc` drops the checkpoints rollbacks kept once they are older than the retention the user gives,
 then every layer nothing names any more.
 
-Checkpoint and rollback hold the env's lock: the env must not be in use by a job.
+Rollback, fork and squash hold the env's lock: the env must not be in use by a job. So does a
+checkpoint, except of a job running on agentfs (`run --engine fuse`): that one is taken live,
+each root's daemon freezing its upper between two of the job's requests (`_checkpoint_live`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import sqlite3
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from isolated_agent.env.catalog import FORK, ROLLED_AWAY, CheckpointRecord
@@ -40,17 +45,77 @@ from isolated_agent.env.changeset import (
     read_view_changes,
     same_content,
 )
-from isolated_agent.env.layers import collect_layers, freeze
+from isolated_agent.env.layers import begin_freeze, collect_layers, finish_rename, freeze
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.squash import SQUASH_DEPTH, squash_locked
-from isolated_agent.env.store import Env, Store, show_host_root
-from isolated_agent.errors import UsageError
+from isolated_agent.env.store import Env, Store, live_socket_path, show_host_root
+from isolated_agent.errors import EnvBusy, StoreError, UsageError
+from isolated_agent.protocol.client import ControlError, request
+from isolated_agent.protocol.frames import Code, Frame
 
 
 def checkpoint(store: Store, env: Env, message: str = "") -> CheckpointRecord:
-    """Freeze the env's current state as a checkpoint; returns it."""
-    with store.lock(env, purpose="checkpoint it"):
-        return _checkpoint_locked(store, store.get(env.id), message, "user")
+    """Freeze the env's current state as a checkpoint; returns it. An env a job runs in on
+    the fuse engine is checkpointed live (`_checkpoint_live`)."""
+    try:
+        with store.lock(env, purpose="checkpoint it"):
+            return _checkpoint_locked(store, store.get(env.id), message, "user")
+    except EnvBusy as busy:
+        sockets = [live_socket_path(store.run_dir, env.id, r.index) for r in env.roots]
+        if not all(_answers(path) for path in sockets):
+            raise EnvBusy(f"{busy}; only a job run with --engine fuse can be checkpointed "
+                          "while it runs") from None
+        return _checkpoint_live(store, env, message, sockets)
+
+
+def _answers(path: str) -> bool:
+    try:
+        return request(path, Frame(Code.HEARTBEAT), timeout=2.0).code is Code.ACK
+    except ControlError:
+        return False
+
+
+def _checkpoint_live(store: Store, env: Env, message: str, sockets: list[str]
+                     ) -> CheckpointRecord:
+    """A checkpoint of an env a job runs in on the fuse engine: the catalog first (the layer,
+    the stack, the checkpoint), then each root's agentfs daemon freezes its upper into the
+    pending layer between two requests (engines/fuse/daemon.py), then the layer takes its
+    name. A crash in between leaves a pending layer the catalog names, which the env's next
+    lock completes with the uppers as they are then (layers.py): nothing is lost."""
+    with _one_live_checkpoint_at_a_time(env):
+        env = store.get(env.id)
+        layer_id = secrets.token_hex(6)
+        record = CheckpointRecord(secrets.token_hex(4), env.id, time.time(), message,
+                                  (*env.layers, layer_id))
+        pending = begin_freeze(store.home, env.id, layer_id)
+        with store.catalog.transaction() as db:
+            store.catalog.add_layer(db, layer_id, record.created)
+            store.catalog.set_env_layers(db, env.id, record.layers)
+            store.catalog.add_checkpoint(db, record)
+        paused = []
+        for root, path in zip(env.roots, sockets, strict=True):
+            into = os.path.join(pending, "roots", str(root.index))
+            try:
+                reply = request(path, Frame(Code.FREEZE, {"into": into}))
+            except ControlError as e:
+                raise StoreError(
+                    f"checkpoint {record.id} of env {env.name} is recorded, but the agentfs "
+                    f"daemon of {root.path} did not freeze it ({e}); it is completed when the "
+                    "job ends") from e
+            paused.append(float(reply.body["paused_ms"]))
+        finish_rename(pending, store.layer_dir(layer_id))
+        return replace(record, paused_ms=tuple(paused))
+
+
+@contextmanager
+def _one_live_checkpoint_at_a_time(env: Env) -> Iterator[None]:
+    fd = os.open(os.path.join(env.dir, "live.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def fork(store: Store, env: Env, name: str, at: CheckpointRecord | None = None

@@ -284,6 +284,12 @@ class Store:
         return Env(record.id, record.name, record.created, env_dir, roots, layers)
 
 
+def live_socket_path(run_dir: str, env_id: str, index: int) -> str:
+    """The control socket of the agentfs daemon serving root `index` of a job in env `env_id`
+    (`run --engine fuse`): where a live checkpoint asks it to freeze the upper (env/stack.py)."""
+    return os.path.join(run_dir, "live", f"{env_id}-{index}.sock")
+
+
 def check_name(name: str) -> None:
     if not _NAME.fullmatch(name):
         raise UsageError(

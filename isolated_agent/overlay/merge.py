@@ -190,6 +190,30 @@ class Overlay:
         directory.listing = None
         directory.children = {}
 
+    def freeze_upper(self, new_upper: int) -> None:
+        """The upper layer became a frozen one (a live checkpoint, env/stack.py): from now on
+        `new_upper` (an O_PATH fd of an empty directory) is the upper, and the old upper the
+        topmost lower. The view does not change. Every node that lived in the old upper shows
+        it as its lower object from now on, so the next change to it copies it up into the new
+        one; no fd that could write into the frozen layer stays open (the readers go)."""
+        old = self.layers.upper
+        self.layers.upper = new_upper
+        self.layers.lowers = (old, *self.layers.lowers)
+        for node in list(self.index.values()):
+            self._drop_reader(node)
+            if node.is_dir:
+                if node.upper is not None:
+                    node.lowers = [node.upper] if node.opaque else [node.upper, *node.lowers]
+                    node.upper = None
+                    node.opaque = False
+            elif node.home_upper:
+                if node.upper is not None:
+                    node.lowers = [node.upper]
+                    node.upper = None
+                node.home_upper = False
+        self.root.upper = os.open(".", _PATH_FLAGS, dir_fd=new_upper)
+        self.namespace_changed()
+
     def namespace_changed(self) -> None:
         """Some name now means something else: every cached listing and lookup is stale."""
         self.generation += 1

@@ -37,6 +37,7 @@ class Code(enum.Enum):
     REGISTER_JOB = b"J"
     UNREGISTER_JOB = b"j"
     QUERY = b"Q"
+    FREEZE = b"F"  # a live checkpoint: freeze the upper into the given directory (agentfs)
     ACK = b"A"
     ERROR = b"!"
     BLOB = b"X"  # raw bytes payload

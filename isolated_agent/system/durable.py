@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from isolated_agent.system import libc
+
 
 def write_all(fd: int, data: bytes) -> None:
     """Write every byte of `data` to `fd` (os.write may write less than it was given)."""
@@ -22,6 +24,16 @@ def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: str) -> None:
+    """Make everything written to the filesystem holding directory `path` durable (syncfs):
+    cheaper than an fsync per file when many were written at once."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc.syncfs(fd)
     finally:
         os.close(fd)
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
+import stat
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +28,7 @@ import pyfuse3
 
 from isolated_agent.engines.fuse.filesystem import OverlayFileSystem
 from isolated_agent.engines.id_swap import IdSwap
+from isolated_agent.env.layers import FREEZING
 from isolated_agent.fusefs import fastloop
 from isolated_agent.fusefs.adapter import Adapter, FuseKernel
 from isolated_agent.fusefs.cache import EXCLUSIVE, CacheMode
@@ -33,6 +37,9 @@ from isolated_agent.fusefs.serve import hold_stop_signals, run_trio, serve_sessi
 from isolated_agent.overlay.copyup import FaultHook
 from isolated_agent.overlay.layers import LayerError, Layers
 from isolated_agent.overlay.merge import Overlay
+from isolated_agent.protocol import server as control_server
+from isolated_agent.protocol.frames import Code, Frame, error_frame
+from isolated_agent.protocol.peer import PeerCred
 from isolated_agent.system.daemon import DaemonFailed, Reporter, fork_daemon, raise_fd_limit
 
 log = logging.getLogger("agentfs")
@@ -102,9 +109,11 @@ def serve(
     mountpoint: str,
     config: MountConfig,
     on_ready: Callable[[], None] | None = None,
+    live_socket: str | None = None,
 ) -> None:
     """Mount and serve until the mount ends. `mountpoint` may be `/dev/fd/N`: a /dev/fuse fd
     already mounted by someone else (the job's namespace); then there is nothing to unmount.
+    `live_socket`: where to take live checkpoints (FREEZE), for a job's daemon.
     """
     os.umask(0)  # modes arrive from the kernel already masked with the caller's umask
     raise_fd_limit()
@@ -127,12 +136,49 @@ def serve(
             fastloop.install(int(given) if given.isdigit() else None)
         if on_ready is not None:
             on_ready()
-        run_trio(serve_session, operations, None if given.isdigit() else mountpoint)
+        tasks = [] if live_socket is None else [
+            functools.partial(serve_live_checkpoints, live_socket, model, config.upper)]
+        run_trio(serve_session, operations, None if given.isdigit() else mountpoint, tasks)
     finally:
+        if live_socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(live_socket)
         operations.close()
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
         overlay.close()
+
+
+async def serve_live_checkpoints(path: str, model: OverlayFileSystem, upper: str) -> None:
+    """The control port of a job's agentfs daemon: FREEZE, a live checkpoint (env/stack.py).
+    The handler runs between two FUSE requests (one trio thread; it never awaits), so the job
+    sees no moment in which its files are half frozen."""
+
+    async def handle(frame: Frame, peer: PeerCred) -> Frame:
+        if frame.code is not Code.FREEZE:
+            return error_frame(f"the agentfs daemon does not take {frame.code.name}")
+        began = time.perf_counter()
+        freeze_upper(model, upper, str(frame.body["into"]))
+        return Frame(Code.ACK, {"paused_ms": (time.perf_counter() - began) * 1000})
+
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        await control_server.serve(path, handle)
+    except OSError as e:
+        log.warning("agentfs: no live checkpoints for this job: %s", e)
+
+
+def freeze_upper(model: OverlayFileSystem, upper: str, into: str) -> None:
+    """Rename the upper to `into` (a pending layer's root, env/layers.py) and go on with an
+    empty upper in its place, with the same owner and bits."""
+    if not os.path.basename(os.path.dirname(os.path.dirname(into))).startswith(FREEZING):
+        raise ValueError(f"{into} is not the root of a layer being frozen")
+    st = os.stat(upper)
+    os.rename(upper, into)
+    os.mkdir(upper, 0o700)
+    os.chown(upper, st.st_uid, st.st_gid)
+    os.chmod(upper, stat.S_IMODE(st.st_mode))
+    model.freeze_upper(os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
 
 
 def setup_logging(debug: bool = False) -> None:

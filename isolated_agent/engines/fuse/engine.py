@@ -30,7 +30,7 @@ import stat
 import time
 
 from isolated_agent.engines.id_swap import id_swap_for
-from isolated_agent.env.store import Env, Root
+from isolated_agent.env.store import Env, Root, live_socket_path
 from isolated_agent.errors import IsolationError
 from isolated_agent.fusefs.daemon_log import LogWatch
 from isolated_agent.system import libc
@@ -87,7 +87,8 @@ class FuseEngine:
                 ours.close()
                 for other in self._links.values():
                     other.close()
-                _daemon_main(root, theirs, launcher, log_path)
+                _daemon_main(root, theirs, launcher, log_path,
+                             live_socket_path(log_dir, env.id, root.index))
             theirs.close()
             self._links[root.index] = ours
             self._daemons.append(pid)
@@ -160,7 +161,8 @@ class FuseEngine:
             raise IsolationError(step, report.detail)
 
 
-def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) -> None:
+def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str,
+                 live_socket: str) -> None:
     """The host-side daemon of one root. Never returns."""
     code = 1
     try:
@@ -196,7 +198,7 @@ def _daemon_main(root: Root, link: socket.socket, launcher: int, log_path: str) 
         def ready() -> None:
             link.send(Report(True).encode())
 
-        serve(layers, f"/dev/fd/{fds[0]}", config, on_ready=ready)
+        serve(layers, f"/dev/fd/{fds[0]}", config, on_ready=ready, live_socket=live_socket)
         code = 0
     except BaseException as e:  # noqa: BLE001 - report, never unwind into the launcher
         with contextlib.suppress(Exception):

@@ -61,6 +61,9 @@ def _enosys() -> OSError:
 class _File:
     node: Node
     fd: int | None  # its own fd when opened for writing; None: reads use the node's reader
+    # With an fd of its own: how it was opened (to open it again after a live checkpoint
+    # closed the fd, which pointed into the frozen layer).
+    flags: int | None = None
 
 
 class OverlayFileSystem:
@@ -212,8 +215,8 @@ class OverlayFileSystem:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _opened(self, node: Node, fd: int | None) -> Opened:
-        handle = self._files.add(_File(node, fd))
+    def _opened(self, node: Node, fd: int | None, flags: int | None = None) -> Opened:
+        handle = self._files.add(_File(node, fd, flags if fd is not None else None))
         self.overlay.ref(node)
         if fd is not None:
             self._writers[node] = self._writers.get(node, 0) + 1
@@ -231,7 +234,8 @@ class OverlayFileSystem:
                 self._push(node, inode, self.overlay.reader(node))
             return self._opened(node, None)
         self._changed()
-        return self._opened(node, self.overlay.open(node, self._open_flags(flags)))
+        flags = self._open_flags(flags)
+        return self._opened(node, self.overlay.open(node, flags), flags)
 
     def _push(self, node: Node, inode: int, fd: int) -> None:
         """Hand a small file's content to the kernel's page cache along with the OPEN reply
@@ -268,7 +272,7 @@ class OverlayFileSystem:
         if self.handle_free:
             os.close(fd)  # later writes name the inode and use the node's shared fd
             return Opened(0, keep_cache=True), attributes
-        return self._opened(node, fd), attributes
+        return self._opened(node, fd, self._open_flags(flags)), attributes
 
     def read(self, fh: int, offset: int, size: int) -> memoryview:
         """Into one reused buffer: no allocation per request. A read-only handle reads
@@ -288,10 +292,13 @@ class OverlayFileSystem:
         self._changed()
         if self.handle_free:
             return os.pwrite(self.overlay.writer(self.inodes.node(fh)), data, offset)
-        fd = self._files[fh].fd
-        if fd is None:
-            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return os.pwrite(fd, data, offset)
+        handle = self._files[fh]
+        if handle.fd is None:
+            if handle.flags is None:
+                raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+            # Opened before a live checkpoint froze its file: write to a copy-up.
+            handle.fd = self.overlay.open(handle.node, handle.flags & ~os.O_TRUNC)
+        return os.pwrite(handle.fd, data, offset)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         if self.handle_free:
@@ -309,6 +316,7 @@ class OverlayFileSystem:
         try:
             if handle.fd is not None:
                 os.close(handle.fd)
+            if handle.flags is not None:
                 count = self._writers.pop(handle.node, 1) - 1
                 if count:
                     self._writers[handle.node] = count
@@ -371,6 +379,18 @@ class OverlayFileSystem:
     def removexattr(self, inode: int, name: bytes, caller: Caller) -> None:
         self._changed()
         self.overlay.removexattr(self.inodes.node(inode), name)
+
+    # -- live checkpoints -----------------------------------------------------------------------
+
+    def freeze_upper(self, new_upper: int) -> None:
+        """The upper was frozen into a layer (overlay.freeze_upper): close every handle's own
+        fd, which points into it; the next write through the handle opens a copy-up."""
+        self.overlay.freeze_upper(new_upper)
+        for handle in self._files:
+            if handle.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(handle.fd)
+                handle.fd = None
 
     # -- end ------------------------------------------------------------------------------------
 
