@@ -81,7 +81,7 @@ def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: 
     module): a layer the catalog has takes its name; one it has not goes — after a freeze's
     uppers are moved back."""
     layers_dir = os.path.join(home, "layers")
-    for name in interrupted_freezes(home, env_id):
+    for name in stack_order(catalog, env_id, interrupted_freezes(home, env_id)):
         pending = os.path.join(layers_dir, name)
         layer_id = name.rsplit("-", 1)[1]
         if catalog.has_layer(layer_id):
@@ -95,10 +95,20 @@ def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: 
         fsync_dir(layers_dir)
 
 
+def stack_order(catalog: Catalog, env_id: str, pending: list[str]) -> list[str]:
+    """Pending layer directories, those the env's stack names first, bottom first: a live
+    checkpoint's layer is named before it is frozen, and the lowest unfrozen one must take the
+    upper's content (those above it, nothing), or older content would cover newer."""
+    position = {layer: i for i, layer in enumerate(catalog.env_layers(env_id))}
+    return sorted(pending, key=lambda name: position.get(name.rsplit("-", 1)[1], -1))
+
+
 def _complete(pending: str, uppers: Uppers) -> None:
     """A live checkpoint (stack.py) is in the catalog before its daemons freeze the uppers; a
     root its daemon never froze (the job ended, the checkpoint command died) is frozen now,
-    as it is: nothing the job wrote is lost, and the checkpoint holds it."""
+    as it is: nothing the job wrote is lost, and the checkpoint holds it. Unfrozen pending
+    layers are always the top of the stack (`stack._resume_live_freezes`), completed bottom
+    first (`stack_order`)."""
     for index, upper in uppers:
         target = os.path.join(pending, "roots", str(index))
         if not os.path.lexists(target):

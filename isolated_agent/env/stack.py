@@ -45,7 +45,15 @@ from isolated_agent.env.changeset import (
     read_view_changes,
     same_content,
 )
-from isolated_agent.env.layers import begin_freeze, collect_layers, finish_rename, freeze
+from isolated_agent.env.layers import (
+    FREEZING,
+    begin_freeze,
+    collect_layers,
+    finish_rename,
+    freeze,
+    interrupted_freezes,
+    stack_order,
+)
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.squash import SQUASH_DEPTH, squash_locked
 from isolated_agent.env.store import Env, Store, live_socket_path, show_host_root
@@ -84,6 +92,7 @@ def _checkpoint_live(store: Store, env: Env, message: str, sockets: list[str]
     lock completes with the uppers as they are then (layers.py): nothing is lost."""
     with _one_live_checkpoint_at_a_time(env):
         env = store.get(env.id)
+        _resume_live_freezes(store, env, sockets)
         layer_id = secrets.token_hex(6)
         record = CheckpointRecord(secrets.token_hex(4), env.id, time.time(), message,
                                   (*env.layers, layer_id))
@@ -92,19 +101,41 @@ def _checkpoint_live(store: Store, env: Env, message: str, sockets: list[str]
             store.catalog.add_layer(db, layer_id, record.created)
             store.catalog.set_env_layers(db, env.id, record.layers)
             store.catalog.add_checkpoint(db, record)
-        paused = []
-        for root, path in zip(env.roots, sockets, strict=True):
-            into = os.path.join(pending, "roots", str(root.index))
-            try:
-                reply = request(path, Frame(Code.FREEZE, {"into": into}))
-            except ControlError as e:
-                raise StoreError(
-                    f"checkpoint {record.id} of env {env.name} is recorded, but the agentfs "
-                    f"daemon of {root.path} did not freeze it ({e}); it is completed when the "
-                    "job ends") from e
-            paused.append(float(reply.body["paused_ms"]))
+        paused = _freeze_live(env, sockets, pending, record.id)
         finish_rename(pending, store.layer_dir(layer_id))
         return replace(record, paused_ms=tuple(paused))
+
+
+def _freeze_live(env: Env, sockets: list[str], pending: str, checkpoint_id: str
+                 ) -> list[float]:
+    """Ask each root's daemon to freeze its upper into `pending`; how long each paused."""
+    paused = []
+    for root, path in zip(env.roots, sockets, strict=True):
+        into = os.path.join(pending, "roots", str(root.index))
+        if os.path.lexists(into):
+            continue  # frozen by an earlier try
+        try:
+            reply = request(path, Frame(Code.FREEZE, {"into": into}))
+        except ControlError as e:
+            raise StoreError(
+                f"checkpoint {checkpoint_id} of env {env.name} is recorded, but the agentfs "
+                f"daemon of {root.path} did not freeze it ({e}); it is completed when the "
+                "job ends") from e
+        paused.append(float(reply.body["paused_ms"]))
+    return paused
+
+
+def _resume_live_freezes(store: Store, env: Env, sockets: list[str]) -> None:
+    """Finish the live checkpoints a killed `agentctl checkpoint` left named but not frozen,
+    bottom first, before a new layer goes on top of them: the lowest takes what the job wrote
+    since, the others nothing — never newer content under older."""
+    layers_dir = os.path.join(store.home, "layers")
+    for name in stack_order(store.catalog, env.id, interrupted_freezes(store.home, env.id)):
+        layer_id = name.rsplit("-", 1)[1]
+        if name.startswith(FREEZING) and store.catalog.has_layer(layer_id):
+            pending = os.path.join(layers_dir, name)
+            _freeze_live(env, sockets, pending, layer_id)
+            finish_rename(pending, store.layer_dir(layer_id))
 
 
 @contextmanager

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import secrets
 import subprocess
 import sys
 import textwrap
@@ -15,15 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from isolated_agent.env.catalog import CheckpointRecord
+from isolated_agent.env.layers import begin_freeze
 from isolated_agent.env.store import Store
 from tests.review.conftest import Workspace
 
 LINES = 1500
-JOB = textwrap.dedent(f"""
+
+
+def job_script(lines: int) -> str:
+    return textwrap.dedent(f"""
     import os, time
     os.makedirs("made", exist_ok=True)
     with open("log.txt", "a", buffering=1) as log:  # one open file, a write(2) per line
-        for n in range({LINES}):
+        for n in range({lines}):
             log.write(f"{{n}}\\n")
             if n % 20 == 0:
                 with open(f"made/{{n}}", "w") as f:
@@ -31,7 +38,10 @@ JOB = textwrap.dedent(f"""
                 if n >= 100:
                     os.unlink(f"made/{{n - 100}}")
             time.sleep(0.001)
-""")
+    """)
+
+
+JOB = job_script(LINES)
 
 
 def upper_of(ws: Workspace) -> Path:
@@ -118,3 +128,78 @@ def test_no_live_checkpoint_on_the_kernel_engine(ws: Workspace) -> None:
     finally:
         job.kill()
         job.wait()
+
+
+KILLED_CHECKPOINT = """
+import sys
+from isolated_agent.env.stack import checkpoint
+from isolated_agent.env.catalog import CheckpointRecord
+from isolated_agent.env.layers import begin_freeze
+from isolated_agent.env.store import Store
+store = Store(sys.argv[1])
+env = store.get("e1")
+print("ready", flush=True)
+checkpoint(store, env, "killed")
+"""
+
+
+def name_a_layer_without_freezing_it(ws: Workspace) -> None:
+    """What `stack._checkpoint_live` does before it asks the daemons: the pending layer, and
+    the catalog naming it on top of the env's stack."""
+    store = Store(str(ws.store_home))
+    env = store.get("e1")
+    layer_id = secrets.token_hex(6)
+    begin_freeze(store.home, env.id, layer_id)
+    record = CheckpointRecord(secrets.token_hex(4), env.id, time.time(), "half done",
+                              (*env.layers, layer_id))
+    with store.catalog.transaction() as db:
+        store.catalog.add_layer(db, layer_id, record.created)
+        store.catalog.set_env_layers(db, env.id, record.layers)
+        store.catalog.add_checkpoint(db, record)
+    store.close()
+
+
+def test_sigkill_during_live_checkpoints_loses_nothing(ws: Workspace) -> None:
+    """Killed checkpoints leave layers the catalog names but no daemon froze; the next one
+    (and, after the job, the env's next use) completes them bottom first, so newer writes are
+    never covered by older ones."""
+    ws.run("true")
+    environ = {**os.environ, "ISOLATED_AGENT_HOME": str(ws.store_home)}
+    lines = 6000  # long enough to outlive the kills and the last checkpoint
+    job = subprocess.Popen(
+        [sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "e1", "--engine", "fuse",
+         "--", "python3", "-c", job_script(lines)], cwd=ws.project, env=environ,
+        stderr=subprocess.PIPE, text=True)
+    rng = random.Random(7)
+    try:
+        upper = upper_of(ws)
+        wait_until(lambda: lines_in(upper / "log.txt") >= 50)
+        for _ in range(8):
+            child = subprocess.Popen([sys.executable, "-c", KILLED_CHECKPOINT,
+                                      str(ws.store_home)], stdout=subprocess.PIPE, text=True)
+            assert child.stdout is not None and child.stdout.readline() == "ready\n"
+            time.sleep(rng.uniform(0, 0.03))
+            child.kill()
+            child.wait()
+        assert job.poll() is None, "the job ended too early for the test"
+        name_a_layer_without_freezing_it(ws)  # as a kill right after the catalog would
+        last = ws.ctl("checkpoint", "e1", "--json")
+        assert last.returncode == 0 and json.loads(last.stdout)["paused_ms"], last.stderr
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+    store = Store(str(ws.store_home))
+    env = store.get("e1")  # completes what a killed checkpoint left half done
+    names = set(os.listdir(ws.store_home / "layers"))
+    assert not [n for n in names if n.startswith(".")], names
+    named = set(env.layers)
+    for record in store.catalog.checkpoints(env.id):
+        named |= set(record.layers)
+    assert named <= names
+    store.close()
+    seen = ws.agentctl("run", "-q", "--env", "e1", "--", "cat", "log.txt", cwd=ws.project)
+    assert seen.stdout == "".join(f"{n}\n" for n in range(lines)), "a write was lost"
