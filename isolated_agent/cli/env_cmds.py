@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from isolated_agent.cli.completion import env_names
 from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.env.store import Env, Store, count_changes
 
@@ -19,6 +20,8 @@ def env_summary(store: Store, env: Env) -> dict[str, Any]:
         "created": when(env.created),
         "roots": [{"path": r.path, "upper": r.upper, "work": r.work} for r in env.roots],
         "changes": count_changes(env),
+        "layers": len(env.layers),
+        "checkpoints": len(store.catalog.checkpoints(env.id)),
         "in_use": store.in_use(env),
     }
 
@@ -67,7 +70,7 @@ def list_cmd(as_json: bool) -> None:
 
 
 @env_group.command("show")
-@click.argument("name")
+@click.argument("name", shell_complete=env_names)
 @json_option
 def show_cmd(name: str, as_json: bool) -> None:
     """Show one env."""
@@ -79,7 +82,8 @@ def show_cmd(name: str, as_json: bool) -> None:
     click.echo(f"name:    {summary['name']}")
     click.echo(f"id:      {summary['id']}")
     click.echo(f"created: {summary['created']}")
-    click.echo(f"changes: {summary['changes']} entries in the upper layers")
+    click.echo(f"changes: {summary['changes']} entries in its layers")
+    click.echo(f"stack:   {summary['layers']} frozen layers, {summary['checkpoints']} checkpoints")
     click.echo(f"in use:  {'yes' if summary['in_use'] else 'no'}")
     for root in summary["roots"]:
         click.echo(f"root:    {root['path']}")
@@ -87,7 +91,7 @@ def show_cmd(name: str, as_json: bool) -> None:
 
 
 @env_group.command("rm")
-@click.argument("name")
+@click.argument("name", shell_complete=env_names)
 @json_option
 def rm_cmd(name: str, as_json: bool) -> None:
     """Remove an env and all its changes."""
@@ -101,7 +105,7 @@ def rm_cmd(name: str, as_json: bool) -> None:
 
 
 @click.command("discard")
-@click.argument("name")
+@click.argument("name", shell_complete=env_names)
 @json_option
 def discard_cmd(name: str, as_json: bool) -> None:
     """Drop every change of an env; the env stays, empty."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from isolated_agent.cli.completion import checkpoint_ids, env_names, env_then_checkpoint
 from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.env.catalog import CheckpointRecord
 from isolated_agent.env.selection import env_for_directory
@@ -36,7 +37,7 @@ def _summary(record: CheckpointRecord, env: Env) -> dict[str, Any]:
 
 
 @click.command("checkpoint")
-@click.argument("env_name", metavar="[ENV]", required=False)
+@click.argument("env_name", metavar="[ENV]", required=False, shell_complete=env_names)
 @click.option("-m", "--message", default="", help="What this checkpoint is (shown by log).")
 @json_option
 def checkpoint_cmd(env_name: str | None, message: str, as_json: bool) -> None:
@@ -57,7 +58,7 @@ def checkpoint_cmd(env_name: str | None, message: str, as_json: bool) -> None:
 
 
 @click.command("log")
-@click.argument("env_name", metavar="[ENV]", required=False)
+@click.argument("env_name", metavar="[ENV]", required=False, shell_complete=env_names)
 @json_option
 def log_cmd(env_name: str | None, as_json: bool) -> None:
     """List the env's checkpoints, newest first, with what each changed since the one before
@@ -87,7 +88,7 @@ def log_cmd(env_name: str | None, as_json: bool) -> None:
 
 
 @click.command("rollback")
-@click.argument("args", nargs=-1, metavar="[ENV] CHECKPOINT")
+@click.argument("args", nargs=-1, metavar="[ENV] CHECKPOINT", shell_complete=env_then_checkpoint)
 @json_option
 def rollback_cmd(args: tuple[str, ...], as_json: bool) -> None:
     """Make the env's view exactly that of one of its checkpoints.
@@ -112,9 +113,9 @@ def rollback_cmd(args: tuple[str, ...], as_json: bool) -> None:
 
 
 @click.command("fork")
-@click.argument("env_name", metavar="ENV")
+@click.argument("env_name", metavar="ENV", shell_complete=env_names)
 @click.argument("new_name", metavar="NEW")
-@click.option("--at", "at", metavar="CHECKPOINT",
+@click.option("--at", "at", metavar="CHECKPOINT", shell_complete=checkpoint_ids,
               help="Start from this checkpoint of ENV (default: ENV as it is now).")
 @json_option
 def fork_cmd(env_name: str, new_name: str, at: str | None, as_json: bool) -> None:
@@ -132,7 +133,7 @@ def fork_cmd(env_name: str, new_name: str, at: str | None, as_json: bool) -> Non
 
 
 @click.command("squash")
-@click.argument("env_name", metavar="[ENV]", required=False)
+@click.argument("env_name", metavar="[ENV]", required=False, shell_complete=env_names)
 @json_option
 def squash_cmd(env_name: str | None, as_json: bool) -> None:
     """Merge the env's own frozen layers into one (those it shares with forks stay as they
