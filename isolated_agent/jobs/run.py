@@ -222,8 +222,11 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     made: list[str] = []
     allows = resolve_allows(store, env, request, made)
     try:
-        spec = _job_spec(store, env, engine, request, allows, rootless)
         with store.lock(env, purpose="run in it"):
+            # Its stack as it is now that nobody else may change it: a rollback or checkpoint
+            # may have come between resolving the env and taking its lock.
+            env = store.get(env.id)
+            spec = _job_spec(store, env, engine, request, allows, rootless)
             notify(f"env {env.name}, {engine.name} engine")
             with serving(engine, env, store.run_dir) as on_ready:
                 started: list[Job] = []

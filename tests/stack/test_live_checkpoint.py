@@ -203,3 +203,27 @@ def test_sigkill_during_live_checkpoints_loses_nothing(ws: Workspace) -> None:
     store.close()
     seen = ws.agentctl("run", "-q", "--env", "e1", "--", "cat", "log.txt", cwd=ws.project)
     assert seen.stdout == "".join(f"{n}\n" for n in range(lines)), "a write was lost"
+
+
+def test_live_checkpoint_of_a_mounted_env(ws: Workspace, tmp_path: Path) -> None:
+    """`agentctl mount` serves the env with agentfs too: it is checkpointed live as well, and
+    what is written through the mount afterwards lands in the new upper."""
+    ws.run("echo before > notes.txt")
+    mountpoint = tmp_path / "view"
+    mountpoint.mkdir()
+    assert ws.ctl("mount", "e1", str(mountpoint)).returncode == 0
+    try:
+        with open(mountpoint / "notes.txt", "a") as notes:  # open across the checkpoint
+            notes.write("during\n")
+            notes.flush()
+            live = json.loads(ws.ctl("checkpoint", "e1", "--json").stdout)
+            assert len(live["paused_ms"]) == 1
+            notes.write("after\n")
+    finally:
+        assert ws.ctl("umount", str(mountpoint)).returncode == 0
+    store = Store(str(ws.store_home))
+    env = store.get("e1")
+    frozen = Path(store.layer_dir(env.layers[-1], 0))
+    store.close()
+    assert (frozen / "notes.txt").read_text() == "before\nduring\n"
+    assert (upper_of(ws) / "notes.txt").read_text() == "before\nduring\nafter\n"

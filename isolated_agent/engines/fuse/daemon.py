@@ -194,6 +194,7 @@ def start_background(
     mountpoint: str,
     log_path: str | None = None,
     debug: bool = False,
+    live_socket: str | None = None,
 ) -> int:
     """Fork a daemon that mounts and serves; return its pid once the mount is in place.
     Raises MountFailed (the daemon is gone by then) when it cannot mount. The daemon keeps
@@ -206,7 +207,8 @@ def start_background(
 
     def daemon(reporter: Reporter) -> int:
         setup_logging(debug)
-        serve(open_layers(config), mountpoint, config, on_ready=reporter.ready)
+        serve(open_layers(config), mountpoint, config, on_ready=reporter.ready,
+              live_socket=live_socket)
         return 0
 
     try:

@@ -26,7 +26,7 @@ from isolated_agent.engines.fuse.daemon import (
     setup_logging,
     start_background,
 )
-from isolated_agent.env.store import Env, Root, Store, is_within
+from isolated_agent.env.store import Env, Root, Store, is_within, live_socket_path
 from isolated_agent.errors import AgentctlError, UsageError
 from isolated_agent.fusefs import mount as mounts
 
@@ -118,10 +118,14 @@ def mount_env(
     returns once the mount is in place; in the foreground it returns when the mount ends."""
     chosen = pick_root(env, root)
     target = check_mountpoint(store, env, mountpoint)
-    config = MountConfig(lowers=chosen.lowers, upper=chosen.upper, work=chosen.work,
-                         fsname=f"agentfs:{env.name}")
     log_path = os.path.join(_records_dir(store), f"{env.id}-{chosen.index}.log")
+    live = live_socket_path(store.run_dir, env.id, chosen.index)  # live checkpoints
     with store.lock(env, purpose="mount it") as lock_fd:
+        # Its stack as it is now that nobody else may change it (a rollback may have come
+        # between finding the env and taking its lock).
+        chosen = store.get(env.id).roots[chosen.index]
+        config = MountConfig(lowers=chosen.lowers, upper=chosen.upper, work=chosen.work,
+                             fsname=f"agentfs:{env.name}")
         if foreground:
             record = MountRecord(target, os.getpid(), env.name, env.id, chosen.path, log_path)
             _note_holder(lock_fd, record.pid)
@@ -129,14 +133,15 @@ def mount_env(
                 layers = open_layers(config)
                 _write_record(store, record)
                 setup_logging()
-                serve(layers, target, config, on_ready=lambda: on_mounted(record))
+                serve(layers, target, config, on_ready=lambda: on_mounted(record),
+                      live_socket=live)
             except MountFailed as e:
                 raise MountError(str(e)) from None
             finally:
                 _forget_record(store, target)
             return record
         try:
-            pid = start_background(config, target, log_path=log_path)
+            pid = start_background(config, target, log_path=log_path, live_socket=live)
         except MountFailed as e:
             raise MountError(f"{e} (log: {log_path})") from None
         record = MountRecord(target, pid, env.name, env.id, chosen.path, log_path)
