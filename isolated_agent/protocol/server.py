@@ -34,17 +34,23 @@ _READ_SIZE = 65536
 
 
 async def bind_unix_socket(path: str) -> trio.socket.SocketType:
-    """Bind a listening socket at `path`, replacing a stale one, usable by us alone."""
+    """Bind a listening socket at `path`, replacing a stale one, usable by us alone.
+
+    Bound synchronously: the umask is the process's, and an await between setting and
+    restoring it would let another task (a FUSE request creating a file) run under it."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # no window in which the socket is open to others
     try:
-        await sock.bind(path)
+        plain.bind(path)
+    except BaseException:
+        plain.close()
+        raise
     finally:
         os.umask(old_umask)
-    sock.listen(64)
-    return sock
+    plain.listen(64)
+    return trio.socket.from_stdlib_socket(plain)
 
 
 async def serve(
