@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,25 @@ def job_script(lines: int) -> str:
 JOB = job_script(LINES)
 
 
+@contextmanager
+def fuse_job(ws: Workspace, script: str, environ: dict[str, str] | None = None
+             ) -> Iterator[subprocess.Popen[str]]:
+    """`python3 -c SCRIPT` run in env e1 on the fuse engine; it must end well after the
+    block."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "e1", "--engine", "fuse",
+         "--", "python3", "-c", script], cwd=ws.project, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "ISOLATED_AGENT_HOME": str(ws.store_home), **(environ or {})})
+    try:
+        yield job
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
 def upper_of(ws: Workspace) -> Path:
     store = Store(str(ws.store_home))
     try:
@@ -69,26 +90,13 @@ def lines_in(path: Path) -> int:
 @pytest.mark.parametrize("handles", [False, True], ids=["handle-free", "handles"])
 def test_live_checkpoint_of_a_writing_job(ws: Workspace, handles: bool) -> None:
     ws.run("true")
-    environ = {**os.environ, "ISOLATED_AGENT_HOME": str(ws.store_home)}
-    if handles:
-        environ["AGENTFS_HANDLES"] = "1"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "e1", "--engine", "fuse",
-         "--", "python3", "-c", JOB], cwd=ws.project, env=environ, stderr=subprocess.PIPE,
-        text=True)
-    try:
+    with fuse_job(ws, JOB, {"AGENTFS_HANDLES": "1"} if handles else {}):
         upper = upper_of(ws)
         wait_until(lambda: lines_in(upper / "log.txt") >= 200)
         result = ws.ctl("checkpoint", "e1", "--json", "-m", "live")
         assert result.returncode == 0, result.stderr
         live = json.loads(result.stdout)
         assert len(live["paused_ms"]) == 1
-        _, err = job.communicate(timeout=120)
-        assert job.returncode == 0, err
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
 
     store = Store(str(ws.store_home))
     env = store.get("e1")
@@ -164,14 +172,9 @@ def test_sigkill_during_live_checkpoints_loses_nothing(ws: Workspace) -> None:
     (and, after the job, the env's next use) completes them bottom first, so newer writes are
     never covered by older ones."""
     ws.run("true")
-    environ = {**os.environ, "ISOLATED_AGENT_HOME": str(ws.store_home)}
     lines = 6000  # long enough to outlive the kills and the last checkpoint
-    job = subprocess.Popen(
-        [sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "e1", "--engine", "fuse",
-         "--", "python3", "-c", job_script(lines)], cwd=ws.project, env=environ,
-        stderr=subprocess.PIPE, text=True)
     rng = random.Random(7)
-    try:
+    with fuse_job(ws, job_script(lines)) as job:
         upper = upper_of(ws)
         wait_until(lambda: lines_in(upper / "log.txt") >= 50)
         for _ in range(8):
@@ -185,12 +188,6 @@ def test_sigkill_during_live_checkpoints_loses_nothing(ws: Workspace) -> None:
         name_a_layer_without_freezing_it(ws)  # as a kill right after the catalog would
         last = ws.ctl("checkpoint", "e1", "--json")
         assert last.returncode == 0 and json.loads(last.stdout)["paused_ms"], last.stderr
-        _, err = job.communicate(timeout=120)
-        assert job.returncode == 0, err
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
 
     store = Store(str(ws.store_home))
     env = store.get("e1")  # completes what a killed checkpoint left half done
