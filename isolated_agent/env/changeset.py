@@ -48,7 +48,8 @@ from typing import BinaryIO
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.store import Env
 from isolated_agent.errors import RootMissing, StoreError
-from isolated_agent.overlay.format import is_opaque_fd, is_private_xattr, is_whiteout
+from isolated_agent.overlay.chains import entries_at, open_chain, root_chain
+from isolated_agent.overlay.format import is_private_xattr, is_whiteout
 from isolated_agent.system import fdpath
 
 ADDED, MODIFIED, TYPE_CHANGED, DELETED = "A", "M", "T", "D"
@@ -221,7 +222,8 @@ def read_view_changes(
             host = os.fsencode(root.path)
             host_fd = os.open(host, fdpath.DIR_PATH)
             try:
-                chain, cut = _root_chain(opened)
+                merged, cut = root_chain([fd for fd, _ in opened])
+                chain = opened[: len(merged)]
                 hider = chain[-1][1] if chain else host
                 reader.walk(root.index, b"", chain, host_fd, host, cut, hider)
             finally:
@@ -242,24 +244,13 @@ def read_view_changes(
 Layer = tuple[int, bytes]  # a directory of a layer: an fd open on it, and its path
 
 
-def _root_chain(layers: list[Layer]) -> tuple[list[Layer], bool]:
-    """The layers' root directories that merge (down to the first opaque one), and whether
-    that opaque one hides the host."""
-    for i, (fd, _) in enumerate(layers):
-        if is_opaque_fd(fd):
-            return layers[: i + 1], True
-    return layers, False
-
-
 class _Reader:
     """Walks the layers of a view and the host beside them through directory fds, one per level,
     layer and side (trees can be deeper than PATH_MAX); the paths it builds are names for the
     results, never handed to the kernel here.
 
-    A directory of the view is a chain of layer directories, top first: the topmost entry of the
-    name, then the same-named directories of the layers below, down to the first opaque one,
-    whiteout or non-directory (as overlayfs merges middle layers). A name is the topmost entry
-    of it in the chain."""
+    A directory of the view is a chain of layer directories (overlay/chains.py), each with its
+    path here."""
 
     def __init__(self, env: Env, selection: Selection) -> None:
         self.env = env
@@ -280,13 +271,15 @@ class _Reader:
                 names.update((os.fsencode(name), None) for name in os.listdir(fd))
             except OSError as e:
                 raise self._layer_error(path, e) from e
+        fds = [fd for fd, _ in chain]
         for name in names:
             path = join(rel, name)
             if not self.selection.relevant(root, path):
                 continue
             host_path = None if host_dir is None else host_dir + b"/" + name
             host_st = None if host_fd is None else fdpath.lstat_at(host_fd, name)
-            self.visit(root, path, chain, name, host_fd, host_path, host_st, hides_host, hider)
+            self.visit(root, path, chain, fds, name, host_fd, host_path, host_st, hides_host,
+                       hider)
         if hides_host and host_fd is not None and host_dir is not None:
             for host_name in _list_at(host_fd):
                 if host_name in names:
@@ -300,12 +293,12 @@ class _Reader:
                                  host_st, hider)
 
     def visit(
-        self, root: int, rel: bytes, chain: list[Layer], name: bytes, host_fd: int | None,
-        host_path: bytes | None, host_st: os.stat_result | None, hides_host: bool,
-        hider: bytes,
+        self, root: int, rel: bytes, chain: list[Layer], fds: list[int], name: bytes,
+        host_fd: int | None, host_path: bytes | None, host_st: os.stat_result | None,
+        hides_host: bool, hider: bytes,
     ) -> None:
-        entries = [(fd, path + b"/" + name, st) for fd, path in chain
-                   if (st := fdpath.lstat_at(fd, name)) is not None]
+        found = entries_at(fds, name)
+        entries = [(fds[i], chain[i][1] + b"/" + name, st) for i, st in found]
         top_fd, upper_path, st = entries[0]
         if is_whiteout(st):
             if host_st is not None and host_path is not None and host_fd is not None:
@@ -313,13 +306,19 @@ class _Reader:
             return
         new = Entry.of(upper_path, st)
         if stat.S_ISDIR(st.st_mode):
-            children: list[Layer] = []
             try:
-                cut_by = self._open_chain(entries, name, children)
+                opened, cut = open_chain(fds, found, name)
+            except OSError as e:
+                raise self._layer_error(upper_path, e) from e
+            children = [(fd, entries[i][1]) for i, fd in enumerate(opened)]
+            cut_by = None if cut is None else entries[cut][1]  # what hides the host below
+            try:
+                for parent_fd, path, _ in entries[: len(children)]:
+                    self._check_supported(fdpath.child_path(parent_fd, name), path)
                 self._visit_dir(root, rel, children, upper_path, new, host_fd, name, host_path,
                                 host_st, hides_host, hider, cut_by)
             finally:
-                for fd, _ in children:
+                for fd in opened:
                     os.close(fd)
             return
         if stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size:
@@ -348,26 +347,6 @@ class _Reader:
             self.add(root, rel, MODIFIED, old, new, taken_at, content_changed, xattrs_changed)
         elif stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             self.unchanged_links.setdefault((st.st_dev, st.st_ino), []).append((root, rel))
-
-    def _open_chain(
-        self, entries: list[tuple[int, bytes, os.stat_result]], name: bytes,
-        children: list[Layer],
-    ) -> bytes | None:
-        """Open the chain of the directory `name` into `children`; return the path of the
-        entry that hides the host beneath it (an opaque directory, or a lower layer's
-        whiteout or non-directory), None when the chain merges with the host."""
-        for fd, path, st in entries:
-            if not stat.S_ISDIR(st.st_mode):
-                return path
-            try:
-                child = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as e:
-                raise self._layer_error(path, e) from e
-            children.append((child, path))
-            self._check_supported(fdpath.child_path(fd, name), path)
-            if is_opaque_fd(child):
-                return path
-        return None
 
     def _visit_dir(
         self, root: int, rel: bytes, chain: list[Layer], upper_path: bytes, new: Entry,

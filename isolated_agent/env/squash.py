@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 from isolated_agent.env.layers import SQUASHING, finish_rename
 from isolated_agent.env.store import Env, Store
+from isolated_agent.overlay.chains import entries_at, open_chain, root_chain
 from isolated_agent.overlay.format import (
     OPAQUE_XATTR,
     TAKEN_XATTR,
     fd_path,
-    is_opaque_fd,
     make_opaque_fd,
     taken_time_ns,
 )
@@ -89,8 +89,8 @@ def squash_locked(store: Store, env: Env) -> Squashed | None:
     return Squashed(tuple(private), layer_id)
 
 
-def _merge_root(chain: list[int], target: str) -> None:
-    cut = _cut_at_opaque(chain)
+def _merge_root(roots: list[int], target: str) -> None:
+    chain, cut = root_chain(roots)
     os.mkdir(target, 0o700)
     out = os.open(target, fdpath.DIR_READ)
     try:
@@ -101,46 +101,30 @@ def _merge_root(chain: list[int], target: str) -> None:
     fsync_dir(os.path.dirname(target))
 
 
-def _cut_at_opaque(chain: list[int]) -> bool:
-    """Shorten `chain` (directories, top first) to end at its first opaque one; whether it
-    did."""
-    for i, fd in enumerate(chain):
-        if is_opaque_fd(fd):
-            del chain[i + 1:]
-            return True
-    return False
-
-
 def _merge(chain: list[int], out: int) -> None:
     """Write into `out` the directory `chain` (the squashed layers' directories, top first)
     shows."""
     names = dict.fromkeys(name for fd in chain for name in fdpath.listdir_at(fd))
     for name in names:
-        entries = [(fd, st) for fd in chain if (st := fdpath.lstat_at(fd, name)) is not None]
-        top_fd, top = entries[0]
+        found = entries_at(chain, name)
+        top_fd, top = chain[found[0][0]], found[0][1]
         if not stat.S_ISDIR(top.st_mode):
             os.link(name, name, src_dir_fd=top_fd, dst_dir_fd=out, follow_symlinks=False)
             continue
-        children: list[int] = []
+        children, cut = open_chain(chain, found, name)
         try:
-            cut = False
-            taken: int | None = None
-            for fd, st in entries:
-                time_ns = taken_time_ns(fd_path(fd).encode() + b"/" + name)
-                if time_ns is not None:
-                    taken = time_ns if taken is None else min(taken, time_ns)
-                if not stat.S_ISDIR(st.st_mode):
-                    cut = True  # a lower squashed layer's whiteout or file: hidden from here
-                    break
-                children.append(os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=fd))
-                if is_opaque_fd(children[-1]):
-                    cut = True
-                    break
+            # The take-over it stands for: the earliest among the entries it replaces (those
+            # it merges, and the one that cuts it short).
+            replaced = found if cut is None else found[: cut + 1]
+            times = [t for position, _ in replaced
+                     if (t := taken_time_ns(fd_path(chain[position]).encode() + b"/" + name))
+                     is not None]
             os.mkdir(name, 0o700, dir_fd=out)
             made = os.open(name, fdpath.DIR_READ | os.O_NOFOLLOW, dir_fd=out)
             try:
                 _merge(children, made)
-                _copy_dir_attributes(children[0], made, opaque=cut, taken=taken)
+                _copy_dir_attributes(children[0], made, opaque=cut is not None,
+                                     taken=min(times, default=None))
             finally:
                 os.close(made)
         finally:
