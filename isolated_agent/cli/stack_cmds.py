@@ -1,7 +1,9 @@
-"""`agentctl checkpoint`, `log`, `rollback`, `fork` and `gc`: an env's history (DESIGN §11)."""
+"""`agentctl checkpoint`, `log`, `rollback`, `fork`, `squash` and `gc`: an env's history
+(DESIGN §11)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -10,16 +12,18 @@ import click
 from isolated_agent.cli.completion import checkpoint_ids, env_names, env_then_checkpoint
 from isolated_agent.cli.output import emit_json, notice, table, when
 from isolated_agent.env.catalog import CheckpointRecord
+from isolated_agent.env.changeset import Change
 from isolated_agent.env.selection import env_for_directory
 from isolated_agent.env.stack import (
+    changes_between,
     checkpoint,
-    compare_states,
     count_statuses,
     find_checkpoint,
     fork,
     gc,
     layers_of,
     rollback,
+    state_changes,
 )
 from isolated_agent.env.store import Env, Store
 from isolated_agent.errors import UsageError
@@ -66,12 +70,17 @@ def log_cmd(env_name: str | None, as_json: bool) -> None:
     store = Store()
     env = _env(store, env_name)
     records = store.catalog.checkpoints(env.id)
+
+    @functools.cache
+    def changes_of(stack: tuple[str, ...]) -> list[Change]:  # each state read once
+        return state_changes(env, layers_of(store, env, stack))
+
     entries = []
     for newer, older in zip(records, [*records[1:], None], strict=True):
-        before = layers_of(store, env, older.layers if older else ())
-        changes = compare_states(env, before, layers_of(store, env, newer.layers)).changes
+        step = changes_between(env, changes_of(older.layers if older else ()),
+                               changes_of(newer.layers))
         entry = _summary(newer, env)
-        entry["changes"] = count_statuses(changes)
+        entry["changes"] = count_statuses(step.changes)
         entry["shared_by"] = store.catalog.envs_using(newer.layers) if newer.layers else []
         entry["head"] = newer.layers == env.layers  # the env's changes since sit on it
         entries.append(entry)

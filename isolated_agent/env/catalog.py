@@ -194,14 +194,22 @@ class Catalog:
         ).fetchall()
         return [self._checkpoint(row) for row in rows]
 
+    def remove_checkpoints(self, db: sqlite3.Connection, kind: str, before: float) -> int:
+        """Inside a transaction: drop the checkpoints of `kind` made before `before`."""
+        cursor = db.execute("DELETE FROM checkpoints WHERE kind = ? AND created < ?",
+                            (kind, before))
+        return cursor.rowcount
+
     def envs_using(self, layers: tuple[str, ...]) -> list[str]:
         """Names of the envs whose stack starts with `layers` (they see that state beneath
         their own changes)."""
-        names = []
-        for env_id, name in self._db.execute("SELECT id, name FROM envs ORDER BY name"):
-            if self.env_layers(env_id)[: len(layers)] == layers:
-                names.append(name)
-        return names
+        stacks: dict[str, list[str]] = {}
+        rows = self._db.execute(
+            "SELECT e.name, l.layer_id FROM envs e JOIN env_layers l ON l.env_id = e.id "
+            "ORDER BY e.name, l.pos")
+        for name, layer in rows:
+            stacks.setdefault(name, []).append(layer)
+        return [name for name, stack in stacks.items() if tuple(stack[: len(layers)]) == layers]
 
     def layers_used_by_others(self, env_id: str) -> set[str]:
         """The layers another env's stack or checkpoints name."""
@@ -226,12 +234,6 @@ class Catalog:
             f"SELECT layer_id FROM {table} WHERE {column} = ? ORDER BY pos", (owner,)
         ).fetchall()
         return tuple(layer for (layer,) in rows)
-
-    def remove_checkpoints(self, db: sqlite3.Connection, kind: str, before: float) -> int:
-        """Inside a transaction: drop the checkpoints of `kind` made before `before`."""
-        cursor = db.execute("DELETE FROM checkpoints WHERE kind = ? AND created < ?",
-                            (kind, before))
-        return cursor.rowcount
 
     def _checkpoint(self, row: tuple[str, str, float, str, str]) -> CheckpointRecord:
         checkpoint_id, env_id, created, message, kind = row

@@ -22,6 +22,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from isolated_agent.env.catalog import Catalog
 from isolated_agent.errors import StoreError
@@ -67,8 +68,35 @@ def finish_rename(pending: str, final: str) -> None:
     fsync_dir(os.path.dirname(final))
 
 
-def interrupted_freezes(home: str, env_id: str) -> list[str]:
-    """The names of the env's freezes and squashes a crash left pending (in `layers/`)."""
+@dataclass(frozen=True)
+class Pending:
+    """A layer directory that a freeze or a squash of an env left half made."""
+
+    path: str
+    layer_id: str
+    freeze: bool  # a freeze (`.freezing-`), else a squash
+    named: bool  # the catalog has the layer: it is to be finished, not undone
+
+
+def has_pending_layers(home: str, env_id: str) -> bool:
+    return bool(_pending_names(home, env_id))
+
+
+def pending_layers(home: str, catalog: Catalog, env_id: str) -> list[Pending]:
+    """The env's half-made layers: those the catalog does not name first, then those it names
+    in stack order, bottom first — a live checkpoint's layer is named before it is frozen, and
+    the lowest unfrozen one must take the upper's content (those above it, nothing), or older
+    content would cover newer."""
+    position = {layer: i for i, layer in enumerate(catalog.env_layers(env_id))}
+    found = []
+    for name in _pending_names(home, env_id):
+        layer_id = name.rsplit("-", 1)[1]
+        found.append(Pending(os.path.join(home, "layers", name), layer_id,
+                             name.startswith(FREEZING), catalog.has_layer(layer_id)))
+    return sorted(found, key=lambda pending: position.get(pending.layer_id, -1))
+
+
+def _pending_names(home: str, env_id: str) -> list[str]:
     prefixes = (f"{FREEZING}{env_id}-", f"{SQUASHING}{env_id}-")
     try:
         return [n for n in os.listdir(os.path.join(home, "layers")) if n.startswith(prefixes)]
@@ -81,26 +109,16 @@ def finish_interrupted_freeze(home: str, catalog: Catalog, env_id: str, uppers: 
     module): a layer the catalog has takes its name; one it has not goes — after a freeze's
     uppers are moved back."""
     layers_dir = os.path.join(home, "layers")
-    for name in stack_order(catalog, env_id, interrupted_freezes(home, env_id)):
-        pending = os.path.join(layers_dir, name)
-        layer_id = name.rsplit("-", 1)[1]
-        if catalog.has_layer(layer_id):
-            if name.startswith(FREEZING):
-                _complete(pending, uppers)
-            finish_rename(pending, os.path.join(layers_dir, layer_id))
+    for pending in pending_layers(home, catalog, env_id):
+        if pending.named:
+            if pending.freeze:
+                _complete(pending.path, uppers)
+            finish_rename(pending.path, os.path.join(layers_dir, pending.layer_id))
             continue
-        if name.startswith(FREEZING):
-            _move_back(pending, dict(uppers))
-        remove_tree(pending)
+        if pending.freeze:
+            _move_back(pending.path, dict(uppers))
+        remove_tree(pending.path)
         fsync_dir(layers_dir)
-
-
-def stack_order(catalog: Catalog, env_id: str, pending: list[str]) -> list[str]:
-    """Pending layer directories, those the env's stack names first, bottom first: a live
-    checkpoint's layer is named before it is frozen, and the lowest unfrozen one must take the
-    upper's content (those above it, nothing), or older content would cover newer."""
-    position = {layer: i for i, layer in enumerate(catalog.env_layers(env_id))}
-    return sorted(pending, key=lambda name: position.get(name.rsplit("-", 1)[1], -1))
 
 
 def _complete(pending: str, uppers: Uppers) -> None:
@@ -108,7 +126,7 @@ def _complete(pending: str, uppers: Uppers) -> None:
     root its daemon never froze (the job ended, the checkpoint command died) is frozen now,
     as it is: nothing the job wrote is lost, and the checkpoint holds it. Unfrozen pending
     layers are always the top of the stack (`stack._resume_live_freezes`), completed bottom
-    first (`stack_order`)."""
+    first (`pending_layers`)."""
     for index, upper in uppers:
         target = os.path.join(pending, "roots", str(index))
         if not os.path.lexists(target):

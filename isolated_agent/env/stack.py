@@ -46,13 +46,11 @@ from isolated_agent.env.changeset import (
     same_content,
 )
 from isolated_agent.env.layers import (
-    FREEZING,
     begin_freeze,
     collect_layers,
     finish_rename,
     freeze,
-    interrupted_freezes,
-    stack_order,
+    pending_layers,
 )
 from isolated_agent.env.selection import Selection
 from isolated_agent.env.squash import SQUASH_DEPTH, squash_locked
@@ -129,13 +127,10 @@ def _resume_live_freezes(store: Store, env: Env, sockets: list[str]) -> None:
     """Finish the live checkpoints a killed `agentctl checkpoint` left named but not frozen,
     bottom first, before a new layer goes on top of them: the lowest takes what the job wrote
     since, the others nothing — never newer content under older."""
-    layers_dir = os.path.join(store.home, "layers")
-    for name in stack_order(store.catalog, env.id, interrupted_freezes(store.home, env.id)):
-        layer_id = name.rsplit("-", 1)[1]
-        if name.startswith(FREEZING) and store.catalog.has_layer(layer_id):
-            pending = os.path.join(layers_dir, name)
-            _freeze_live(env, sockets, pending, layer_id)
-            finish_rename(pending, store.layer_dir(layer_id))
+    for pending in pending_layers(store.home, store.catalog, env.id):
+        if pending.freeze and pending.named:
+            _freeze_live(env, sockets, pending.path, pending.layer_id)
+            finish_rename(pending.path, store.layer_dir(pending.layer_id))
 
 
 @contextmanager
@@ -248,12 +243,27 @@ def compare_states(
     selection: Selection | None = None,
 ) -> Changeset:
     """How the view `newer` (layers per root, top first) differs from the view `older`, as a
-    changeset whose old sides are `older`'s entries and new sides `newer`'s. Both views are
-    read over the host as it is: a path neither changed is the host's in both."""
+    changeset whose old sides are `older`'s entries and new sides `newer`'s."""
     selection = selection or Selection(None)
-    before = {(c.root, c.rel): c for c in _changes(env, older, selection)}
-    after = {(c.root, c.rel): c for c in _changes(env, newer, selection)}
-    result = Changeset(env, selection)
+    return changes_between(env, state_changes(env, older, selection),
+                           state_changes(env, newer, selection), selection)
+
+
+def state_changes(env: Env, layers: dict[int, list[str]],
+                  selection: Selection | None = None) -> list[Change]:
+    """How the view `layers` (per root, top first) differs from the host as it is."""
+    if not any(layers.values()):
+        return []
+    return read_view_changes(env, layers, selection).changes
+
+
+def changes_between(env: Env, older: list[Change], newer: list[Change],
+                    selection: Selection | None = None) -> Changeset:
+    """The changeset from one view to another, given each one's changes against the host (as
+    `state_changes` reads them): a path neither changed is the host's in both."""
+    before = {(c.root, c.rel): c for c in older}
+    after = {(c.root, c.rel): c for c in newer}
+    result = Changeset(env, selection or Selection(None))
     for root, rel in sorted(before.keys() | after.keys()):
         b, a = before.get((root, rel)), after.get((root, rel))
         old = b.new if b is not None else a.old if a is not None else None
@@ -269,12 +279,6 @@ def count_statuses(changes: list[Change]) -> dict[str, int]:
     for change in changes:
         counts[change.status] += 1
     return counts
-
-
-def _changes(env: Env, layers: dict[int, list[str]], selection: Selection) -> list[Change]:
-    if not any(layers.values()):
-        return []
-    return read_view_changes(env, layers, selection).changes
 
 
 def _step(root: int, rel: bytes, old: Entry | None, new: Entry | None) -> Change | None:

@@ -34,7 +34,7 @@ from isolated_agent.env.catalog import Catalog, EnvRecord
 from isolated_agent.env.layers import (
     collect_layers,
     finish_interrupted_freeze,
-    interrupted_freezes,
+    has_pending_layers,
 )
 from isolated_agent.errors import EnvBusy, EnvNotFound, StoreError, UsageError, store_full
 from isolated_agent.system.sqlite import OutOfSpace
@@ -196,7 +196,7 @@ class Store:
         if record is None:
             raise EnvNotFound(name_or_id)
         env = self._env(record)
-        if interrupted_freezes(self.home, env.id):
+        if has_pending_layers(self.home, env.id):
             # A crash in a checkpoint: readers (diff, log) must not see the half-moved upper.
             # Taking the lock finishes it, unless someone holds it (then it is theirs to do).
             with contextlib.suppress(EnvBusy), self.lock(env, purpose="read it"):
