@@ -38,6 +38,7 @@ COMMANDS = {
     "guard": "isolated_agent.cli.guard_cmds:guard_group",
     "backupd": "isolated_agent.cli.guard_cmds:backupd_cmd",
     "filter": "isolated_agent.cli.filter_cmds:filter_group",
+    "doctor": "isolated_agent.cli.doctor_cmd:doctor_cmd",
 }
 
 

@@ -29,6 +29,8 @@ DEFAULT_ALLOWED_DIRS = ("~/.cache", "~/.npm", "~/.cargo/registry", "~/.claude", 
                         "~/.gemini")
 DEFAULT_ALLOWED_FILES = ("~/.claude.json",)
 
+DOCTOR_HINT = "`agentctl doctor` checks all this machine needs"
+
 
 @dataclass
 class RunRequest:
@@ -208,7 +210,11 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
     sweep_stale_groups()
     rootless = os.geteuid() != 0
-    engine = select_engine(request.engine, rootless, store)
+    try:
+        engine = select_engine(request.engine, rootless, store)
+    except IsolationError as e:  # this machine lacks something: doctor tells all of it
+        hint = "; ".join(part for part in (e.hint, DOCTOR_HINT) if part)
+        raise IsolationError(e.step, e.detail, hint) from None
     env = resolve_env(store, request.env_name, request.roots, notify)
     store.resolve_roots([r.path for r in env.roots])  # every root must still exist
     if engine.namespaces:  # the filter shows the host's root itself

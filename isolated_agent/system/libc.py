@@ -300,6 +300,31 @@ def birth_time_ns(path: bytes, dir_fd: int | None = None) -> int | None:
     return seconds * 1_000_000_000 + nanoseconds
 
 
+# struct linux_dirent64: u64 d_ino, s64 d_off, u16 d_reclen, u8 d_type, then the name.
+_DT_UNKNOWN = 0
+
+
+def directory_types_known(directory: str) -> bool:
+    """Whether the filesystem of `directory` (which must hold an entry besides . and ..)
+    reports each entry's type in its listing (d_type), as overlayfs needs of an upper layer.
+    Python's scandir hides it, falling back to a stat for DT_UNKNOWN."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        buf = ctypes.create_string_buffer(65536)
+        size = _check(_libc.getdents64(ctypes.c_int(fd), buf, ctypes.c_size_t(len(buf))),
+                      "getdents64", directory)
+    finally:
+        os.close(fd)
+    raw, offset, types = buf.raw, 0, []
+    while offset < size:
+        reclen = int.from_bytes(raw[offset + 16:offset + 18], sys.byteorder)
+        name = raw[offset + 19:offset + reclen].split(b"\0", 1)[0]
+        if name not in (b".", b".."):
+            types.append(raw[offset + 18])
+        offset += reclen
+    return bool(types) and _DT_UNKNOWN not in types
+
+
 def renameat2(
     old_dir_fd: int, old_name: bytes, new_dir_fd: int, new_name: bytes, flags: int = 0
 ) -> None:
