@@ -85,7 +85,8 @@ def start_cmd(directory: str, excludes: tuple[str, ...], max_size: str | None, s
     content is kept and backed up (see `agentctl backup`)."""
     from isolated_agent.backupd import ensure_running
     from isolated_agent.guard.mount import GuardConfig, start
-    from isolated_agent.guard.policy import Policy, parse_size
+    from isolated_agent.guard.policy import Policy
+    from isolated_agent.system.sizes import parse_size
 
     try:
         cap = None if max_size is None else parse_size(max_size)

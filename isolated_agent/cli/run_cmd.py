@@ -8,6 +8,8 @@ from isolated_agent.cli.output import notice
 from isolated_agent.engines import ENGINE_NAMES
 from isolated_agent.env.store import Store
 from isolated_agent.jobs.run import RunRequest, run
+from isolated_agent.system.cgroup import Limits
+from isolated_agent.system.sizes import parse_size
 
 
 @click.command(
@@ -34,6 +36,14 @@ from isolated_agent.jobs.run import RunRequest, run
 @click.option("--keep-running", is_flag=True,
               help="When CMD exits, wait for the processes it left running; "
                    "default: kill them.")
+@click.option("--memory", metavar="SIZE",
+              help="Limit the job's memory (e.g. 4G; no swap beyond it). Needs cgroup v2's "
+                   "memory controller: refused, never ignored, where it is missing.")
+@click.option("--pids", type=click.IntRange(min=1), metavar="N",
+              help="Limit the job to N processes and threads (cgroup v2's pids controller).")
+@click.option("--cpus", type=click.FloatRange(min=0.01), metavar="N",
+              help="Limit the job to N CPUs' worth of time, e.g. 1.5 (cgroup v2's cpu "
+                   "controller).")
 @click.option("-q", "--quiet", is_flag=True, help="Say nothing on stderr unless something fails.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
 def run_cmd(
@@ -45,6 +55,9 @@ def run_cmd(
     allow_sockets: tuple[str, ...],
     network: str,
     keep_running: bool,
+    memory: str | None,
+    pids: int | None,
+    cpus: float | None,
     quiet: bool,
     argv: tuple[str, ...],
 ) -> int:
@@ -53,6 +66,10 @@ def run_cmd(
     Exit status: CMD's own (128+N if it died of signal N); 125 if isolation failed and CMD was
     not run; 126/127 if CMD could not be executed or was not found.
     """
+    try:
+        memory_bytes = None if memory is None else parse_size(memory)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--memory") from None
     request = RunRequest(
         argv=list(argv),
         env_name=env_name,
@@ -63,5 +80,6 @@ def run_cmd(
         keep_running=keep_running,
         network=network,
         allow_sockets=allow_sockets,
+        limits=Limits(memory=memory_bytes, pids=pids, cpus=cpus),
     )
     return run(Store(), request, notify=(lambda message: None) if quiet else notice)

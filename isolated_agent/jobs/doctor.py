@@ -28,7 +28,7 @@ from isolated_agent.engines.fuse.engine import check_dev_fuse
 from isolated_agent.env.store import Store
 from isolated_agent.errors import AgentctlError, IsolationError
 from isolated_agent.system import libc
-from isolated_agent.system.cgroup import own_v2_path, v2_mount_point
+from isolated_agent.system.cgroup import DELEGATE_HINT, Limits, limits_problem, own_group
 from isolated_agent.system.mountinfo import read_mountinfo
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -39,7 +39,6 @@ APPARMOR_PROFILE = "packaging/apparmor/agentctl"
 APPARMOR_FIX = (f"install the AppArmor profile from the source tree: sudo install -m 644 "
                 f"{APPARMOR_PROFILE} /etc/apparmor.d/agentctl && "
                 "sudo apparmor_parser -r /etc/apparmor.d/agentctl")
-LIMIT_CONTROLLERS = ("memory", "pids", "cpu")
 STORE_FIX = "keep the store on ext4, xfs, btrfs or tmpfs (ISOLATED_AGENT_HOME=DIR)"
 
 
@@ -419,12 +418,11 @@ def _job_user(rootless: bool) -> Check:
 
 
 def _cgroup() -> Check:
-    mount, own = v2_mount_point(), own_v2_path()
-    if mount is None or own is None:
+    parent = own_group()
+    if parent is None:
         return Check("cgroup v2", WARN, "no cgroup2 hierarchy: a job is held by its pid namespace "
                      "alone, and --memory, --pids, --cpus are refused",
                      "boot with systemd.unified_cgroup_hierarchy=1")
-    parent = os.path.normpath(os.path.join(mount, own.lstrip("/")))
     probe = os.path.join(parent, f"isolated-agent-doctor-{os.getpid()}")
     try:
         os.mkdir(probe)
@@ -432,20 +430,12 @@ def _cgroup() -> Check:
     except OSError as e:
         return Check("cgroup v2", WARN, f"{parent} is not writable ({os.strerror(e.errno or 0)}): "
                      "a job is held by its pid namespace alone, and --memory, --pids, --cpus "
-                     "are refused", "run under a delegated scope: systemd-run --user --scope "
-                     "-p Delegate=yes agentctl run ...")
-    try:
-        with open(os.path.join(parent, "cgroup.controllers")) as f:
-            available = f.read().split()
-    except OSError:
-        available = []
-    missing = [c for c in LIMIT_CONTROLLERS if c not in available]
-    if missing:
-        return Check("cgroup v2", WARN, f"{parent} is writable, but has no {', '.join(missing)} "
-                     "controller: --memory, --pids, --cpus are refused",
-                     "run under a delegated scope: systemd-run --user --scope -p Delegate=yes "
-                     "agentctl run ...")
-    return Check("cgroup v2", OK, f"{parent}: controllers {', '.join(available)}")
+                     "are refused", DELEGATE_HINT)
+    problem = limits_problem(Limits(memory=1, pids=1, cpus=1))
+    if problem is not None:
+        return Check("cgroup v2", WARN, f"jobs get a group in {parent}, but {problem}: "
+                     "--memory, --pids, --cpus are refused", DELEGATE_HINT)
+    return Check("cgroup v2", OK, f"jobs get a group in {parent}, with every limit")
 
 
 def _tiocsti() -> Check:

@@ -61,7 +61,7 @@ from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec, build_view
 from isolated_agent.jobs.syscall_filter import install_baseline, install_supervised
 from isolated_agent.jobs.terminal import JobTerminal
 from isolated_agent.system import libc
-from isolated_agent.system.cgroup import JobCgroup
+from isolated_agent.system.cgroup import JobCgroup, Limits
 
 if TYPE_CHECKING:
     from isolated_agent.jobs import supervisor
@@ -85,6 +85,8 @@ class JobSpec:
     namespaces: bool = True
     # "none": a network namespace of the job's own, with only its loopback interface.
     network: str = "host"
+    # Set on the job's cgroup; a limit that cannot be set refuses the job (IsolationError).
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
     """
     messages_r, messages_w = os.pipe()
     release_r, release_w = os.pipe()
-    cgroup = JobCgroup.create(spec.cgroup_label)
+    cgroup = JobCgroup.create(spec.cgroup_label, spec.limits)
     if cgroup is None:
         libc.set_child_subreaper()
     launcher_pid = os.getpid()

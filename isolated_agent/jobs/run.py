@@ -19,7 +19,13 @@ from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs.host_sockets import is_socket
 from isolated_agent.jobs.launcher import Job, JobSpec, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
-from isolated_agent.system.cgroup import sweep_stale_groups
+from isolated_agent.system.cgroup import (
+    DELEGATE_HINT,
+    LIMITS_STEP,
+    Limits,
+    limits_problem,
+    sweep_stale_groups,
+)
 
 # Where coding agents and package managers keep state and caches: writable by default, so that an
 # agent can log in, cache and remember. A missing directory is made for the job (a new user's
@@ -43,6 +49,7 @@ class RunRequest:
     keep_running: bool = False
     network: str = "host"  # or "none"
     allow_sockets: tuple[str, ...] = ()
+    limits: Limits = Limits()
 
 
 Notify = Callable[[str], None]
@@ -196,6 +203,7 @@ def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
         cgroup_label=env.id,
         namespaces=engine.namespaces,
         network=request.network,
+        limits=request.limits,
     )
 
 
@@ -209,6 +217,8 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
     if not request.argv:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
     sweep_stale_groups()
+    if request.limits and (problem := limits_problem(request.limits)) is not None:
+        raise IsolationError(LIMITS_STEP, problem, f"{DELEGATE_HINT}; {DOCTOR_HINT}")
     rootless = os.geteuid() != 0
     try:
         engine = select_engine(request.engine, rootless, store)

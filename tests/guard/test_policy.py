@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from isolated_agent.guard.policy import Policy, parse_size
+from isolated_agent.guard.policy import Policy
+from isolated_agent.system.sizes import parse_size
 from tests.guard.conftest import Backupd, Guards, agentctl_cmd, wait_for
 
 
