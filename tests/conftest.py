@@ -8,6 +8,7 @@ never a skip (DESIGN §10).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import importlib
 import os
@@ -23,6 +24,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The suite never reads the config file of whoever runs it (~/.config/isolated-agent): an
+# empty config home of its own, which the config tests fill themselves.
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="ia-test-config-")
+atexit.register(shutil.rmtree, os.environ["XDG_CONFIG_HOME"], True)
 
 
 # Where tests put their files: pytest's tmp_path, and scratch dirs on the disk outside /tmp

@@ -39,7 +39,10 @@ COMMANDS = {
     "backupd": "isolated_agent.cli.guard_cmds:backupd_cmd",
     "filter": "isolated_agent.cli.filter_cmds:filter_group",
     "doctor": "isolated_agent.cli.doctor_cmd:doctor_cmd",
+    "config": "isolated_agent.cli.config_cmds:config_group",
 }
+# The commands whose options the user's config file gives defaults to (cli/settings.py).
+CONFIGURED = ("run", "guard")
 
 
 class LazyGroup(click.Group):
@@ -63,6 +66,11 @@ def cli(ctx: click.Context) -> None:
     drop what they changed."""
     from isolated_agent.env.journal import pending_env_ids
     from isolated_agent.env.store import default_home
+
+    if ctx.invoked_subcommand in CONFIGURED:
+        from isolated_agent.cli import settings
+
+        ctx.default_map = settings.load().default_map()
 
     # A commit killed half-way is finished at the first chance; commit does it itself.
     if ctx.invoked_subcommand != "commit" and pending_env_ids(default_home()):

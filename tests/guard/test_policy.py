@@ -73,3 +73,20 @@ def test_excluded_and_oversized_files_are_deleted_unsaved_and_say_why(
     [row] = status["guards"]
     assert row["counts"]["skipped"] == 3
     assert row["policy"] == {"excludes": ["build", "*.o"], "max_size": 10240}
+
+
+def test_the_config_file_gives_guard_start_its_policy(tmp_path: Path, guards: Guards) -> None:
+    config = tmp_path / "config" / "isolated-agent" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[guard]\nexclude = ["node_modules", "*.o"]\nmax_size = "1M"\n')
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    configured, flagged = tmp_path / "configured", tmp_path / "flagged"
+    configured.mkdir()
+    flagged.mkdir()
+    guards.start(configured, env=env)
+    guards.start(flagged, "--exclude", "dist", env=env)  # a flag replaces the list
+    status = json.loads(agentctl_cmd(guards.home, "guard", "status", "--json").stdout)
+    policies = {row["dir"]: row["policy"] for row in status["guards"]}
+    assert policies[str(configured)] == {"excludes": ["node_modules", "*.o"],
+                                         "max_size": 1 << 20}
+    assert policies[str(flagged)] == {"excludes": ["dist"], "max_size": 1 << 20}
