@@ -40,6 +40,8 @@ COMMANDS = {
     "filter": "isolated_agent.cli.filter_cmds:filter_group",
     "doctor": "isolated_agent.cli.doctor_cmd:doctor_cmd",
     "config": "isolated_agent.cli.config_cmds:config_group",
+    "ps": "isolated_agent.cli.jobs_cmds:ps_cmd",
+    "exec": "isolated_agent.cli.jobs_cmds:exec_cmd",
 }
 # The commands whose options the user's config file gives defaults to (cli/settings.py).
 CONFIGURED = ("run", "guard")

@@ -71,6 +71,21 @@ _FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGU
 _TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
 
 
+@dataclass(frozen=True)
+class JoinTarget:
+    """A running job that a new command joins (`agentctl exec`): instead of making namespaces
+    and a view, A enters those of the job's init (B), and the command runs beside the job in
+    its view, confined as the job is; it joins the job's cgroup, which stays the job's."""
+
+    init_pid: int
+    cgroup: str | None
+
+
+# The namespaces a joining command enters, owner first (the user namespace gives the rights to
+# enter the others), pid last (it applies to the children made after it).
+_JOINED_NAMESPACES = ("user", "mnt", "ipc", "net", "pid")
+
+
 @dataclass
 class JobSpec:
     argv: list[str]
@@ -87,6 +102,8 @@ class JobSpec:
     network: str = "host"
     # Set on the job's cgroup; a limit that cannot be set refuses the job (IsolationError).
     limits: Limits = field(default_factory=Limits)
+    # Set: join this running job instead of making a new one (see JoinTarget).
+    join: JoinTarget | None = None
 
 
 @dataclass
@@ -105,7 +122,10 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
     """
     messages_r, messages_w = os.pipe()
     release_r, release_w = os.pipe()
-    cgroup = JobCgroup.create(spec.cgroup_label, spec.limits)
+    if spec.join is not None:
+        cgroup = JobCgroup(spec.join.cgroup) if spec.join.cgroup else None
+    else:
+        cgroup = JobCgroup.create(spec.cgroup_label, spec.limits)
     if cgroup is None:
         libc.set_child_subreaper()
     launcher_pid = os.getpid()
@@ -148,7 +168,7 @@ def run_job(spec: JobSpec, on_ready: Callable[[Job], None] = lambda job: None) -
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        if cgroup is not None:
+        if cgroup is not None and spec.join is None:  # a joined group is the job's
             cgroup.kill_and_remove()
         _reap_all()
         terminal.finish()
@@ -258,6 +278,9 @@ def _process_a(
         return EXIT_SETUP_FAILED
     uid, gid = os.getuid(), os.getgid()
     try:
+        if spec.join is not None:
+            _enter_namespaces_of(spec.join.init_pid)
+            return _fork_and_wait(_process_b, spec, terminal, messages, release)
         if not spec.namespaces:
             if spec.network == "none":  # a network namespace alone; a user's needs a user
                 # namespace to own it, where the user stays itself (uid and gid mapped to
@@ -281,6 +304,24 @@ def _process_a(
         _send(messages, kind="setup_failed", step=e.step, detail=e.detail, hint=e.hint)
         return EXIT_SETUP_FAILED
     return _fork_and_wait(_process_b, spec, terminal, messages, release)
+
+
+def _enter_namespaces_of(pid: int) -> None:
+    """Enter each namespace of `pid` that is not already ours."""
+    opened: list[int] = []
+    try:
+        for kind in _JOINED_NAMESPACES:
+            theirs, ours = f"/proc/{pid}/ns/{kind}", f"/proc/self/ns/{kind}"
+            if os.stat(theirs).st_ino != os.stat(ours).st_ino:
+                opened.append(os.open(theirs, os.O_RDONLY | os.O_CLOEXEC))
+        for fd in opened:
+            libc.setns(fd)
+    except OSError as e:
+        raise IsolationError("joining the job's namespaces", os.strerror(e.errno or 0),
+                             "is the job still running? (agentctl ps)") from e
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def _unshare(flags: int, step: str, hint: str = "run as root, or enable user namespaces "
@@ -334,6 +375,14 @@ def _process_b(
     if not spec.namespaces:
         return _keeper(spec, terminal, messages, release, parent)
     libc.set_parent_death_signal(signal.SIGKILL)
+    if spec.join is not None:  # the job's view is there: go to the caller's place in it
+        try:
+            os.chdir(spec.sandbox.cwd)
+        except OSError as e:
+            step = f"working directory {spec.sandbox.cwd}"
+            _send(messages, kind="setup_failed", step=step, detail=os.strerror(e.errno or 0))
+            return EXIT_SETUP_FAILED
+        return _run_command(spec, terminal, messages, release)
     try:
         if spec.network == "none":
             _bring_up_loopback()

@@ -8,16 +8,19 @@ import contextlib
 import os
 import pwd
 import signal
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from isolated_agent.engines import Engine, HostSide, problems, select_engine
+from isolated_agent.engines.filter.identity import start_time
 from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Store, is_within, show_host_root
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
+from isolated_agent.jobs import registry
 from isolated_agent.jobs.host_sockets import is_socket
-from isolated_agent.jobs.launcher import Job, JobSpec, run_job
+from isolated_agent.jobs.launcher import Job, JobSpec, JoinTarget, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
 from isolated_agent.system.cgroup import (
     DELEGATE_HINT,
@@ -182,6 +185,22 @@ def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
     allow_sockets = resolve_allowed_sockets(request.allow_sockets)
     if not engine.namespaces:
         check_store_out_of_reach(store, allows)
+    return JobSpec(
+        argv=list(request.argv),
+        sandbox=_sandbox(store, env, allows, allow_sockets),
+        engine=engine,
+        rootless=rootless,
+        keep_running=request.keep_running,
+        env=dict(os.environ, AGENTCTL_ENV=env.name),
+        cgroup_label=env.id,
+        namespaces=engine.namespaces,
+        network=request.network,
+        limits=request.limits,
+    )
+
+
+def _sandbox(store: Store, env: Env, allows: tuple[str, ...],
+             allow_sockets: tuple[str, ...]) -> SandboxSpec:
     staging = os.path.join(store.run_dir, "views", env.id)
     os.makedirs(staging, mode=0o700, exist_ok=True)
     cwd = os.getcwd()
@@ -189,22 +208,8 @@ def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
         is_within(cwd, p) for p in [*(r.path for r in env.roots), *allows]
     ):
         cwd = env.roots[0].path  # the job's /tmp is its own: the caller's dir is not there
-    job_env = dict(os.environ, AGENTCTL_ENV=env.name)
-    return JobSpec(
-        argv=list(request.argv),
-        sandbox=SandboxSpec(
-            roots=env.roots, allow=allows, store=store.home, cwd=cwd, staging=staging,
-            allow_sockets=allow_sockets,
-        ),
-        engine=engine,
-        rootless=rootless,
-        keep_running=request.keep_running,
-        env=job_env,
-        cgroup_label=env.id,
-        namespaces=engine.namespaces,
-        network=request.network,
-        limits=request.limits,
-    )
+    return SandboxSpec(roots=env.roots, allow=allows, store=store.home, cwd=cwd,
+                       staging=staging, allow_sockets=allow_sockets)
 
 
 def _user_name(uid: int) -> str:
@@ -250,8 +255,12 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
                 def ready(job: Job) -> None:
                     started.append(job)
                     on_ready(job)
+                    registry.record(store.run_dir, _running(env, engine, spec, job))
 
-                status = run_job(spec, ready)
+                try:
+                    status = run_job(spec, ready)
+                finally:
+                    registry.forget(store.run_dir, env.id)
         if status not in (0, 128 + signal.SIGINT) and started and started[0].masked_sockets:
             notify(socket_hint(started[0].masked_sockets))
         for line in problems(engine):
@@ -259,6 +268,73 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
         return status
     finally:
         remove_if_empty(made)
+
+
+def _running(env: Env, engine: Engine, spec: JobSpec, job: Job) -> registry.RunningJob:
+    init = registry.only_child(job.pid)
+    return registry.RunningJob(
+        env_id=env.id, env_name=env.name, engine=engine.name, namespaces=spec.namespaces,
+        rootless=spec.rootless, network=spec.network, argv=spec.argv, started=time.time(),
+        launcher_pid=os.getpid(), launcher_start=start_time(os.getpid()), pid=job.pid,
+        init_pid=init if init is not None else job.pid,
+        cgroup=job.cgroup.path if job.cgroup is not None else None,
+        allow=list(spec.sandbox.allow), allow_sockets=list(spec.sandbox.allow_sockets))
+
+
+def find_running_job(store: Store, env_name: str | None) -> registry.RunningJob:
+    """The running job `agentctl exec` means: the one in env `env_name`; with no name, the one
+    whose env manages the current directory, or the only one running."""
+    jobs = registry.running(store.run_dir)
+    if env_name is not None:
+        env = store.get(env_name)  # EnvNotFound: the user mistyped
+        for job in jobs:
+            if job.env_id == env.id:
+                return job
+        raise UsageError(f"no job is running in env {env.name}; start one with agentctl run")
+    if not jobs:
+        raise UsageError("no job is running; start one with agentctl run")
+    here = os.getcwd()
+    mine = [j for j in jobs if any(is_within(here, r.path) for r in store.get(j.env_id).roots)]
+    if len(mine) == 1 or len(jobs) == 1:
+        return (mine or jobs)[0]
+    names = ", ".join(j.env_name for j in (mine or jobs))
+    raise UsageError(f"jobs run in several envs ({names}); name one: agentctl exec ENV -- CMD")
+
+
+def exec_in_job(store: Store, env_name: str | None, argv: list[str], notify: Notify) -> int:
+    """`agentctl exec`: run `argv` in the view of the job running in an env, confined as that
+    job is (its namespaces, allows, sockets and network; its cgroup), beside it."""
+    from isolated_agent.engines.filter.engine import FilterEngine
+    from isolated_agent.engines.fuse.engine import FuseEngine
+    from isolated_agent.engines.kernel import KernelEngine
+
+    if not argv:
+        raise UsageError("no command given: agentctl exec [ENV] -- CMD [ARGS...]")
+    job = find_running_job(store, env_name)
+    env = store.get(job.env_id)
+    if (os.geteuid() != 0) != job.rootless:
+        raise UsageError(f"the job in env {env.name} was started by another user; run exec "
+                         "as that user")
+    engine: Engine
+    if job.engine == "kernel":
+        engine = KernelEngine()
+    elif job.engine == "fuse":
+        engine = FuseEngine()
+    else:
+        engine = FilterEngine(store)
+    spec = JobSpec(
+        argv=list(argv),
+        sandbox=_sandbox(store, env, tuple(job.allow), tuple(job.allow_sockets)),
+        engine=engine, rootless=job.rootless, env=dict(os.environ, AGENTCTL_ENV=env.name),
+        namespaces=job.namespaces, network=job.network,
+        join=JoinTarget(job.init_pid, job.cgroup))
+    if registry.only_child(job.pid) != job.init_pid or not job.alive():
+        raise IsolationError("joining the job", f"the job in env {env.name} has ended")
+    notify(f"env {env.name}, in the {job.engine} engine's job {job.pid} ({' '.join(job.argv)})")
+    if job.namespaces:  # the job's view exists: nothing to serve
+        return run_job(spec)
+    with serving(engine, env, store.run_dir) as on_ready:  # the filter learns this process
+        return run_job(spec, on_ready)
 
 
 @contextmanager

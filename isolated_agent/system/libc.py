@@ -85,6 +85,11 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")
 
 
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace `fd` refers to (an open /proc/PID/ns/* file); Python 3.12 has it."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
 def mount(
     source: str | None,
     target: str,
