@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from isolated_agent.cli.output import notice
+from isolated_agent.cli.output import ProgressBar, notice
 from isolated_agent.engines import ENGINE_NAMES
 from isolated_agent.env.store import Store
 from isolated_agent.jobs.run import RunRequest, run
@@ -22,7 +22,8 @@ from isolated_agent.system.sizes import parse_size
 @click.option("--root", "roots", multiple=True, metavar="DIR",
               help="A managed root (repeatable). Default: the current directory.")
 @click.option("--engine", type=click.Choice(ENGINE_NAMES), default="auto", show_default=True,
-              help="How the env's view is made.")
+              help="How the env's view is made (copy: in a clone of the project, not at its "
+                   "real path; for machines with neither namespaces nor FUSE).")
 @click.option("--allow", multiple=True, metavar="PATH",
               help="Let the job write to PATH on the host (repeatable).")
 @click.option("--no-default-allows", is_flag=True,
@@ -82,4 +83,5 @@ def run_cmd(
         allow_sockets=allow_sockets,
         limits=Limits(memory=memory_bytes, pids=pids, cpus=cpus),
     )
-    return run(Store(), request, notify=(lambda message: None) if quiet else notice)
+    return run(Store(), request, notify=(lambda message: None) if quiet else notice,
+               progress=ProgressBar.when_wanted(quiet))

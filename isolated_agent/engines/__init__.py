@@ -11,7 +11,8 @@ engine's daemons, the filter daemons) also has `start()` / `job_started()` / `st
 
 `auto` picks the kernel engine whenever namespaces can be made and overlayfs exists (native
 speed), else the fuse engine; where namespaces cannot be made at all, the filter engine
-(agentfs mounted over each root on the host, telling processes apart by identity).
+(agentfs mounted over each root on the host, telling processes apart by identity), and where
+FUSE cannot be used either, the copy engine (the job works in a clone of each root).
 """
 
 from __future__ import annotations
@@ -52,13 +53,15 @@ class HostSide(Protocol):
         (the job saw EIO), naming its log."""
 
 
-ENGINE_NAMES = ("auto", "kernel", "fuse", "filter")
+ENGINE_NAMES = ("auto", "kernel", "fuse", "filter", "copy")
 
 
 def select_engine(name: str, rootless: bool, store: Store) -> Engine:
     """The engine called `name`, checked; for `auto`: the kernel engine when namespaces can be
     made (native speed), else the fuse engine (no overlayfs), else — namespaces unavailable,
-    as under Ubuntu's AppArmor default or in many containers — the filter engine."""
+    as under Ubuntu's AppArmor default or in many containers — the filter engine, and where
+    FUSE cannot be used either, the copy engine (not path-preserving: the last resort)."""
+    from isolated_agent.engines.copy import CopyEngine
     from isolated_agent.engines.filter.engine import FilterEngine
     from isolated_agent.engines.fuse.engine import FuseEngine
     from isolated_agent.engines.kernel import KernelEngine, check_namespaces
@@ -67,19 +70,21 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
         raise UsageError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
     candidates: dict[str, Callable[[], Engine]] = {
         "kernel": KernelEngine, "fuse": FuseEngine, "filter": lambda: FilterEngine(store),
+        "copy": CopyEngine,
     }
     if name != "auto":  # a job that cannot make its namespaces fails with the reason (125)
         return _checked(candidates[name](), rootless)
     try:
         check_namespaces(rootless)
     except IsolationError as no_namespaces:
-        filter_engine = FilterEngine(store)
-        try:
-            filter_engine.check(rootless)
-        except IsolationError:
-            raise no_namespaces from None
-        filter_engine.fallback_from = no_namespaces  # said too if the filter cannot start
-        return filter_engine
+        for fallback in (FilterEngine(store), CopyEngine()):
+            try:
+                fallback.check(rootless)
+            except IsolationError:
+                continue
+            fallback.fallback_from = no_namespaces  # said too if it cannot start
+            return fallback
+        raise no_namespaces from None
     try:
         return _checked(candidates["kernel"](), rootless)
     except IsolationError as kernel_problem:

@@ -67,6 +67,10 @@ class Root:
         return [*self.layers, self.path]
 
 
+# Where the copy engine clones an env's roots for a job (engines/copy.py), in the env's dir.
+COPY_WORKSPACE = "copy"
+
+
 def show_host_root(root: Root) -> None:
     """Give the upper's root directory the host root's permission bits (setgid and sticky
     included) and group: the merged view's root directory is the upper's, and what a job makes
@@ -226,6 +230,7 @@ class Store:
                 for part in (root.upper, root.work):
                     remove_tree(part)
                     os.makedirs(part, mode=0o755)
+            remove_tree(os.path.join(env.dir, COPY_WORKSPACE))  # a killed copy run's clones
             if env.layers:
                 with self.catalog.transaction() as db:
                     self.catalog.set_env_layers(db, env.id, ())

@@ -57,6 +57,8 @@ DEFAULT_WRITE_PATHS = (
     "/proc/self",
 )
 
+SHARED_TMP = ("/tmp", "/dev/shm")
+
 _READ = (
     libc.LANDLOCK_ACCESS_FS_EXECUTE
     | libc.LANDLOCK_ACCESS_FS_READ_FILE
@@ -88,9 +90,10 @@ def handled_rights(abi: int) -> int:
     return rights
 
 
-def confine_job(write_paths: Sequence[str]) -> None:
+def confine_job(write_paths: Sequence[str], shared_tmp: bool = True) -> None:
     """Restrict this process and all it will run: read and execute anywhere, write only beneath
-    `write_paths` (which must exist) and DEFAULT_WRITE_PATHS. Raises IsolationError."""
+    `write_paths` (which must exist) and DEFAULT_WRITE_PATHS (without /tmp and /dev/shm unless
+    `shared_tmp`). Raises IsolationError."""
     abi = libc.landlock_abi()
     if abi < 1:
         raise IsolationError(STEP, "Landlock is not available", _NOT_AVAILABLE_HINT)
@@ -98,7 +101,8 @@ def confine_job(write_paths: Sequence[str]) -> None:
     scoped = _SCOPES if abi >= 6 else 0
     rules = _read_rules(_READ & handled)
     rules += [(path, handled, True) for path in write_paths]
-    rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS]
+    rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS
+              if shared_tmp or path not in SHARED_TMP]
     _restrict(handled, scoped, rules)
 
 

@@ -32,7 +32,7 @@ from isolated_agent.system.cgroup import DELEGATE_HINT, Limits, limits_problem, 
 from isolated_agent.system.mountinfo import read_mountinfo
 
 OK, WARN, FAIL = "ok", "warn", "fail"
-ENGINES = ("kernel", "fuse", "filter")
+ENGINES = ("kernel", "fuse", "filter", "copy")
 
 # The file this project ships for Ubuntu's restriction of unprivileged user namespaces.
 APPARMOR_PROFILE = "packaging/apparmor/agentctl"
@@ -107,7 +107,8 @@ def diagnose() -> Diagnosis:
             needs(("kernel",), d_type)
             needs((), *optional)
     needs(("fuse", "filter"), _dev_fuse(), _python_module("pyfuse3"), _python_module("trio"))
-    needs(("filter",), _fusermount(), _landlock(), _job_user(rootless))
+    needs(("filter",), _fusermount())
+    needs(("filter", "copy"), _landlock(), _job_user(rootless))
     needs(ENGINES, _seccomp())
     needs((), _cgroup(), _tiocsti())
     diagnosis = Diagnosis(_user_name(), rootless, checks)
@@ -124,8 +125,8 @@ def _verdict(engine: str, checks: list[Check]) -> EngineVerdict:
 
 
 def _auto(engines: list[EngineVerdict], namespaces: Check) -> tuple[str | None, str]:
-    """`select_engine`'s rule: kernel, else fuse, when namespaces can be made; the filter
-    only where they cannot."""
+    """`select_engine`'s rule: kernel, else fuse, when namespaces can be made; the filter,
+    else the copy engine, only where they cannot."""
     verdict = {v.name: v for v in engines}
     if namespaces.status == OK:
         if verdict["kernel"].ok:
@@ -137,8 +138,12 @@ def _auto(engines: list[EngineVerdict], namespaces: Check) -> tuple[str | None, 
     if verdict["filter"].ok:
         return "filter", (f"no namespaces here ({namespaces.detail}): the filter engine "
                           "shows the env to the job's processes on the host")
-    return None, (f"no namespaces here ({namespaces.detail}) and the filter engine cannot run "
-                  f"({verdict['filter'].reason})")
+    if verdict["copy"].ok:
+        return "copy", (f"no namespaces here ({namespaces.detail}) and the filter engine "
+                        f"cannot run ({verdict['filter'].reason}): the job works in a copy "
+                        "of the project, not at its real path")
+    return None, (f"no namespaces here ({namespaces.detail}), and neither the filter engine "
+                  f"({verdict['filter'].reason}) nor the copy engine can run")
 
 
 # -- probes in a child ----------------------------------------------------------------------------
@@ -386,7 +391,8 @@ def _fusermount() -> Check:
 def _landlock() -> Check:
     abi = libc.landlock_abi()
     if abi <= 0:
-        return Check("Landlock", FAIL, "not available (the filter engine's only confinement)",
+        return Check("Landlock", FAIL, "not available (the filter and copy engines' only "
+                     "confinement)",
                      "Linux >= 5.13 booted with Landlock among its LSMs (lsm=landlock,...)")
     if abi < 6:
         return Check("Landlock", WARN, f"ABI {abi}: jobs can reach the host's abstract sockets "

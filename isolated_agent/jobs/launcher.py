@@ -459,8 +459,9 @@ def _keeper(
     from isolated_agent.jobs.supervisor import Handover, Places, enter_job_domain
 
     sandbox = spec.sandbox
-    places = Places.for_job([root.path for root in sandbox.roots], sandbox.allow,
-                            sandbox.allow_sockets)
+    private = (sandbox.private_tmp,) if sandbox.private_tmp else ()
+    places = Places.for_job([root.path for root in sandbox.roots], (*sandbox.allow, *private),
+                            sandbox.allow_sockets, shared_tmp=not private)
     _send(messages, kind="masked_sockets", paths=places.refused_host_sockets())
     try:
         enter_job_domain()
@@ -538,7 +539,10 @@ def _process_c(
         if spec.namespaces:
             scope_job()
         else:
-            confine_job([*(root.path for root in spec.sandbox.roots), *spec.sandbox.allow])
+            sandbox = spec.sandbox
+            confine_job([*(root.path for root in sandbox.roots), *sandbox.allow,
+                         *([sandbox.private_tmp] if sandbox.private_tmp else [])],
+                        shared_tmp=sandbox.private_tmp is None)
         install_baseline()
         if handover is not None:  # last: from here on these calls wait for the keeper
             listener = install_supervised()

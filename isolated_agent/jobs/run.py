@@ -11,9 +11,10 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from isolated_agent.engines import Engine, HostSide, problems, select_engine
+from isolated_agent.engines.copy import CopyEngine, Progress, recover
 from isolated_agent.engines.filter.identity import start_time
 from isolated_agent.engines.id_swap import id_swap_for
 from isolated_agent.env.store import Env, Store, is_within, show_host_root
@@ -167,36 +168,51 @@ def socket_hint(masked: list[str]) -> str:
             "let it through with --allow-socket PATH")
 
 
-def check_store_out_of_reach(store: Store, allows: tuple[str, ...]) -> None:
+def check_store_out_of_reach(store: Store, engine: Engine, allows: tuple[str, ...]) -> None:
     """Without namespaces the store cannot be hidden from the job, and the job may write where
     Landlock lets it: the store must not be there, or the job could rewrite its own env (and
-    every other one) behind the filter's back."""
-    from isolated_agent.jobs.confine import DEFAULT_WRITE_PATHS
+    every other one) behind the engine's back."""
+    from isolated_agent.jobs.confine import DEFAULT_WRITE_PATHS, SHARED_TMP
 
-    for path in (*DEFAULT_WRITE_PATHS, *allows):
+    shared = [p for p in DEFAULT_WRITE_PATHS if engine.name != "copy" or p not in SHARED_TMP]
+    for path in (*shared, *allows):
         if is_within(store.home, path):
             raise IsolationError(
-                "filter engine", f"the store {store.home} is under {path}, which the job may "
-                "write to", "keep the store elsewhere (ISOLATED_AGENT_HOME)")
+                f"{engine.name} engine", f"the store {store.home} is under {path}, which the "
+                "job may write to", "keep the store elsewhere (ISOLATED_AGENT_HOME)")
 
 
 def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
               allows: tuple[str, ...], rootless: bool) -> JobSpec:
     allow_sockets = resolve_allowed_sockets(request.allow_sockets)
     if not engine.namespaces:
-        check_store_out_of_reach(store, allows)
+        check_store_out_of_reach(store, engine, allows)
+    sandbox, variables = _view(store, env, engine, allows, allow_sockets)
     return JobSpec(
         argv=list(request.argv),
-        sandbox=_sandbox(store, env, allows, allow_sockets),
+        sandbox=sandbox,
         engine=engine,
         rootless=rootless,
         keep_running=request.keep_running,
-        env=dict(os.environ, AGENTCTL_ENV=env.name),
+        env=variables,
         cgroup_label=env.id,
         namespaces=engine.namespaces,
         network=request.network,
         limits=request.limits,
     )
+
+
+def _view(store: Store, env: Env, engine: Engine, allows: tuple[str, ...],
+          allow_sockets: tuple[str, ...]) -> tuple[SandboxSpec, dict[str, str]]:
+    """What a job (or a command joining it) sees and may write, and its environment."""
+    sandbox = _sandbox(store, env, allows, allow_sockets)
+    variables = dict(os.environ, AGENTCTL_ENV=env.name)
+    if isinstance(engine, CopyEngine):  # the job works in the clones, with a tmp of its own
+        sandbox = replace(sandbox, roots=engine.job_roots(env),
+                          cwd=engine.job_directory(env, sandbox.cwd),
+                          private_tmp=engine.private_tmp(env))
+        variables.update(PWD=sandbox.cwd, TMPDIR=engine.private_tmp(env))
+    return sandbox, variables
 
 
 def _sandbox(store: Store, env: Env, allows: tuple[str, ...],
@@ -218,7 +234,21 @@ def _user_name(uid: int) -> str:
     return f"uid {uid}"
 
 
-def run(store: Store, request: RunRequest, notify: Notify) -> int:
+def _tell_copy(env: Env, engine: CopyEngine, notify: Notify) -> None:
+    """Once per run: the copy engine does not show the project at its real path."""
+    if engine.fallback_from is not None:
+        notify(f"no engine but copy can run here ({engine.fallback_from.detail}; agentctl "
+               "doctor tells why)")
+    for root in env.roots:
+        notify(f"copy engine: the job works in a copy of {root.path} at "
+               f"{engine.clone_path(env, root)}, not at its real path; its changes go to "
+               "the env when it ends")
+    if recover(env):
+        notify("recorded the changes of a copy-engine run that was killed before it could")
+
+
+def run(store: Store, request: RunRequest, notify: Notify,
+        progress: Progress | None = None) -> int:
     if not request.argv:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
     sweep_stale_groups()
@@ -249,6 +279,9 @@ def run(store: Store, request: RunRequest, notify: Notify) -> int:
             env = store.get(env.id)
             spec = _job_spec(store, env, engine, request, allows, rootless)
             notify(f"env {env.name}, {engine.name} engine")
+            if isinstance(engine, CopyEngine):
+                engine.progress = progress
+                _tell_copy(env, engine, notify)
             with serving(engine, env, store.run_dir) as on_ready:
                 started: list[Job] = []
 
@@ -320,18 +353,19 @@ def exec_in_job(store: Store, env_name: str | None, argv: list[str], notify: Not
         engine = KernelEngine()
     elif job.engine == "fuse":
         engine = FuseEngine()
+    elif job.engine == "copy":
+        engine = CopyEngine()
     else:
         engine = FilterEngine(store)
+    sandbox, variables = _view(store, env, engine, tuple(job.allow), tuple(job.allow_sockets))
     spec = JobSpec(
-        argv=list(argv),
-        sandbox=_sandbox(store, env, tuple(job.allow), tuple(job.allow_sockets)),
-        engine=engine, rootless=job.rootless, env=dict(os.environ, AGENTCTL_ENV=env.name),
+        argv=list(argv), sandbox=sandbox, engine=engine, rootless=job.rootless, env=variables,
         namespaces=job.namespaces, network=job.network,
         join=JoinTarget(job.init_pid, job.cgroup))
     if registry.only_child(job.pid) != job.init_pid or not job.alive():
         raise IsolationError("joining the job", f"the job in env {env.name} has ended")
     notify(f"env {env.name}, in the {job.engine} engine's job {job.pid} ({' '.join(job.argv)})")
-    if job.namespaces:  # the job's view exists: nothing to serve
+    if job.namespaces or isinstance(engine, CopyEngine):  # the view exists: nothing to serve
         return run_job(spec)
     with serving(engine, env, store.run_dir) as on_ready:  # the filter learns this process
         return run_job(spec, on_ready)

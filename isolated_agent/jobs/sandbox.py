@@ -63,6 +63,8 @@ class SandboxSpec:
     cwd: str
     staging: str  # an empty directory on the host to build the view at
     allow_sockets: tuple[str, ...] = ()  # real paths of host sockets the job may connect to
+    # The copy engine: the job's own tmp (TMPDIR), and no shared /tmp or /dev/shm to write to.
+    private_tmp: str | None = None
 
 
 def build_view(spec: SandboxSpec, engine: Engine) -> list[str]:

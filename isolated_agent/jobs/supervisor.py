@@ -85,11 +85,11 @@ class Places:
 
     @classmethod
     def for_job(cls, roots: Iterable[str], allow: Iterable[str],
-                allow_sockets: Iterable[str]) -> Places:
+                allow_sockets: Iterable[str], shared_tmp: bool = True) -> Places:
         real = os.path.realpath
         return cls(
             writable=tuple(real(p) for p in (*roots, *allow)),
-            scratch=tuple(real(p) for p in SCRATCH_DIRS),
+            scratch=tuple(real(p) for p in SCRATCH_DIRS) if shared_tmp else (),
             kept_sockets=tuple(kept_sockets(allow_sockets)),
             host_sockets=frozenset(real(p) for p in bound_socket_paths()),
         )

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import RunAs, user_agentctl
 from tests.core.test_rootless import without_user_namespaces
 
-ENGINES = {"kernel", "fuse", "filter"}
+ENGINES = {"kernel", "fuse", "filter", "copy"}
 
 
 def doctor(argv: list[str], **kwargs: object) -> tuple[int, dict]:
@@ -79,6 +79,7 @@ def test_doctor_as_a_user_agrees_with_run(
     assert report["rootless"] is True
     assert check(report, "user namespaces")["status"] == "ok"
     assert report["engines"]["filter"] == {"ok": True}
+    assert report["engines"]["copy"] == {"ok": True}
     ran = run_as_user("run", "--", "true", cwd=user_project)
     assert ran.returncode == 0, ran.stderr
     assert engine_announced(ran.stderr) == report["auto"]["engine"]
@@ -156,6 +157,7 @@ def test_doctor_without_landlock(
     assert landlock["status"] == "fail" and landlock["detail"].startswith("not available")
     assert "lsm=landlock" in landlock["fix"]
     assert report["engines"]["filter"]["reason"].startswith("Landlock: ")
+    assert report["engines"]["copy"]["reason"].startswith("Landlock: ")
     assert report["engines"]["kernel"]["ok"]
     assert done.returncode == 0
 

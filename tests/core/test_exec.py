@@ -181,3 +181,29 @@ def test_exec_joins_a_filter_job(
                           timeout=60)
     assert "M\tREADME.md" in diff.stdout.splitlines(), diff.stderr
     assert SYSTEM_PYTHON
+
+
+def test_exec_joins_a_copy_job(
+    unprivileged_user: object, package_copy: Path, user_dir: Path, user_project: Path,
+) -> None:
+    """The copy engine: exec works in the job's clone, with the job's private tmp."""
+    store = user_dir / "store"
+
+    def as_user(*args: str) -> list[str]:
+        return user_agentctl(package_copy, store, user_project, *args)
+
+    run = as_user("run", "--engine", "copy", "--", "sh", "-c", WAITING_JOB)
+    with running_job(run, user_project, as_user("ps", "--json")) as job:
+        script = 'cat started; pwd; echo x > "$TMPDIR/t" && echo tmp-ok; touch stop'
+        done = subprocess.run(as_user("exec", "-q", "--", "sh", "-c", script),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "started" and lines[1].endswith("/copy/root-0")
+        assert lines[2] == "tmp-ok"
+        job.communicate(timeout=60)
+        assert job.returncode == 0
+    assert not (user_project / "started").exists()
+    diff = subprocess.run(as_user("diff", "--name-status"), capture_output=True, text=True,
+                          timeout=60)
+    assert diff.stdout.splitlines() == ["A\tstarted", "A\tstop"], diff.stderr

@@ -1,0 +1,362 @@
+"""The copy engine's storage half: an env's view of a root as a plain directory tree (a clone),
+and what a job changed in that tree recorded back into the env's upper layer in the overlay
+format, so that diff, commit, checkpoints and the other engines see it like any other change.
+
+`materialize` clones the host's tree (sharing extents where the filesystem can: FICLONE, else
+copy_file_range), then lays each frozen layer and the upper on it, bottom first: a whiteout
+removes, an opaque directory replaces, anything else is copied over. It then notes every entry
+(path -> inode and type) in a manifest, and a point in ctime after which anything the job
+touches carries a later ctime — which a process cannot set back, so a hostile job cannot hide a
+change from `record` (it can only lose its own change by leaving it out of the clone).
+
+`record` compares the clone with its manifest: a name that is gone becomes a whiteout (where
+something below had the name) or the removal of the upper's entry; a name with another inode or
+type is removed and added anew (a directory made anew over one below is opaque); a file,
+symlink or directory with a later ctime is copied up whole; files that were one inode in the
+clone stay hard links of each other in the upper.
+
+The manifest is written beside the clone, so a run killed before it could record is recorded by
+the next one (`recover`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from isolated_agent.env.store import Root
+from isolated_agent.overlay.copyup import copy_data, copy_xattrs
+from isolated_agent.overlay.format import (
+    is_opaque_dir,
+    is_whiteout,
+    make_opaque,
+    make_whiteout,
+)
+from isolated_agent.system import libc
+from isolated_agent.system.trees import remove_tree
+
+Progress = Callable[[int], None]  # called with the number of entries copied since last call
+
+
+@dataclass
+class Clone:
+    root: Root
+    path: str  # the clone of the root's view
+    entries: dict[str, tuple[int, int]]  # relative path -> (inode, file type bits)
+    since_ns: int  # every change the job makes has a ctime after this
+
+    def save(self, manifest: str) -> None:
+        data = {"path": self.path, "since_ns": self.since_ns,
+                "entries": {k: list(v) for k, v in self.entries.items()}}
+        with open(manifest + ".tmp", "w") as f:
+            json.dump(data, f)
+        os.rename(manifest + ".tmp", manifest)
+
+
+def count_entries(root: Root) -> int:
+    """How many entries materialize copies (for a progress bar): the host tree's and the
+    layers' (an estimate where layers replace host entries)."""
+    total = 0
+    for top in (root.path, *root.layers, root.upper):
+        for _, dirs, files in os.walk(top):
+            total += len(dirs) + len(files)
+    return total
+
+
+def materialize(root: Root, target: str, progress: Progress | None = None) -> Clone:
+    """The env's view of `root` as a plain tree at `target` (which must not exist)."""
+    copier = _Copier(progress or (lambda n: None))
+    copier.tree(root.path, target)
+    for layer in (*reversed(root.layers), root.upper):  # bottom first, the upper last
+        copier.lay(layer, target)
+    entries = {rel: (st.st_ino, stat.S_IFMT(st.st_mode)) for rel, st in _walk(target)}
+    return Clone(root, target, entries, _ctime_barrier(os.path.dirname(target)))
+
+
+def load(manifest: str, root: Root) -> Clone | None:
+    """The clone whose manifest a run left (killed before it recorded), if any."""
+    try:
+        with open(manifest) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    entries = {k: (v[0], v[1]) for k, v in data["entries"].items()}
+    return Clone(root, data["path"], entries, data["since_ns"])
+
+
+def _ctime_barrier(directory: str) -> int:
+    """A ctime that every change made from now on exceeds: the kernel's timestamps are coarse
+    (a tick), so wait until a new change gets a later one than the last copy did."""
+    marker = os.path.join(directory, ".ctime-barrier")
+    with open(marker, "w"):
+        pass
+    first = os.stat(marker).st_ctime_ns
+    while True:
+        os.utime(marker)
+        now = os.stat(marker).st_ctime_ns
+        if now > first:
+            os.unlink(marker)
+            return first
+        time.sleep(0.001)
+
+
+# -- copying --------------------------------------------------------------------------------------
+
+
+class _Copier:
+    """Copies entries, keeping files that are one inode in the source one inode in the copy
+    (hard links), and counting what it copied for a progress bar."""
+
+    def __init__(self, tick: Progress) -> None:
+        self.tick = tick
+        self.linked: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first copy
+
+    def tree(self, source: str, target: str) -> None:
+        st = os.lstat(source)
+        os.mkdir(target, 0o700)
+        with os.scandir(source) as listing:
+            entries = list(listing)
+        for entry in entries:
+            self.entry(entry.path, os.path.join(target, entry.name))
+        self.tick(len(entries))
+        _copy_metadata(source, target, st)
+
+    def entry(self, source: str, target: str) -> None:
+        st = os.lstat(source)
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            self.tree(source, target)
+            return
+        if kind == stat.S_IFREG:
+            if st.st_nlink > 1:
+                first = self.linked.get((st.st_dev, st.st_ino))
+                if first is not None and os.path.lexists(first):
+                    os.link(first, target)
+                    return
+                self.linked[(st.st_dev, st.st_ino)] = target
+            _copy_file(source, target, st)
+        elif kind == stat.S_IFLNK:
+            os.symlink(os.readlink(source), target)
+        elif kind == stat.S_IFIFO:
+            os.mkfifo(target, 0o600)
+        else:
+            return  # sockets and devices: nothing a job can use from a copy
+        _copy_metadata(source, target, st)
+
+    def replace(self, source: str, target: str) -> None:
+        """`target` becomes a copy of `source` (whatever was at `target` goes)."""
+        remove_tree(target)
+        self.entry(source, target)
+
+    def lay(self, layer: str, target: str) -> None:
+        """Lay one overlay layer over the tree at `target`, as overlayfs would show it."""
+        for dirpath, dirnames, filenames in os.walk(layer):
+            relative = os.path.relpath(dirpath, layer)
+            here = os.path.normpath(os.path.join(target, relative))
+            for name in list(dirnames):
+                source, dest = os.path.join(dirpath, name), os.path.join(here, name)
+                if is_opaque_dir(source) or not os.path.isdir(dest) or os.path.islink(dest):
+                    self.replace(source, dest)
+                    dirnames.remove(name)  # copied whole: nothing to merge below it
+                else:
+                    _copy_metadata(source, dest, os.lstat(source))
+            for name in filenames:
+                source, dest = os.path.join(dirpath, name), os.path.join(here, name)
+                if is_whiteout(os.lstat(source)):
+                    remove_tree(dest)
+                else:
+                    self.replace(source, dest)
+            self.tick(len(dirnames) + len(filenames))
+        # Directory times last: laying entries into a directory changed its mtime.
+        for dirpath, _, _ in os.walk(layer):
+            dest = os.path.normpath(os.path.join(target, os.path.relpath(dirpath, layer)))
+            st = os.lstat(dirpath)
+            with contextlib.suppress(OSError):
+                os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_file(source: str, target: str, st: os.stat_result) -> None:
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600)
+        try:
+            try:
+                libc.ficlone(dst, src)
+            except OSError:
+                copy_data(src, dst, st.st_size)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _copy_metadata(source: str, target: str, st: os.stat_result) -> None:
+    """Mode, user xattrs (never the overlay's own) and times; owners stay the caller's."""
+    if not stat.S_ISLNK(st.st_mode):
+        src = os.open(source, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        dst = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            copy_xattrs(src, dst)
+        finally:
+            os.close(src)
+            os.close(dst)
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _walk(top: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, lstat) of every entry below `top`, parents before children."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            yield os.path.relpath(path, top), os.lstat(path)
+
+
+# -- recording ------------------------------------------------------------------------------------
+
+
+def record(clone: Clone) -> None:
+    """Write what the job changed in the clone into the root's upper layer."""
+    root, before = clone.root, clone.entries
+    after = dict(_walk(clone.path))
+    gone = [p for p in before if p not in after or _replaced(before[p], after[p])]
+    for path in _topmost(sorted(gone)):
+        _remove_from_upper(root, path)
+    linked: dict[int, str] = {}  # clone inode -> the upper path it was first recorded at
+    touched_dirs: list[str] = []
+    for path in sorted(after):  # parents before children
+        st = after[path]
+        new = path not in before or _replaced(before[path], st)
+        if not new and st.st_ctime_ns <= clone.since_ns:
+            continue
+        if _under_copied_dir(path, after, before):
+            continue  # copied with its new parent
+        if stat.S_ISDIR(st.st_mode):
+            if new:
+                _remove_from_upper(root, path, whiteout=False)
+                _add_directory(clone, path, st, opaque=_exists_below(root, path),
+                               linked=linked)
+            else:
+                _upper_directory(clone, path)
+                touched_dirs.append(path)
+            continue
+        _remove_from_upper(root, path, whiteout=False)
+        _upper_directory(clone, os.path.dirname(path))
+        _add_leaf(clone, path, st, linked)
+    for path in reversed(touched_dirs):  # children first: their changes moved its mtime
+        st = after[path]
+        upper = os.path.join(root.upper, path)
+        os.chmod(upper, stat.S_IMODE(st.st_mode))
+        os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _replaced(seen: tuple[int, int], st: os.stat_result) -> bool:
+    return seen[0] != st.st_ino or seen[1] != stat.S_IFMT(st.st_mode)
+
+
+def _topmost(paths: list[str]) -> Iterator[str]:
+    """Sorted paths without those below another of them."""
+    last = None
+    for path in paths:
+        if last is not None and path.startswith(last + "/"):
+            continue
+        last = path
+        yield path
+
+
+def _under_copied_dir(path: str, after: dict[str, os.stat_result],
+                      before: dict[str, tuple[int, int]]) -> bool:
+    """Whether an ancestor of `path` is a directory recorded whole (new or replaced)."""
+    parent = os.path.dirname(path)
+    while parent:
+        if parent not in before or _replaced(before[parent], after[parent]):
+            return True
+        parent = os.path.dirname(parent)
+    return False
+
+
+def _exists_below(root: Root, path: str) -> bool:
+    """Whether the frozen layers and the host tree (not the upper) show an entry at `path`."""
+    parts = path.split("/")
+    for layer in root.layers:  # top first
+        for depth in range(1, len(parts) + 1):
+            here = os.path.join(layer, *parts[:depth])
+            try:
+                st = os.lstat(here)
+            except OSError:
+                break  # not in this layer: look below it
+            if is_whiteout(st):
+                return False
+            if depth == len(parts):
+                return True
+            if not stat.S_ISDIR(st.st_mode):
+                return False  # a file of this layer hides the rest of the path
+            if is_opaque_dir(here):
+                return False  # nothing below this layer shows under it
+    return os.path.lexists(os.path.join(root.path, path))
+
+
+def _remove_from_upper(root: Root, path: str, whiteout: bool = True) -> None:
+    """The upper's entry at `path` goes; a whiteout hides what is below, if anything is."""
+    upper = os.path.join(root.upper, path)
+    remove_tree(upper)
+    if whiteout and _exists_below(root, path):
+        _upper_parents(root, path)
+        make_whiteout(upper)
+
+
+def _upper_parents(root: Root, path: str) -> None:
+    """The upper's directories down to `path`'s parent (plain, merging with below)."""
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(os.path.join(root.upper, parent)):
+        _upper_parents(root, parent)
+        os.mkdir(os.path.join(root.upper, parent), 0o755)
+
+
+def _upper_directory(clone: Clone, path: str) -> None:
+    """The upper has a directory at `path` (merging with below), with the clone's metadata."""
+    if not path:
+        return
+    upper = os.path.join(clone.root.upper, path)
+    if os.path.isdir(upper) and not os.path.islink(upper):
+        return
+    _upper_parents(clone.root, path)
+    os.mkdir(upper, 0o700)
+    st = os.lstat(os.path.join(clone.path, path))
+    _copy_metadata(os.path.join(clone.path, path), upper, st)
+
+
+def _add_directory(clone: Clone, path: str, st: os.stat_result, opaque: bool,
+                   linked: dict[int, str]) -> None:
+    _upper_parents(clone.root, path)
+    upper = os.path.join(clone.root.upper, path)
+    os.mkdir(upper, 0o700)
+    if opaque:
+        make_opaque(upper)
+    source = os.path.join(clone.path, path)
+    for entry in sorted(os.scandir(source), key=lambda e: e.name):
+        child = os.path.join(path, entry.name)
+        child_st = entry.stat(follow_symlinks=False)
+        if entry.is_dir(follow_symlinks=False):
+            _add_directory(clone, child, child_st, opaque=False, linked=linked)
+        else:
+            _add_leaf(clone, child, child_st, linked)
+    _copy_metadata(source, upper, st)
+
+
+def _add_leaf(clone: Clone, path: str, st: os.stat_result, linked: dict[int, str]) -> None:
+    upper = os.path.join(clone.root.upper, path)
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        first = linked.get(st.st_ino)
+        if first is not None:
+            os.link(os.path.join(clone.root.upper, first), upper)
+            return
+        linked[st.st_ino] = path
+    _Copier(lambda n: None).entry(os.path.join(clone.path, path), upper)
+
