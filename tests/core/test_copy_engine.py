@@ -15,6 +15,7 @@ from pathlib import Path
 from isolated_agent.env import clone
 from isolated_agent.env.store import Store
 from tests.conftest import user_agentctl
+from tests.core.test_rootless import LIMIT_USER_NAMESPACES
 from tests.core.test_run import MANIFEST, WORKLOAD, manifest_of
 
 
@@ -125,3 +126,24 @@ def test_a_killed_copy_run_is_recorded_by_the_next(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "kept\n"
     assert "recorded the changes of a copy-engine run that was killed" in done.stderr
+
+
+def test_auto_falls_back_to_copy_where_nothing_else_runs_and_says_why(
+    unprivileged_user: object, package_copy: Path, user_dir: Path, user_project: Path
+) -> None:
+    """No user namespaces (limited to 0 in a child user namespace) and no /dev/fuse for the
+    user (a 0600 node bound over it in a mount namespace): only the copy engine can run."""
+    node = user_dir / "fuse"
+    os.mknod(node, 0o600 | 0o020000, os.makedev(10, 229))
+    argv = user_agentctl(package_copy, user_dir / "store", user_project, "run", "--", "sh",
+                         "-c", "echo made > made.txt; pwd")
+    hide_fuse = f"mount --bind {node} /dev/fuse && exec \"$@\""
+    wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide_fuse, "sh",
+               os.sys.executable, "-c", LIMIT_USER_NAMESPACES, *argv]
+    done = subprocess.run(wrapped, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ", copy engine" in done.stderr
+    assert "no engine but copy can run here (" in done.stderr
+    assert "not at its real path" in done.stderr
+    assert done.stdout.strip().endswith("/copy/root-0")
+    assert not (user_project / "made.txt").exists()

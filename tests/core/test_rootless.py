@@ -61,35 +61,40 @@ def test_rootless_job_is_the_user_without_capabilities(
     ]
 
 
+# Run argv (sys.argv[1:]) in a user namespace with the identity mapping whose own limit of
+# further user namespaces is 0 (user.max_user_namespaces counts per user namespace).
+LIMIT_USER_NAMESPACES = (
+    "import os, sys\n"
+    "from isolated_agent.system import libc\n"
+    "r, w = os.pipe(); go_r, go_w = os.pipe()\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    libc.unshare(libc.CLONE_NEWUSER); os.write(w, b'1'); os.read(go_r, 1)\n"
+    "    open('/proc/sys/user/max_user_namespaces', 'w').write('0')\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "os.read(r, 1)\n"
+    "for name in ('uid_map', 'gid_map'):\n"
+    "    open(f'/proc/{pid}/{name}', 'w').write('0 0 4294967295')\n"
+    "os.write(go_w, b'1')\n"
+    "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+)
+
+
 def without_user_namespaces(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run argv where no further user namespace can be created, as on hosts that disable them.
 
     user.max_user_namespaces is counted per user namespace: we make one with the identity
     mapping (so every user stays who it is), set its limit to 0 inside it, and run argv there.
     """
-    limit_and_exec = (
-        "import os, sys\n"
-        "from isolated_agent.system import libc\n"
-        "r, w = os.pipe(); go_r, go_w = os.pipe()\n"
-        "pid = os.fork()\n"
-        "if pid == 0:\n"
-        "    libc.unshare(libc.CLONE_NEWUSER); os.write(w, b'1'); os.read(go_r, 1)\n"
-        "    open('/proc/sys/user/max_user_namespaces', 'w').write('0')\n"
-        "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-        "os.read(r, 1)\n"
-        "for name in ('uid_map', 'gid_map'):\n"
-        "    open(f'/proc/{pid}/{name}', 'w').write('0 0 4294967295')\n"
-        "os.write(go_w, b'1')\n"
-        "sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
-    )
-    return subprocess.run([sys.executable, "-c", limit_and_exec, *argv], cwd=cwd,
+    return subprocess.run([sys.executable, "-c", LIMIT_USER_NAMESPACES, *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_rootless_without_user_namespaces_refuses_to_run(
     run_as_user: RunAs, user_project: Path
 ) -> None:
-    done = run_as_user("run", "--", "touch", "ran", cwd=user_project,
+    # --engine kernel: `auto` would fall back to the filter or copy engine (their tests).
+    done = run_as_user("run", "--engine", "kernel", "--", "touch", "ran", cwd=user_project,
                        wrap=without_user_namespaces)
     assert done.returncode == 125, done.stderr
     assert "isolation failed at creating namespaces" in done.stderr
