@@ -223,37 +223,7 @@ def _walk(top: str) -> Iterator[tuple[str, os.stat_result]]:
 
 def record(clone: Clone) -> None:
     """Write what the job changed in the clone into the root's upper layer."""
-    root, before = clone.root, clone.entries
-    after = dict(_walk(clone.path))
-    gone = [p for p in before if p not in after or _replaced(before[p], after[p])]
-    for path in _topmost(sorted(gone)):
-        _remove_from_upper(root, path)
-    linked: dict[int, str] = {}  # clone inode -> the upper path it was first recorded at
-    touched_dirs: list[str] = []
-    for path in sorted(after):  # parents before children
-        st = after[path]
-        new = path not in before or _replaced(before[path], st)
-        if not new and st.st_ctime_ns <= clone.since_ns:
-            continue
-        if _under_copied_dir(path, after, before):
-            continue  # copied with its new parent
-        if stat.S_ISDIR(st.st_mode):
-            if new:
-                _remove_from_upper(root, path, whiteout=False)
-                _add_directory(clone, path, st, opaque=_exists_below(root, path),
-                               linked=linked)
-            else:
-                _upper_directory(clone, path)
-                touched_dirs.append(path)
-            continue
-        _remove_from_upper(root, path, whiteout=False)
-        _upper_directory(clone, os.path.dirname(path))
-        _add_leaf(clone, path, st, linked)
-    for path in reversed(touched_dirs):  # children first: their changes moved its mtime
-        st = after[path]
-        upper = os.path.join(root.upper, path)
-        os.chmod(upper, stat.S_IMODE(st.st_mode))
-        os.utime(upper, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _Recorder(clone).run()
 
 
 def _replaced(seen: tuple[int, int], st: os.stat_result) -> bool:
@@ -270,93 +240,116 @@ def _topmost(paths: list[str]) -> Iterator[str]:
         yield path
 
 
-def _under_copied_dir(path: str, after: dict[str, os.stat_result],
-                      before: dict[str, tuple[int, int]]) -> bool:
-    """Whether an ancestor of `path` is a directory recorded whole (new or replaced)."""
-    parent = os.path.dirname(path)
-    while parent:
-        if parent not in before or _replaced(before[parent], after[parent]):
-            return True
-        parent = os.path.dirname(parent)
-    return False
-
-
-def _exists_below(root: Root, path: str) -> bool:
+def exists_below(root: Root, path: str) -> bool:
     """Whether the frozen layers and the host tree (not the upper) show an entry at `path`."""
     parts = path.split("/")
     for layer in root.layers:  # top first
+        hides_below = False
         for depth in range(1, len(parts) + 1):
             here = os.path.join(layer, *parts[:depth])
             try:
                 st = os.lstat(here)
             except OSError:
-                break  # not in this layer: look below it
+                break  # not in this layer
             if is_whiteout(st):
                 return False
             if depth == len(parts):
                 return True
             if not stat.S_ISDIR(st.st_mode):
                 return False  # a file of this layer hides the rest of the path
-            if is_opaque_dir(here):
-                return False  # nothing below this layer shows under it
+            hides_below = hides_below or is_opaque_dir(here)
+        if hides_below:
+            return False  # an opaque directory of this layer: nothing below shows under it
     return os.path.lexists(os.path.join(root.path, path))
 
 
-def _remove_from_upper(root: Root, path: str, whiteout: bool = True) -> None:
-    """The upper's entry at `path` goes; a whiteout hides what is below, if anything is."""
-    upper = os.path.join(root.upper, path)
-    remove_tree(upper)
-    if whiteout and _exists_below(root, path):
-        _upper_parents(root, path)
-        make_whiteout(upper)
+class _Recorder:
+    def __init__(self, clone: Clone) -> None:
+        self.clone = clone
+        self.root = clone.root
+        self.before = clone.entries
+        self.after = dict(_walk(clone.path))
+        self.linked: dict[int, str] = {}  # clone inode -> the path first recorded for it
+        self.directories: set[str] = set()  # upper dirs made or changed: metadata set last
 
+    def run(self) -> None:
+        before, after = self.before, self.after
+        gone = [p for p in before if p not in after or _replaced(before[p], after[p])]
+        for path in _topmost(sorted(gone)):
+            self.remove(path, whiteout=True)
+        for path in sorted(after):  # parents before children
+            st = after[path]
+            new = path not in before or _replaced(before[path], st)
+            if not new and st.st_ctime_ns <= self.clone.since_ns:
+                continue
+            if self.under_new_directory(path):
+                continue  # copied with it
+            self.remove(path, whiteout=False)
+            if stat.S_ISDIR(st.st_mode) and new:
+                self.add_directory(path, opaque=exists_below(self.root, path))
+            elif stat.S_ISDIR(st.st_mode):
+                self.directory(path)
+            else:
+                self.directory(os.path.dirname(path))
+                self.add_leaf(path, st)
+        # Children first: what was laid into a directory moved its mtime.
+        for path in sorted(self.directories, reverse=True):
+            _copy_metadata(os.path.join(self.clone.path, path),
+                           os.path.join(self.root.upper, path), after[path])
 
-def _upper_parents(root: Root, path: str) -> None:
-    """The upper's directories down to `path`'s parent (plain, merging with below)."""
-    parent = os.path.dirname(path)
-    if parent and not os.path.isdir(os.path.join(root.upper, parent)):
-        _upper_parents(root, parent)
-        os.mkdir(os.path.join(root.upper, parent), 0o755)
+    def under_new_directory(self, path: str) -> bool:
+        parent = os.path.dirname(path)
+        while parent:
+            if parent not in self.before or _replaced(self.before[parent], self.after[parent]):
+                return True
+            parent = os.path.dirname(parent)
+        return False
 
-
-def _upper_directory(clone: Clone, path: str) -> None:
-    """The upper has a directory at `path` (merging with below), with the clone's metadata."""
-    if not path:
-        return
-    upper = os.path.join(clone.root.upper, path)
-    if os.path.isdir(upper) and not os.path.islink(upper):
-        return
-    _upper_parents(clone.root, path)
-    os.mkdir(upper, 0o700)
-    st = os.lstat(os.path.join(clone.path, path))
-    _copy_metadata(os.path.join(clone.path, path), upper, st)
-
-
-def _add_directory(clone: Clone, path: str, st: os.stat_result, opaque: bool,
-                   linked: dict[int, str]) -> None:
-    _upper_parents(clone.root, path)
-    upper = os.path.join(clone.root.upper, path)
-    os.mkdir(upper, 0o700)
-    if opaque:
-        make_opaque(upper)
-    source = os.path.join(clone.path, path)
-    for entry in sorted(os.scandir(source), key=lambda e: e.name):
-        child = os.path.join(path, entry.name)
-        child_st = entry.stat(follow_symlinks=False)
-        if entry.is_dir(follow_symlinks=False):
-            _add_directory(clone, child, child_st, opaque=False, linked=linked)
-        else:
-            _add_leaf(clone, child, child_st, linked)
-    _copy_metadata(source, upper, st)
-
-
-def _add_leaf(clone: Clone, path: str, st: os.stat_result, linked: dict[int, str]) -> None:
-    upper = os.path.join(clone.root.upper, path)
-    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-        first = linked.get(st.st_ino)
-        if first is not None:
-            os.link(os.path.join(clone.root.upper, first), upper)
+    def remove(self, path: str, whiteout: bool) -> None:
+        """The upper's entry at `path` goes (a directory the job kept stays); with
+        `whiteout`, a whiteout hides what is below, if anything is."""
+        upper = os.path.join(self.root.upper, path)
+        if not whiteout and os.path.isdir(upper) and not os.path.islink(upper) and \
+                stat.S_ISDIR(self.after[path].st_mode) and path in self.before and \
+                not _replaced(self.before[path], self.after[path]):
             return
-        linked[st.st_ino] = path
-    _Copier(lambda n: None).entry(os.path.join(clone.path, path), upper)
+        remove_tree(upper)
+        if whiteout and exists_below(self.root, path):
+            self.directory(os.path.dirname(path))
+            make_whiteout(upper)
 
+    def directory(self, path: str) -> None:
+        """The upper has a directory at `path`, merging with what is below."""
+        if not path:
+            return
+        self.directories.add(path)
+        upper = os.path.join(self.root.upper, path)
+        if not os.path.isdir(upper) or os.path.islink(upper):
+            self.directory(os.path.dirname(path))
+            os.mkdir(upper, 0o700)
+
+    def add_directory(self, path: str, opaque: bool) -> None:
+        """A directory the job made (over one below: opaque), with all it holds."""
+        self.directory(os.path.dirname(path))
+        upper = os.path.join(self.root.upper, path)
+        os.mkdir(upper, 0o700)
+        self.directories.add(path)
+        if opaque:
+            make_opaque(upper)
+        for entry in sorted(os.scandir(os.path.join(self.clone.path, path)),
+                            key=lambda e: e.name):
+            child = os.path.join(path, entry.name)
+            if entry.is_dir(follow_symlinks=False):
+                self.add_directory(child, opaque=False)
+            else:
+                self.add_leaf(child, entry.stat(follow_symlinks=False))
+
+    def add_leaf(self, path: str, st: os.stat_result) -> None:
+        upper = os.path.join(self.root.upper, path)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            first = self.linked.get(st.st_ino)
+            if first is not None:
+                os.link(os.path.join(self.root.upper, first), upper)
+                return
+            self.linked[st.st_ino] = path
+        _Copier(lambda n: None).entry(os.path.join(self.clone.path, path), upper)

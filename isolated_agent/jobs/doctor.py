@@ -30,6 +30,7 @@ from isolated_agent.errors import AgentctlError, IsolationError
 from isolated_agent.system import libc
 from isolated_agent.system.cgroup import DELEGATE_HINT, Limits, limits_problem, own_group
 from isolated_agent.system.mountinfo import read_mountinfo
+from isolated_agent.system.trees import remove_tree
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 ENGINES = ("kernel", "fuse", "filter", "copy")
@@ -287,19 +288,7 @@ def _probe_dirs(base: str | None):  # type: ignore[no-untyped-def]
             f.write("lower\n")
         yield dirs
     finally:
-        _remove_tree(top)
-
-
-def _remove_tree(top: str) -> None:
-    """rm -rf, also of the mode-000 directory overlayfs leaves in its workdir."""
-    def writable_again(function: object, path: str, info: object) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(path), 0o700)
-            os.chmod(path, 0o700)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
-
-    shutil.rmtree(top, onerror=writable_again)
+        remove_tree(top)
 
 
 # -- the store's filesystem -----------------------------------------------------------------------

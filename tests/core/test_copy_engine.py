@@ -34,8 +34,10 @@ def test_recorded_clone_reads_back_through_overlayfs(project: Path, store_home: 
     made = clone.materialize(root, str(disk_dir / "clone"))
     assert (disk_dir / "clone" / "before.txt").read_text() == "before\n"
     assert not (disk_dir / "clone" / "src" / "pkg" / "__init__.py").exists()
-    subprocess.run(["sh", "-c", WORKLOAD + "rm before.txt\n"], cwd=disk_dir / "clone",
-                   check=True)
+    # ... then a directory made anew where the host has one (the old one kept, so its inode
+    # is not reused): opaque over the host's.
+    extra = "rm before.txt\nmv src src.old && mkdir src && echo n > src/n\n"
+    subprocess.run(["sh", "-c", WORKLOAD + extra], cwd=disk_dir / "clone", check=True)
     expected = manifest_of(disk_dir / "clone")
     clone.record(made)
     seen = subprocess.run([os.sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "c",
