@@ -299,7 +299,7 @@ LAUNCHER = textwrap.dedent(
     from pathlib import Path
     scratch, nocgroup, argv = Path(sys.argv[1]), sys.argv[2] == "1", json.loads(sys.argv[3])
     if nocgroup:
-        launcher.JobCgroup.create = staticmethod(lambda label: None)
+        launcher.JobCgroup.create = staticmethod(lambda label, limits=None: None)
     sys.exit(launcher.run_job(job_spec(scratch, argv)))
     """
 )

@@ -3,8 +3,8 @@ every engine where it applies, bounded in time and count, and it cleans up after
 
 `hostile` runs a job through `agentctl run --engine E` over a project on the disk (not under
 /tmp, which a namespaced job sees private, and where the filter engine refuses a store). The
-filter runs no root job, so its jobs are run by the unprivileged user, who owns the battery's
-files; after each such run the user's filter daemon is stopped, so that the test (root) can
+filter and copy engines run no root job, so their jobs are run by the unprivileged user, who
+owns the battery's files; after each such run the user's filter daemon is stopped, so that the test (root) can
 look at the host's files again (a user's FUSE mount is that user's alone).
 """
 
@@ -26,7 +26,9 @@ from tests.conftest import DISK_SCRATCH_PREFIX, USER, user_agentctl
 from tests.filter.conftest import stop_filter_daemons
 from tests.guard.conftest import guards  # noqa: F401 - the guard battery's fixture
 
-ENGINES = ("kernel", "fuse", "filter")
+ENGINES = ("kernel", "fuse", "filter", "copy")
+# Engines without namespaces run no root job: their jobs are run by the unprivileged user.
+USER_ENGINES = ("filter", "copy")
 
 
 @dataclass
@@ -86,7 +88,7 @@ def hostile(request: pytest.FixtureRequest) -> Iterator[Hostile]:
     battery.project.mkdir()
     battery.outside.mkdir()
     (battery.project / "a.txt").write_text("host\n")
-    if battery.engine == "filter":
+    if battery.engine in USER_ENGINES:
         request.getfixturevalue("unprivileged_user")
         request.getfixturevalue("fuse_open_to_users")
         battery.package = request.getfixturevalue("package_copy")

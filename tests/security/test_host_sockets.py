@@ -136,8 +136,8 @@ CONNECT_ONE = "import socket; socket.socket(socket.AF_UNIX).connect({!r})"
 
 def test_sockets_in_the_project_and_tmp_work(hostile: Hostile) -> None:
     script = r"""
-import os, socket, sys
-for path in ("in-project.sock", sys.argv[1]):
+import os, socket, sys, tempfile
+for path in ("in-project.sock", os.path.join(tempfile.gettempdir(), sys.argv[1])):
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen()
@@ -147,8 +147,9 @@ for path in ("in-project.sock", sys.argv[1]):
     client.sendall(b"ping")
     print(path, conn.recv(4))
 """
-    # /tmp is the job's own on the namespaced engines, the host's under the filter.
-    result = hostile.run("python3", "-c", script, f"/tmp/ia-{uuid.uuid4().hex[:8]}.sock")
+    # The job's tmp: its own /tmp on the namespaced engines, the host's under the filter, its
+    # TMPDIR under the copy engine.
+    result = hostile.run("python3", "-c", script, f"ia-{uuid.uuid4().hex[:8]}.sock")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("b'ping'") == 2, result.stdout
 
@@ -194,13 +195,15 @@ def test_a_symlink_to_a_host_socket_reaches_nothing(
     """The job names the host's socket through a symlink of its own, in the project and in
     /tmp: what counts is the socket reached, not the name given."""
     script = CONNECT.replace("for address in sys.argv[1:]:", (
-        "import os\n"
+        "import os, tempfile\n"
+        "in_tmp = os.path.join(tempfile.gettempdir(), sys.argv[2])\n"
         "os.symlink(sys.argv[1], 'link.sock')\n"
-        "os.symlink(sys.argv[1], sys.argv[2])\n"
-        "for address in ('link.sock', sys.argv[2]):"))
-    link = f"/tmp/ia-link-{uuid.uuid4().hex[:8]}.sock"
+        "os.symlink(sys.argv[1], in_tmp)\n"
+        "for address in ('link.sock', in_tmp):"))
+    name = f"ia-link-{uuid.uuid4().hex[:8]}.sock"
+    link = f"/tmp/{name}"  # where the filter's job makes it (the host's /tmp)
     try:
-        result = hostile.run("python3", "-c", script, daemons["path"], link)
+        result = hostile.run("python3", "-c", script, daemons["path"], name)
     finally:
         Path(link).unlink(missing_ok=True)
     assert result.returncode == 0, result.stderr

@@ -57,7 +57,7 @@ attempt("removexattr", lambda: os.removexattr(target, "user.kept"))
 attempt("chattr-nodump", lambda: fcntl.ioctl(fd, 0x40086602, struct.pack("=i", 0x40)))
 """
 
-FILTER_ONLY = pytest.mark.parametrize("hostile", ["filter"], indirect=True)
+WITHOUT_NAMESPACES = pytest.mark.parametrize("hostile", ["filter", "copy"], indirect=True)
 
 
 def _verdicts(output: str) -> dict[str, str]:
@@ -106,9 +106,9 @@ print(oct(st.st_mode & 0o7777), int(st.st_mtime), os.getxattr("a.txt", "user.tag
     assert os.listxattr(host) == []
 
 
-@FILTER_ONLY
+@WITHOUT_NAMESPACES
 def test_the_shared_tmp_itself_is_the_hosts(hostile: Hostile) -> None:
-    """Under the filter /tmp is the host's: beneath it the job's files are its own, but the
+    """Without namespaces /tmp is the host's: beneath it the job's files are its own, but the
     directory itself keeps its mode."""
     script = r"""
 import os, tempfile
@@ -129,7 +129,7 @@ os.unlink(name)
     assert os.stat("/tmp").st_mode == mode
 
 
-@FILTER_ONLY
+@WITHOUT_NAMESPACES
 def test_racing_the_path_after_the_check_changes_nothing(hostile: Hostile) -> None:
     """A second thread rewrites the path between the keeper's read and the kernel's: the
     keeper reads the job's memory once and acts on what it opened, so the outside file is
