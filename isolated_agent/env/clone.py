@@ -22,6 +22,7 @@ the next one (`recover`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -30,15 +31,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from isolated_agent.env.store import Root
-from isolated_agent.overlay.copyup import copy_data, copy_xattrs
+from isolated_agent.overlay.copyup import copy_data
 from isolated_agent.overlay.format import (
     is_opaque_dir,
+    is_private_xattr,
     is_whiteout,
     make_opaque,
     make_whiteout,
 )
 from isolated_agent.system import libc
 from isolated_agent.system.trees import remove_tree
+
+# Files above this size are copied extent by extent, holes kept (copy_data); smaller ones whole.
+_SPARSE_MINIMUM = 1 << 20
 
 Progress = Callable[[int], None]  # called with the number of entries copied since last call
 
@@ -74,8 +79,7 @@ def materialize(root: Root, target: str, progress: Progress | None = None) -> Cl
     copier.tree(root.path, target)
     for layer in (*reversed(root.layers), root.upper):  # bottom first, the upper last
         copier.lay(layer, target)
-    entries = {rel: (st.st_ino, stat.S_IFMT(st.st_mode)) for rel, st in _walk(target)}
-    return Clone(root, target, entries, _ctime_barrier(os.path.dirname(target)))
+    return Clone(root, target, _inventory(target), _ctime_barrier(os.path.dirname(target)))
 
 
 def load(manifest: str, root: Root) -> Clone | None:
@@ -115,6 +119,7 @@ class _Copier:
     def __init__(self, tick: Progress) -> None:
         self.tick = tick
         self.linked: dict[tuple[int, int], str] = {}  # source (dev, inode) -> first copy
+        self.reflinks = True  # until the filesystem says it cannot share extents
 
     def tree(self, source: str, target: str) -> None:
         st = os.lstat(source)
@@ -139,14 +144,51 @@ class _Copier:
                     os.link(first, target)
                     return
                 self.linked[(st.st_dev, st.st_ino)] = target
-            _copy_file(source, target, st)
-        elif kind == stat.S_IFLNK:
+            self.file(source, target, st)
+            return
+        if kind == stat.S_IFLNK:
             os.symlink(os.readlink(source), target)
         elif kind == stat.S_IFIFO:
             os.mkfifo(target, 0o600)
         else:
             return  # sockets and devices: nothing a job can use from a copy
         _copy_metadata(source, target, st)
+
+    def file(self, source: str, target: str, st: os.stat_result) -> None:
+        """A regular file, its data (shared extents where the filesystem can) and metadata
+        through the two descriptors: no lookup by name beyond the two opens."""
+        src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o600)
+            try:
+                self.data(src, dst, st.st_size)
+                _copy_xattrs(src, dst)
+                os.chmod(dst, stat.S_IMODE(st.st_mode))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def data(self, src: int, dst: int, size: int) -> None:
+        if size == 0:
+            return
+        if self.reflinks:
+            try:
+                libc.ficlone(dst, src)
+                return
+            except OSError:
+                self.reflinks = False  # one answer is enough: this filesystem cannot
+        if size > _SPARSE_MINIMUM:
+            copy_data(src, dst, size)  # keeps holes
+            return
+        done = 0
+        while done < size:
+            copied = os.copy_file_range(src, dst, size - done)
+            if copied == 0:
+                break  # the source got shorter
+            done += copied
 
     def replace(self, source: str, target: str) -> None:
         """`target` becomes a copy of `source` (whatever was at `target` goes)."""
@@ -180,42 +222,63 @@ class _Copier:
                 os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _copy_file(source: str, target: str, st: os.stat_result) -> None:
-    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o600)
-        try:
-            try:
-                libc.ficlone(dst, src)
-            except OSError:
-                copy_data(src, dst, st.st_size)
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
-
-
 def _copy_metadata(source: str, target: str, st: os.stat_result) -> None:
     """Mode, user xattrs (never the overlay's own) and times; owners stay the caller's."""
     if not stat.S_ISLNK(st.st_mode):
-        src = os.open(source, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        dst = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            copy_xattrs(src, dst)
-        finally:
-            os.close(src)
-            os.close(dst)
+        _copy_xattrs(source, target)
         os.chmod(target, stat.S_IMODE(st.st_mode))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
-def _walk(top: str) -> Iterator[tuple[str, os.stat_result]]:
+def _copy_xattrs(source: str | int, target: str | int) -> None:
+    """Every xattr but the overlay's own (paths are not followed if symlinks; fds too)."""
+    try:
+        names = os.listxattr(source)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return
+        raise
+    for name in names:
+        if is_private_xattr(name):
+            continue
+        try:
+            value = os.getxattr(source, name)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                continue  # vanished, or a namespace we may list but not read
+            raise
+        os.setxattr(target, name, value)
+
+
+def _inventory(top: str, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """relative path -> (inode, file type) of every entry below `top`, from the listings
+    alone (d_ino and d_type: no stat, but where the filesystem does not give the type)."""
+    found: dict[str, tuple[int, int]] = {}
+    with os.scandir(top) as listing:
+        for entry in listing:
+            path = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                found[path] = (entry.inode(), stat.S_IFDIR)
+                found.update(_inventory(entry.path, path + "/"))
+            elif entry.is_symlink():
+                found[path] = (entry.inode(), stat.S_IFLNK)
+            elif entry.is_file(follow_symlinks=False):
+                found[path] = (entry.inode(), stat.S_IFREG)
+            else:
+                found[path] = (entry.inode(), stat.S_IFMT(entry.stat(follow_symlinks=False)
+                                                          .st_mode))
+    return found
+
+
+def _walk(top: str, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of every entry below `top`, parents before children."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            yield os.path.relpath(path, top), os.lstat(path)
+    with os.scandir(top) as listing:
+        entries = list(listing)
+    for entry in entries:
+        path = prefix + entry.name
+        yield path, entry.stat(follow_symlinks=False)
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path, path + "/")
 
 
 # -- recording ------------------------------------------------------------------------------------

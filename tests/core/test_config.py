@@ -86,7 +86,10 @@ def test_a_file_others_may_write_is_refused(config_home: Path) -> None:
     with pytest.raises(UsageError, match=f"{re.escape(str(path.parent))} is writable by others"):
         settings.load()
     path.parent.chmod(0o755)
-    os.chown(path, 12345, 12345)
+
+def test_a_file_of_another_user_is_refused(config_home: Path) -> None:
+    path = write_config(config_home, '[run]\nengine = "fuse"\n')
+    os.chown(path, 12345, 12345)  # root makes it another user's
     with pytest.raises(UsageError, match="belongs to uid 12345, not to you"):
         settings.load()
 

@@ -4,8 +4,8 @@ every engine where it applies, bounded in time and count, and it cleans up after
 `hostile` runs a job through `agentctl run --engine E` over a project on the disk (not under
 /tmp, which a namespaced job sees private, and where the filter engine refuses a store). The
 filter and copy engines run no root job, so their jobs are run by the unprivileged user, who
-owns the battery's files; after each such run the user's filter daemon is stopped, so that the test (root) can
-look at the host's files again (a user's FUSE mount is that user's alone).
+owns the battery's files; after each such run the user's filter daemon is stopped, so that the
+test (root) can look at the host's files again (a user's FUSE mount is that user's alone).
 """
 
 from __future__ import annotations
