@@ -81,14 +81,14 @@ STATES = ("second", "steady")
 # -- the changes, one run each -------------------------------------------------------------------
 
 
-def change_scripts(tree: str, count: int = DEPTH) -> list[str]:
+def change_scripts(tree: str, count: int | None = None) -> list[str]:
     """`count` shell scripts, each editing 20 files spread over the tree, adding one and
     deleting one (the same in every setup)."""
     files = sorted(os.path.relpath(os.path.join(d, n), tree) for d, _, names in os.walk(tree)
                    if ".git" not in os.path.relpath(d, tree).split(os.sep) for n in names)
     deleted = set()
     scripts = []
-    for layer in range(count):
+    for layer in range(DEPTH if count is None else count):
         edited = [f for f in files[layer::97] if f not in deleted][:20]
         gone = next(f for f in files[layer * 13 + 5:] if f not in deleted and f not in edited)
         deleted.add(gone)
@@ -329,8 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="repetitions of the view and commit parts")
     p.add_argument("--workload", action="append", choices=[w.name for w in VIEW_WORKLOADS])
     p.add_argument("--engine", action="append", choices=["kernel", "fuse"])
+    p.add_argument("--depth", type=int, default=DEPTH,
+                   help="how many change runs, each frozen into a layer of its own (default 32)")
     p.add_argument("--json", nargs="?", const="", metavar="FILE")
     args = p.parse_args(argv)
+    global DEPTH
+    DEPTH = args.depth
     if os.geteuid() != 0:
         print("stack_bench: run as root (it drops caches and mounts)", file=sys.stderr)
         return 2

@@ -46,6 +46,12 @@ from isolated_agent.system.durable import fsync_dir, sync_filesystem
 # options name every layer.
 SQUASH_DEPTH = 32
 
+# The kernel's overlayfs frees a merged directory's listing at its last close and rebuilds it
+# from every layer at the next open (ovl_cache_put), so listing-heavy work (git status, find)
+# slows with depth: 1.19–1.26x at 32 layers. `run --engine kernel` squashes an env's private
+# layers before it mounts a stack deeper than this (benchmarks/README-stack.md).
+KERNEL_DEPTH = 8
+
 
 @dataclass(frozen=True)
 class Squashed:

@@ -17,6 +17,7 @@ from isolated_agent.engines import Engine, HostSide, problems, select_engine
 from isolated_agent.engines.copy import CopyEngine, Progress, recover
 from isolated_agent.engines.filter.identity import start_time
 from isolated_agent.engines.id_swap import id_swap_for
+from isolated_agent.env.squash import KERNEL_DEPTH, squash_locked
 from isolated_agent.env.store import Env, Store, is_within, show_host_root
 from isolated_agent.errors import EnvNotFound, IsolationError, UsageError
 from isolated_agent.jobs import registry
@@ -234,6 +235,15 @@ def _user_name(uid: int) -> str:
     return f"uid {uid}"
 
 
+def _squashed(store: Store, env: Env, notify: Notify) -> Env:
+    """The env with its private layers merged into one (KERNEL_DEPTH), under its lock."""
+    done = squash_locked(store, env)
+    if done is not None:
+        notify(f"squashed the {len(done.merged)} layers of env {env.name} into one: the kernel "
+               f"engine reads stacks deeper than {KERNEL_DEPTH} slower")
+    return store.get(env.id)
+
+
 def _tell_copy(env: Env, engine: CopyEngine, notify: Notify) -> None:
     """Once per run: the copy engine does not show the project at its real path."""
     if engine.fallback_from is not None:
@@ -277,6 +287,8 @@ def run(store: Store, request: RunRequest, notify: Notify,
             # Its stack as it is now that nobody else may change it: a rollback or checkpoint
             # may have come between resolving the env and taking its lock.
             env = store.get(env.id)
+            if engine.name == "kernel" and len(env.layers) > KERNEL_DEPTH:
+                env = _squashed(store, env, notify)
             spec = _job_spec(store, env, engine, request, allows, rootless)
             notify(f"env {env.name}, {engine.name} engine")
             if isinstance(engine, CopyEngine):

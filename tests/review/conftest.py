@@ -78,10 +78,11 @@ class Workspace:
     store_home: Path
     tmp: Path
 
-    def run(self, script: str, env: str = "e1", cwd: Path | None = None) -> None:
+    def run(self, script: str, env: str = "e1", cwd: Path | None = None,
+            engine: str = "auto") -> None:
         """Run a shell workload in the env, for real."""
         result = self.agentctl(
-            "run", "-q", "--env", env, "--", "sh", "-c", script,
+            "run", "-q", "--env", env, "--engine", engine, "--", "sh", "-c", script,
             cwd=cwd or self.project, timeout=300,
         )
         assert result.returncode == 0, result.stderr

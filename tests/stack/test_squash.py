@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from isolated_agent.env.changeset import read_changeset
-from isolated_agent.env.squash import SQUASH_DEPTH
+from isolated_agent.env.squash import KERNEL_DEPTH, SQUASH_DEPTH
 from isolated_agent.env.stack import checkpoint
 from isolated_agent.env.store import Store
 from tests.review.conftest import Workspace, copy_tree, tree_state
@@ -93,3 +93,29 @@ def test_a_stack_never_grows_past_the_squash_depth(ws: Workspace) -> None:
         cwd=ws.project).stdout)
     assert "f32" in listing and "README.md" in listing
     assert (ws.project / "README.md").read_text() == "# demo\n"
+
+
+def test_the_kernel_engine_squashes_a_stack_deeper_than_it_reads_fast(ws: Workspace) -> None:
+    """Past KERNEL_DEPTH layers a kernel-engine run merges the env's own layers first (the
+    overlay rebuilds merged listings from every layer); agentfs reads deep stacks at speed and
+    leaves them."""
+    ws.run("true")
+    store = Store(str(ws.store_home))
+    for number in range(KERNEL_DEPTH + 1):
+        env = store.get("e1")
+        (Path(env.roots[0].upper) / f"f{number}").write_text(f"{number}\n")
+        checkpoint(store, env)
+    listing = "import json, os; print(json.dumps(sorted(os.listdir('.'))))"
+    on_fuse = ws.agentctl("run", "--env", "e1", "--engine", "fuse", "--", "python3", "-c",
+                          listing, cwd=ws.project)
+    assert on_fuse.returncode == 0, on_fuse.stderr
+    assert "squashed" not in on_fuse.stderr
+    assert len(store.get("e1").layers) == KERNEL_DEPTH + 1
+    on_kernel = ws.agentctl("run", "--env", "e1", "--engine", "kernel", "--", "python3", "-c",
+                            listing, cwd=ws.project)
+    assert on_kernel.returncode == 0, on_kernel.stderr
+    assert f"squashed the {KERNEL_DEPTH + 1} layers of env e1 into one" in on_kernel.stderr
+    assert len(store.get("e1").layers) == 1
+    assert json.loads(on_kernel.stdout) == json.loads(on_fuse.stdout)
+    assert len(store.catalog.checkpoints(store.get("e1").id)) == KERNEL_DEPTH + 1  # all kept
+    store.close()
