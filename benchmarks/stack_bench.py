@@ -285,6 +285,69 @@ def report_live(live: dict[str, Any]) -> None:
                   f"{slowest[0] / 1000:.2f}–{slowest[-1] / 1000:.2f} ms"]])
 
 
+# -- depth: what the kernel's overlay pays per layer ----------------------------------------------
+
+DEPTH_WORKLOADS = {
+    "walk+stat": "find . -path ./.git -prune -o -printf '%s %T@\\n' > /dev/null",
+    "grep -r": "grep -rn --exclude-dir=.git -e get_response . > /dev/null",
+    "read all": "find . -path ./.git -prune -o -type f -print0 | xargs -0 cat > /dev/null",
+    "git status": "git status --porcelain > /dev/null",
+}
+
+
+def measure_depths(ctx: BenchContext, depths: list[int], reps: int,
+                   agentctl: str) -> dict[str, dict[int, list[float]]]:
+    """The same 32 change runs frozen into each of `depths` layers (a checkpoint every
+    32/depth runs, through agentfs, which never squashes), each stack mounted by hand as the
+    kernel engine mounts it and kept mounted; every workload timed `reps` times on each, the
+    depths interleaved (their order reversed every other round), after two settling runs."""
+    mounts: dict[int, str] = {}
+    for depth in depths:
+        environ = {**os.environ, "ISOLATED_AGENT_HOME": os.path.join(ctx.workdir, f"d{depth}")}
+        for number, script in enumerate(change_scripts(ctx.lower, 32), start=1):
+            sh([agentctl, "run", "-q", "--env", "e", "--engine", "fuse", "--no-default-allows",
+                "--", "sh", "-c", script], env=environ, cwd=ctx.lower)
+            if number % (32 // depth) == 0:
+                sh([agentctl, "checkpoint", "e"], env=environ)
+        store = Store(environ["ISOLATED_AGENT_HOME"])
+        root = store.get("e").roots[0]
+        store.close()
+        assert len(root.layers) == depth, (depth, len(root.layers))
+        mounts[depth] = os.path.join(ctx.workdir, f"mnt{depth}")
+        os.makedirs(mounts[depth])
+        options = ",".join(("lowerdir=" + ":".join([*root.layers, ctx.lower]),
+                            f"upperdir={root.upper}", f"workdir={root.work}", "userxattr"))
+        sh(["mount", "-t", "overlay", "overlay", "-o", options, mounts[depth]])
+    times: dict[str, dict[int, list[float]]] = {}
+    try:
+        for name, command in DEPTH_WORKLOADS.items():
+            times[name] = {depth: [] for depth in depths}
+            for depth in depths:
+                for _ in range(2):
+                    sh(["sh", "-c", command], cwd=mounts[depth])
+            for rep in range(reps):
+                for depth in (depths if rep % 2 == 0 else list(reversed(depths))):
+                    ctx.gate.wait()
+                    place = mounts[depth]
+                    times[name][depth].append(timed(
+                        lambda c=command, p=place: sh(["sh", "-c", c], cwd=p)))
+    finally:
+        for mount_point in mounts.values():
+            subprocess.run(["umount", mount_point], check=False)
+    return times
+
+
+def report_depths(times: dict[str, dict[int, list[float]]]) -> None:
+    rows = []
+    for name, by_depth in times.items():
+        one = statistics.median(by_depth[1])
+        medians = [statistics.median(v) for v in by_depth.values()]
+        rows.append([name, *(f"{m / one:.2f}× ({format_seconds(m)})" for m in medians)])
+    depths = list(next(iter(times.values())))
+    print_table("the kernel's overlay by stack depth, against 1 layer (median, mounts kept)",
+                ["workload", *(f"{d} layers" for d in depths)], rows, left=1)
+
+
 # -- commit -------------------------------------------------------------------------------------
 
 
@@ -315,8 +378,9 @@ def _commit_once(ctx: BenchContext, agentctl: str, layered: bool) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global DEPTH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--part", action="append", choices=["ops", "live", "view", "commit"])
+    p.add_argument("--part", action="append", choices=["ops", "live", "view", "depth", "commit"])
     p.add_argument("--tree", help="benchmark this tree instead of the Django sdist")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--scratch-dir", metavar="DIR",
@@ -329,11 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3, help="repetitions of the view and commit parts")
     p.add_argument("--workload", action="append", choices=[w.name for w in VIEW_WORKLOADS])
     p.add_argument("--engine", action="append", choices=["kernel", "fuse"])
+    p.add_argument("--depth-reps", type=int, default=25,
+                   help="rounds of the depth part (each times every depth once)")
     p.add_argument("--depth", type=int, default=DEPTH,
                    help="how many change runs, each frozen into a layer of its own (default 32)")
     p.add_argument("--json", nargs="?", const="", metavar="FILE")
     args = p.parse_args(argv)
-    global DEPTH
     DEPTH = args.depth
     if os.geteuid() != 0:
         print("stack_bench: run as root (it drops caches and mounts)", file=sys.stderr)
@@ -363,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         if "live" in parts:
             payload["live"] = measure_live(workdir, agentctl, args.live_checkpoints)
             report_live(payload["live"])
-        if "view" in parts or "commit" in parts:
+        if "view" in parts or "commit" in parts or "depth" in parts:
             print(f"preparing {source} -> {workdir} ...", file=sys.stderr)
             ctx.prepare()
             os.environ.update(GIT_ENV)
@@ -381,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             names = [s.name for s in setups]
             report(results, names, payload, [(f"{e}-{DEPTH}", f"{e}-1") for e in
                                              args.engine or ["kernel", "fuse"]])
+        if "depth" in parts:
+            depths = [1, 4, 8, 32]
+            payload["depth"] = {name: {str(d): v for d, v in by_depth.items()} for name, by_depth
+                                in measure_depths(ctx, depths, args.depth_reps, agentctl).items()}
+            report_depths({name: {int(d): v for d, v in by_depth.items()}
+                           for name, by_depth in payload["depth"].items()})
         if "commit" in parts:
             commits = measure_commit(ctx, args.reps, agentctl)
             payload["commit"] = commits
