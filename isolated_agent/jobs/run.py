@@ -24,13 +24,7 @@ from isolated_agent.jobs import registry
 from isolated_agent.jobs.host_sockets import is_socket
 from isolated_agent.jobs.launcher import Job, JobSpec, JoinTarget, run_job
 from isolated_agent.jobs.sandbox import PRIVATE_DIRS, SandboxSpec
-from isolated_agent.system.cgroup import (
-    DELEGATE_HINT,
-    LIMITS_STEP,
-    Limits,
-    limits_problem,
-    sweep_stale_groups,
-)
+from isolated_agent.system.cgroup import Limits, delegate_limits, sweep_stale_groups
 
 # Where coding agents and package managers keep state and caches: writable by default, so that an
 # agent can log in, cache and remember. A missing directory is made for the job (a new user's
@@ -262,8 +256,11 @@ def run(store: Store, request: RunRequest, notify: Notify,
     if not request.argv:
         raise UsageError("no command given: agentctl run [OPTIONS] -- CMD [ARGS...]")
     sweep_stale_groups()
-    if request.limits and (problem := limits_problem(request.limits)) is not None:
-        raise IsolationError(LIMITS_STEP, problem, f"{DELEGATE_HINT}; {DOCTOR_HINT}")
+    if request.limits:
+        try:
+            delegate_limits(request.limits)
+        except IsolationError as e:
+            raise IsolationError(e.step, e.detail, f"{e.hint}; {DOCTOR_HINT}") from None
     rootless = os.geteuid() != 0
     try:
         engine = select_engine(request.engine, rootless, store)

@@ -85,7 +85,7 @@ class JobCgroup:
         """Make the group beside our own cgroup, or return None when no writable v2 subtree
         exists (then the job is contained by its pid namespace alone). With limits, set them
         or raise IsolationError."""
-        parent = _parent_for_limits(limits) if limits else own_group()
+        parent = delegate_limits(limits) if limits else own_group()
         if parent is None:
             return None
         path = os.path.join(parent, f"isolated-agent-{label}-{os.getpid()}")
@@ -139,11 +139,19 @@ class JobCgroup:
                 time.sleep(0.005)
 
 
+_LAUNCHER_LEAF = "isolated-agent-launcher-"
+
+
 def own_group() -> str | None:
+    """Our cgroup v2 group's directory — the group above, when we sit in the leaf we stepped
+    into to enable controllers (`delegate_limits`)."""
     mount, own = v2_mount_point(), own_v2_path()
     if mount is None or own is None:
         return None
-    return os.path.normpath(os.path.join(mount, own.lstrip("/")))
+    group = os.path.normpath(os.path.join(mount, own.lstrip("/")))
+    if os.path.basename(group) == f"{_LAUNCHER_LEAF}{os.getpid()}":
+        return os.path.dirname(group)
+    return group
 
 
 def _read_words(path: str) -> list[str]:
@@ -169,8 +177,10 @@ def limits_problem(limits: Limits) -> str | None:
     return None
 
 
-def _parent_for_limits(limits: Limits) -> str:
-    """Our cgroup, with the limits' controllers enabled for its children."""
+def delegate_limits(limits: Limits) -> str:
+    """Our cgroup, with the limits' controllers enabled for its children; raises
+    IsolationError when that cannot be. Called before anything is started beside us (an
+    engine's daemons would share our cgroup and keep the kernel from enabling them)."""
     problem = limits_problem(limits)
     if problem is not None:
         raise IsolationError(LIMITS_STEP, problem, DELEGATE_HINT)
@@ -183,7 +193,7 @@ def _parent_for_limits(limits: Limits) -> str:
     if _read_words(os.path.join(parent, "cgroup.procs")) == [str(os.getpid())]:
         # Alone in our cgroup (a scope of our own): step into a leaf, so the parent holds
         # no process and may enable controllers for its children.
-        leaf = os.path.join(parent, f"isolated-agent-launcher-{os.getpid()}")
+        leaf = os.path.join(parent, f"{_LAUNCHER_LEAF}{os.getpid()}")
         with contextlib.suppress(OSError):
             os.mkdir(leaf)
             with open(os.path.join(leaf, "cgroup.procs"), "w") as f:
