@@ -8,9 +8,11 @@ restriction is inherited by every descendant across fork and exec and can only b
 The policy, built for whatever Landlock ABI the kernel offers:
 
     - every filesystem right the ABI knows is handled, so nothing is allowed by omission;
-    - read, list and execute everywhere but the host's devices: the job runs the host's
-      programs and reads its files; of /dev it may read only DEVICES (a user in the disk or
-      input group may read the raw disks, and /dev/input's keyboards), and list it;
+    - read, list and execute everywhere but the host's devices and the store: the job runs the
+      host's programs and reads its files; of /dev it may read only DEVICES (a user in the disk
+      or input group may read the raw disks, and /dev/input's keyboards), and list it; the
+      store (other envs' changes, the backups of deleted files) it may not read at all, but for
+      what of it is its own to write (the copy engine's clones);
     - every right beneath each write path: the managed roots (filter mounts by then, where the
       filter daemon decides what a write does), the user's --allow paths, and what a shell, git
       or python needs to work at all (DEFAULT_WRITE_PATHS);
@@ -30,6 +32,7 @@ import os
 import stat
 from collections.abc import Sequence
 
+from isolated_agent.env.store import is_within
 from isolated_agent.errors import IsolationError
 from isolated_agent.system import libc
 
@@ -90,29 +93,49 @@ def handled_rights(abi: int) -> int:
     return rights
 
 
-def confine_job(write_paths: Sequence[str], shared_tmp: bool = True) -> None:
-    """Restrict this process and all it will run: read and execute anywhere, write only beneath
-    `write_paths` (which must exist) and DEFAULT_WRITE_PATHS (without /tmp and /dev/shm unless
-    `shared_tmp`). Raises IsolationError."""
+def confine_job(write_paths: Sequence[str], shared_tmp: bool = True,
+                unread: Sequence[str] = ()) -> None:
+    """Restrict this process and all it will run: read and execute anywhere but /dev and the
+    directories `unread` (the store: other envs' changes, the backups of deleted files), write
+    only beneath `write_paths` (which must exist; they may lie in an unread directory) and
+    DEFAULT_WRITE_PATHS (without /tmp and /dev/shm unless `shared_tmp`). Raises
+    IsolationError."""
     abi = libc.landlock_abi()
     if abi < 1:
         raise IsolationError(STEP, "Landlock is not available", _NOT_AVAILABLE_HINT)
     handled = handled_rights(abi)
     scoped = _SCOPES if abi >= 6 else 0
-    rules = _read_rules(_READ & handled)
+    rules = _read_rules(_READ & handled, ["/dev", *(os.path.realpath(p) for p in unread)])
     rules += [(path, handled, True) for path in write_paths]
     rules += [(path, handled, False) for path in DEFAULT_WRITE_PATHS
               if shared_tmp or path not in SHARED_TMP]
     _restrict(handled, scoped, rules)
 
 
-def _read_rules(read: int) -> list[tuple[str, int, bool]]:
-    """Read everywhere but /dev: listing and executing from / down, reading each top-level
-    entry but /dev, and of /dev only DEVICES."""
+def _read_rules(read: int, unread: Sequence[str]) -> list[tuple[str, int, bool]]:
+    """Read everywhere but beneath the `unread` directories (real paths), and of /dev only
+    DEVICES. Landlock grants, never denies: so each directory on the way to an unread one is
+    only listed and traversed, and each of its other entries is granted whole — decided by
+    where the entry really is, so that a symlink cannot lead a grant into an unread one."""
     reach = read & (libc.LANDLOCK_ACCESS_FS_READ_DIR | libc.LANDLOCK_ACCESS_FS_EXECUTE)
-    rules = [("/", reach, True)]
-    rules += [(os.path.join("/", name), read, False) for name in sorted(os.listdir("/"))
-              if name != "dev"]
+    rules: list[tuple[str, int, bool]] = []
+
+    def around(directory: str) -> None:
+        rules.append((directory, reach, True))
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for name in names:
+            real = os.path.realpath(os.path.join(directory, name))
+            if any(is_within(real, hidden) for hidden in unread):
+                continue
+            if any(is_within(hidden, real) for hidden in unread):
+                around(real)  # it holds an unread directory: around it too
+            else:
+                rules.append((real, read, False))
+
+    around("/")
     rules += [(device, read, False) for device in DEVICES]
     return rules
 

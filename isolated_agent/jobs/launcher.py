@@ -542,7 +542,7 @@ def _process_c(
             sandbox = spec.sandbox
             confine_job([*(root.path for root in sandbox.roots), *sandbox.allow,
                          *([sandbox.private_tmp] if sandbox.private_tmp else [])],
-                        shared_tmp=sandbox.private_tmp is None)
+                        shared_tmp=sandbox.private_tmp is None, unread=(sandbox.store,))
         install_baseline()
         if handover is not None:  # last: from here on these calls wait for the keeper
             listener = install_supervised()
