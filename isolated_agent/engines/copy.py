@@ -24,7 +24,7 @@ from typing import Protocol
 
 from isolated_agent.env import clone
 from isolated_agent.env.store import COPY_WORKSPACE, Env, Root, is_within
-from isolated_agent.errors import IsolationError
+from isolated_agent.errors import IsolationError, StoreError
 from isolated_agent.system import libc
 from isolated_agent.system.trees import remove_tree
 
@@ -133,7 +133,14 @@ def _manifest(env: Env, root: Root) -> str:
 
 def _record_and_remove(env: Env, clones: list[clone.Clone]) -> None:
     for made in clones:
-        clone.record(made)
+        try:
+            clone.record(made)
+        except OSError as e:  # the clone and its manifest stay: the next run records them
+            raise StoreError(
+                f"could not record the job's changes to {made.root.path} in env {env.name}: "
+                f"{os.strerror(e.errno or 0)}; they stay in {made.path}, and the next "
+                f"`agentctl run --env {env.name}` records them (free space first if it is "
+                "full)") from e
         os.unlink(_manifest(env, made.root))
         remove_tree(made.path)
     remove_tree(CopyEngine.workspace(env))

@@ -247,8 +247,6 @@ def _tell_copy(env: Env, engine: CopyEngine, notify: Notify) -> None:
         notify(f"copy engine: the job works in a copy of {root.path} at "
                f"{engine.clone_path(env, root)}, not at its real path; its changes go to "
                "the env when it ends")
-    if recover(env):
-        notify("recorded the changes of a copy-engine run that was killed before it could")
 
 
 def run(store: Store, request: RunRequest, notify: Notify,
@@ -284,6 +282,8 @@ def run(store: Store, request: RunRequest, notify: Notify,
             # Its stack as it is now that nobody else may change it: a rollback or checkpoint
             # may have come between resolving the env and taking its lock.
             env = store.get(env.id)
+            if recover(env):  # whatever the engine now: nothing a job wrote is left behind
+                notify("recorded the changes of a copy-engine run that could not record them")
             if engine.name == "kernel" and len(env.layers) > KERNEL_DEPTH:
                 env = _squashed(store, env, notify)
             spec = _job_spec(store, env, engine, request, allows, rootless)
@@ -297,7 +297,8 @@ def run(store: Store, request: RunRequest, notify: Notify,
                 def ready(job: Job) -> None:
                     started.append(job)
                     on_ready(job)
-                    registry.record(store.run_dir, _running(env, engine, spec, job))
+                    with contextlib.suppress(OSError):  # ps and exec are not worth a job
+                        registry.record(store.run_dir, _running(env, engine, spec, job))
 
                 try:
                     status = run_job(spec, ready)
