@@ -3,7 +3,7 @@
     $XDG_CONFIG_HOME/isolated-agent/config.toml   (default ~/.config/isolated-agent/config.toml)
 
     [run]
-    engine = "fuse"              # auto, kernel, fuse, filter
+    engine = "fuse"              # auto, kernel, fuse, filter, copy
     allow = ["~/.m2"]            # --allow, each run
     default_allows = true        # false: --no-default-allows
     allow_socket = ["/run/user/1000/gnupg/S.gpg-agent"]
@@ -32,6 +32,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from isolated_agent.engines import ENGINE_NAMES
 from isolated_agent.errors import UsageError
 from isolated_agent.system.sizes import parse_size
 
@@ -52,7 +53,7 @@ class Setting:
 
 
 SETTINGS = (
-    Setting("run", "engine", ("run",), "engine", str, ("auto", "kernel", "fuse", "filter")),
+    Setting("run", "engine", ("run",), "engine", str, ENGINE_NAMES),
     Setting("run", "allow", ("run",), "allow", list),
     Setting("run", "default_allows", ("run",), "no_default_allows", bool, inverted=True),
     Setting("run", "allow_socket", ("run",), "allow_sockets", list),

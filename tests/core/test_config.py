@@ -58,7 +58,7 @@ def test_settings_become_the_commands_defaults(config_home: Path) -> None:
 @unit
 @pytest.mark.parametrize("text,message", [
     ('[run]\nengin = "fuse"\n', "unknown setting run.engin; known: guard.exclude"),
-    ('[run]\nengine = "docker"\n', "run.engine must be one of auto, kernel, fuse, filter"),
+    ('[run]\nengine = "docker"\n', "run.engine must be one of auto, kernel, fuse, filter, copy"),
     ('[run]\nallow = "/tmp"\n', "run.allow must be a list of strings"),
     ('[run]\npids = 0\n', "run.pids must be a whole number of at least 1"),
     ('[run]\npids = true\n', "run.pids must be a whole number of at least 1"),
