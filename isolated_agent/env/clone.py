@@ -22,7 +22,6 @@ the next one (`recover`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import stat
@@ -31,10 +30,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from isolated_agent.env.store import Root
-from isolated_agent.overlay.copyup import copy_data
+from isolated_agent.overlay.copyup import copy_data, copy_xattrs_between
 from isolated_agent.overlay.format import (
     is_opaque_dir,
-    is_private_xattr,
     is_whiteout,
     make_opaque,
     make_whiteout,
@@ -163,7 +161,7 @@ class _Copier:
                           | os.O_CLOEXEC, 0o600)
             try:
                 self.data(src, dst, st.st_size)
-                _copy_xattrs(src, dst)
+                copy_xattrs_between(src, dst)
                 os.chmod(dst, stat.S_IMODE(st.st_mode))
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
@@ -225,29 +223,9 @@ class _Copier:
 def _copy_metadata(source: str, target: str, st: os.stat_result) -> None:
     """Mode, user xattrs (never the overlay's own) and times; owners stay the caller's."""
     if not stat.S_ISLNK(st.st_mode):
-        _copy_xattrs(source, target)
+        copy_xattrs_between(source, target)
         os.chmod(target, stat.S_IMODE(st.st_mode))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _copy_xattrs(source: str | int, target: str | int) -> None:
-    """Every xattr but the overlay's own (paths are not followed if symlinks; fds too)."""
-    try:
-        names = os.listxattr(source)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
-            return
-        raise
-    for name in names:
-        if is_private_xattr(name):
-            continue
-        try:
-            value = os.getxattr(source, name)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
-                continue  # vanished, or a namespace we may list but not read
-            raise
-        os.setxattr(target, name, value)
 
 
 def _inventory(top: str, prefix: str = "") -> dict[str, tuple[int, int]]:
@@ -334,6 +312,7 @@ class _Recorder:
         self.after = dict(_walk(clone.path))
         self.linked: dict[int, str] = {}  # clone inode -> the path first recorded for it
         self.directories: set[str] = set()  # upper dirs made or changed: metadata set last
+        self.copier = _Copier(lambda n: None)
 
     def run(self) -> None:
         before, after = self.before, self.after
@@ -415,4 +394,4 @@ class _Recorder:
                 os.link(os.path.join(self.root.upper, first), upper)
                 return
             self.linked[st.st_ino] = path
-        _Copier(lambda n: None).entry(os.path.join(self.clone.path, path), upper)
+        self.copier.entry(os.path.join(self.clone.path, path), upper)

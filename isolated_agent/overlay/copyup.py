@@ -105,7 +105,12 @@ def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
 
 def copy_xattrs(src_fd: int, dst_fd: int) -> None:
     """Copy every xattr but the overlay's own (both fds may be O_PATH)."""
-    src, dst = fd_path(src_fd), fd_path(dst_fd)
+    copy_xattrs_between(fd_path(src_fd), fd_path(dst_fd))
+
+
+def copy_xattrs_between(src: str | int, dst: str | int) -> None:
+    """Copy every xattr but the overlay's own, between two paths (a final symlink followed)
+    or two open, not O_PATH, descriptors."""
     try:
         names = os.listxattr(src)
     except OSError as e:
