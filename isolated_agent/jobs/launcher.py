@@ -376,11 +376,7 @@ def _process_b(
         return _keeper(spec, terminal, messages, release, parent)
     libc.set_parent_death_signal(signal.SIGKILL)
     if spec.join is not None:  # the job's view is there: go to the caller's place in it
-        try:
-            os.chdir(spec.sandbox.cwd)
-        except OSError as e:
-            step = f"working directory {spec.sandbox.cwd}"
-            _send(messages, kind="setup_failed", step=step, detail=os.strerror(e.errno or 0))
+        if not _enter_working_directory(spec, messages):
             return EXIT_SETUP_FAILED
         return _run_command(spec, terminal, messages, release)
     try:
@@ -484,21 +480,21 @@ def _kill_descendants() -> None:
     orphan, so whatever a dying process forked meanwhile shows up as our child next round."""
     me = os.getpid()
     while True:
-        children = _children(me)
-        if not children:
+        direct = children(me)
+        if not direct:
             return
-        pending = list(children)
+        pending = list(direct)
         while pending:
             pid = pending.pop()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # before reading its children: it forks no more
-            pending.extend(_children(pid))
-        for child in children:  # killed: each wait ends soon; its orphans come to us
+            pending.extend(children(pid))
+        for child in direct:  # killed: each wait ends soon; its orphans come to us
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child, 0)
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     """The children of every thread of `pid` (empty when it is gone)."""
     found: list[int] = []
     try:
@@ -554,20 +550,25 @@ def _process_c(
     _send(messages, kind="ready")
     if os.read(release, 1) != b"2":  # the launcher died or gave up: never run the command
         return EXIT_SETUP_FAILED
-    if not spec.namespaces:
-        # Only now, registered with the filter: the path is looked up in the job's own view.
-        try:
-            os.chdir(spec.sandbox.cwd)
-        except OSError as e:
-            step = f"working directory {spec.sandbox.cwd}"
-            _send(messages, kind="setup_failed", step=step, detail=os.strerror(e.errno or 0))
-            return EXIT_SETUP_FAILED
+    # Only now, registered with the filter: the path is looked up in the job's own view.
+    if not spec.namespaces and not _enter_working_directory(spec, messages):
+        return EXIT_SETUP_FAILED
     try:
         os.execvpe(spec.argv[0], spec.argv, spec.env)
     except OSError as e:
         _send(messages, kind="exec_failed", argv0=spec.argv[0], errno=e.errno)
         return 127 if e.errno == errno.ENOENT else 126
     return EXIT_SETUP_FAILED  # not reached
+
+
+def _enter_working_directory(spec: JobSpec, messages: int) -> bool:
+    try:
+        os.chdir(spec.sandbox.cwd)
+    except OSError as e:
+        step = f"working directory {spec.sandbox.cwd}"
+        _send(messages, kind="setup_failed", step=step, detail=os.strerror(e.errno or 0))
+        return False
+    return True
 
 
 def _close_inherited_fds(keep: tuple[int, ...]) -> None:

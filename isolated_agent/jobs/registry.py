@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from isolated_agent.engines.filter.identity import start_time
+from isolated_agent.jobs.launcher import children
 from isolated_agent.system.durable import process_alive
 
 
@@ -90,9 +91,5 @@ def running(run_dir: str) -> list[RunningJob]:
 
 
 def only_child(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(c) for c in f.read().split()]
-    except OSError:
-        return None
-    return children[0] if len(children) == 1 else None
+    found = children(pid)
+    return found[0] if len(found) == 1 else None
