@@ -61,22 +61,18 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
     made (native speed), else the fuse engine (no overlayfs), else — namespaces unavailable,
     as under Ubuntu's AppArmor default or in many containers — the filter engine, and where
     FUSE cannot be used either, the copy engine (not path-preserving: the last resort)."""
-    from isolated_agent.engines.copy import CopyEngine
-    from isolated_agent.engines.filter.engine import FilterEngine
-    from isolated_agent.engines.fuse.engine import FuseEngine
-    from isolated_agent.engines.kernel import KernelEngine, check_namespaces
+    from isolated_agent.engines.kernel import check_namespaces
 
     if name not in ENGINE_NAMES:
         raise UsageError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINE_NAMES)}")
-    candidates: dict[str, Callable[[], Engine]] = {
-        "kernel": KernelEngine, "fuse": FuseEngine, "filter": lambda: FilterEngine(store),
-        "copy": CopyEngine,
-    }
     if name != "auto":  # a job that cannot make its namespaces fails with the reason (125)
-        return _checked(candidates[name](), rootless)
+        return _checked(engine_named(name, store), rootless)
     try:
         check_namespaces(rootless)
     except IsolationError as no_namespaces:
+        from isolated_agent.engines.copy import CopyEngine
+        from isolated_agent.engines.filter.engine import FilterEngine
+
         for fallback in (FilterEngine(store), CopyEngine()):
             try:
                 fallback.check(rootless)
@@ -86,12 +82,26 @@ def select_engine(name: str, rootless: bool, store: Store) -> Engine:
             return fallback
         raise no_namespaces from None
     try:
-        return _checked(candidates["kernel"](), rootless)
+        return _checked(engine_named("kernel", store), rootless)
     except IsolationError as kernel_problem:
         try:
-            return _checked(candidates["fuse"](), rootless)
+            return _checked(engine_named("fuse", store), rootless)
         except IsolationError:
             raise kernel_problem from None  # neither works: the kernel's reason is the usual one
+
+
+def engine_named(name: str, store: Store) -> Engine:
+    """The engine called `name` (not `auto`), not yet checked."""
+    from isolated_agent.engines.copy import CopyEngine
+    from isolated_agent.engines.filter.engine import FilterEngine
+    from isolated_agent.engines.fuse.engine import FuseEngine
+    from isolated_agent.engines.kernel import KernelEngine
+
+    made: dict[str, Callable[[], Engine]] = {
+        "kernel": KernelEngine, "fuse": FuseEngine, "filter": lambda: FilterEngine(store),
+        "copy": CopyEngine,
+    }
+    return made[name]()
 
 
 def _checked(engine: Engine, rootless: bool) -> Engine:

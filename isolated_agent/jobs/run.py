@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from isolated_agent.engines import Engine, HostSide, problems, select_engine
+from isolated_agent.engines import Engine, HostSide, engine_named, problems, select_engine
 from isolated_agent.engines.copy import CopyEngine, Progress, recover
 from isolated_agent.engines.filter.identity import start_time
 from isolated_agent.engines.id_swap import id_swap_for
@@ -163,14 +163,15 @@ def socket_hint(masked: list[str]) -> str:
             "let it through with --allow-socket PATH")
 
 
-def check_store_out_of_reach(store: Store, engine: Engine, allows: tuple[str, ...]) -> None:
+def check_store_out_of_reach(store: Store, engine: Engine, sandbox: SandboxSpec) -> None:
     """Without namespaces the store cannot be hidden from the job, and the job may write where
     Landlock lets it: the store must not be there, or the job could rewrite its own env (and
     every other one) behind the engine's back."""
     from isolated_agent.jobs.confine import DEFAULT_WRITE_PATHS, SHARED_TMP
 
-    shared = [p for p in DEFAULT_WRITE_PATHS if engine.name != "copy" or p not in SHARED_TMP]
-    for path in (*shared, *allows):
+    shared = [p for p in DEFAULT_WRITE_PATHS
+              if sandbox.private_tmp is None or p not in SHARED_TMP]
+    for path in (*shared, *sandbox.allow):
         if is_within(store.home, path):
             raise IsolationError(
                 f"{engine.name} engine", f"the store {store.home} is under {path}, which the "
@@ -180,9 +181,9 @@ def check_store_out_of_reach(store: Store, engine: Engine, allows: tuple[str, ..
 def _job_spec(store: Store, env: Env, engine: Engine, request: RunRequest,
               allows: tuple[str, ...], rootless: bool) -> JobSpec:
     allow_sockets = resolve_allowed_sockets(request.allow_sockets)
-    if not engine.namespaces:
-        check_store_out_of_reach(store, engine, allows)
     sandbox, variables = _view(store, env, engine, allows, allow_sockets)
+    if not engine.namespaces:
+        check_store_out_of_reach(store, engine, sandbox)
     return JobSpec(
         argv=list(request.argv),
         sandbox=sandbox,
@@ -347,10 +348,6 @@ def find_running_job(store: Store, env_name: str | None) -> registry.RunningJob:
 def exec_in_job(store: Store, env_name: str | None, argv: list[str], notify: Notify) -> int:
     """`agentctl exec`: run `argv` in the view of the job running in an env, confined as that
     job is (its namespaces, allows, sockets and network; its cgroup), beside it."""
-    from isolated_agent.engines.filter.engine import FilterEngine
-    from isolated_agent.engines.fuse.engine import FuseEngine
-    from isolated_agent.engines.kernel import KernelEngine
-
     if not argv:
         raise UsageError("no command given: agentctl exec [ENV] -- CMD [ARGS...]")
     job = find_running_job(store, env_name)
@@ -358,15 +355,7 @@ def exec_in_job(store: Store, env_name: str | None, argv: list[str], notify: Not
     if (os.geteuid() != 0) != job.rootless:
         raise UsageError(f"the job in env {env.name} was started by another user; run exec "
                          "as that user")
-    engine: Engine
-    if job.engine == "kernel":
-        engine = KernelEngine()
-    elif job.engine == "fuse":
-        engine = FuseEngine()
-    elif job.engine == "copy":
-        engine = CopyEngine()
-    else:
-        engine = FilterEngine(store)
+    engine = engine_named(job.engine, store)
     sandbox, variables = _view(store, env, engine, tuple(job.allow), tuple(job.allow_sockets))
     spec = JobSpec(
         argv=list(argv), sandbox=sandbox, engine=engine, rootless=job.rootless, env=variables,
@@ -375,7 +364,7 @@ def exec_in_job(store: Store, env_name: str | None, argv: list[str], notify: Not
     if registry.only_child(job.pid) != job.init_pid or not job.alive():
         raise IsolationError("joining the job", f"the job in env {env.name} has ended")
     notify(f"env {env.name}, in the {job.engine} engine's job {job.pid} ({' '.join(job.argv)})")
-    if job.namespaces or isinstance(engine, CopyEngine):  # the view exists: nothing to serve
+    if job.engine != "filter":  # the job's view exists: nothing to start
         return run_job(spec)
     with serving(engine, env, store.run_dir) as on_ready:  # the filter learns this process
         return run_job(spec, on_ready)
