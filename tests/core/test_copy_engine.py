@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def test_recorded_clone_reads_back_through_overlayfs(project: Path, store_home: 
     env = store.create("c", [str(project)])
     [root] = env.roots
     # Earlier changes in the upper (as a kernel-engine run leaves them): the clone starts there.
-    subprocess.run([os.sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "c", "--",
+    subprocess.run([sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "c", "--",
                     "sh", "-c", "echo before > before.txt; rm src/pkg/__init__.py"],
                    cwd=project, check=True, timeout=60)
     made = clone.materialize(root, str(disk_dir / "clone"))
@@ -40,7 +41,7 @@ def test_recorded_clone_reads_back_through_overlayfs(project: Path, store_home: 
     subprocess.run(["sh", "-c", WORKLOAD + extra], cwd=disk_dir / "clone", check=True)
     expected = manifest_of(disk_dir / "clone")
     clone.record(made)
-    seen = subprocess.run([os.sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "c",
+    seen = subprocess.run([sys.executable, "-m", "isolated_agent", "run", "-q", "--env", "c",
                            "--engine", "kernel", "--", "/usr/bin/python3", "-c", MANIFEST],
                           cwd=project, capture_output=True, text=True, timeout=60)
     assert seen.returncode == 0, seen.stderr
@@ -142,7 +143,7 @@ def test_auto_falls_back_to_copy_where_nothing_else_runs_and_says_why(
                          "-c", "echo made > made.txt; pwd")
     hide_fuse = f"mount --bind {node} /dev/fuse && exec \"$@\""
     wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c", hide_fuse, "sh",
-               os.sys.executable, "-c", LIMIT_USER_NAMESPACES, *argv]
+               sys.executable, "-c", LIMIT_USER_NAMESPACES, *argv]
     done = subprocess.run(wrapped, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ", copy engine" in done.stderr
