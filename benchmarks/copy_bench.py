@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,6 +32,7 @@ from harness import (  # noqa: E402
     remove,
     sh,
     source_state,
+    timed,
     work_directory,
     write_json,
 )
@@ -41,12 +41,6 @@ from isolated_agent.env import clone  # noqa: E402
 from isolated_agent.env.store import Store  # noqa: E402
 
 TARGET_RATIO = 1.5  # materialize / cp -a --reflink=auto
-
-
-def timed(action: object) -> float:
-    start = time.perf_counter()
-    action()  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:

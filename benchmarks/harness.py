@@ -639,6 +639,13 @@ def inconsistent_checks(results: Iterable[Measurement]) -> list[str]:
     return [f"{w} ({c}): {sorted(v)}" for (w, c), v in seen.items() if len(v) > 1]
 
 
+def timed(action: Callable[[], Any]) -> float:
+    """Wall-clock seconds `action()` took (in this process)."""
+    began = time.perf_counter()
+    action()
+    return time.perf_counter() - began
+
+
 def time_command(argv: Sequence[str], runs: int, env: dict[str, str] | None = None,
                  cwd: str | None = None, warmup: int = 3,
                  gate: QuietGate | None = None) -> list[float]:

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +63,7 @@ from harness import (  # noqa: E402
     remove,
     sh,
     source_state,
+    timed,
     work_directory,
     write_json,
 )
@@ -131,12 +131,6 @@ def build_stack(agentctl: str, environ: dict[str, str], env: str, tree: str,
 
 
 # -- ops ------------------------------------------------------------------------------------------
-
-
-def timed(action: Callable[[], Any]) -> float:
-    began = time.perf_counter()
-    action()
-    return time.perf_counter() - began
 
 
 def measure_ops(workdir: str, files: int, reps: int, agentctl: str) -> dict[str, Any]:
