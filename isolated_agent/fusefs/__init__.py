@@ -6,7 +6,7 @@ served by the one adapter.
     adapter.py    the one pyfuse3.Operations: requests in, model calls, replies out
     handles.py    open files and directories by handle number
     replies.py    the one place an exception becomes an errno; stat results as replies
-    inodes.py     the inode table of overlay-backed mounts: numbering, lookup counts, invariants
+    inodes.py     the one inode table (numbering, lookup counts, invariants) and its overlay kind
     cache.py      the declared kernel-caching modes and their contract
     fastloop.py   the faster wait for the next request (one worker task)
     serve.py      the serve loop: trio, stop signals, profiling

@@ -2,8 +2,8 @@
 I/O through and, before a delete or an overwrite returns, stages the old content for the backup
 daemon (DESIGN §7).
 
-    fs.py        the pyfuse3 pass-through operations that stage before they destroy
-    inodes.py    the guard's inode table (O_PATH fds keyed by (st_dev, st_ino))
+    fs.py        the pass-through model (fusefs) that stages before it destroys
+    inodes.py    what a guard inode is: an O_PATH fd keyed by (st_dev, st_ino), on fusefs's table
     behind.py    changes made behind the mount (inotify): what the guard's caches must forget
     stage.py     staging one entry before it is destroyed: hard link or copy, then the record
     policy.py    what is not backed up (--exclude, --max-size), and why

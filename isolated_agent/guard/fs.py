@@ -23,7 +23,7 @@ first OPEN and OPENDIR are answered ENOSYS, so the kernel opens files and direct
 from then on, keeps every file's data and every listing in its caches across opens, and keeps
 entries (negative ones too) and attributes for `TIMEOUT`: a second pass over a guarded tree
 sends the daemon nothing, and the daemon does work only where something changes. Reads and
-writes name their inode and go through its shared descriptors (`InodeTable.data_fd`); atomic
+writes name their inode and go through its shared descriptors (`HostInodeTable.data_fd`); atomic
 O_TRUNC is declined, so a truncating open arrives as a SETATTR and is staged as truncate(2)
 is. What keeps these caches true:
   - every change made through the mount is this daemon's answer to a request, and the kernel
@@ -73,7 +73,7 @@ from isolated_agent.fusefs.model import (
     listed_entry,
 )
 from isolated_agent.guard.behind import Place, Watcher
-from isolated_agent.guard.inodes import ROOT, Inode, InodeTable
+from isolated_agent.guard.inodes import ROOT, HostInodeTable, Inode
 from isolated_agent.guard.stage import Pending, Stager
 from isolated_agent.system import libc
 
@@ -104,7 +104,7 @@ class GuardFileSystem:
         self.policy = Policy(handle_free=handle_free, atomic_o_trunc=not handle_free)
         # Long-lived caches need to hear of changes made behind the mount (behind.py).
         self.behind = Watcher() if self.handle_free else None
-        self.inodes = InodeTable(root_fd, root_path, self.behind)
+        self.inodes = HostInodeTable(root_fd, root_path, self.behind)
         self.stager = stager
         self.timeout = TIMEOUT if self.handle_free else SHORT_TIMEOUT
         self._files: Handles[_Handle] = Handles()
@@ -206,8 +206,7 @@ class GuardFileSystem:
             return Attributes.negative(self.timeout)
 
     def forget(self, number: int, count: int) -> bool:
-        self.inodes.forget(number, count)
-        return number not in self.inodes
+        return self.inodes.forget(number, count)
 
     def getattr(self, inode: int, caller: Caller) -> Attributes:
         return self._attributes(self.inodes.get(inode))
@@ -444,7 +443,7 @@ class GuardFileSystem:
                 self.inodes.forget(inode.number, 1)
                 raise
         if self.handle_free:
-            os.close(fd)  # later reads and writes name the inode (InodeTable.data_fd)
+            os.close(fd)  # later reads and writes name the inode (HostInodeTable.data_fd)
             return Opened(0, keep_cache=True), attributes
         return self._opened(inode, fd), attributes
 

@@ -46,7 +46,7 @@ class Node:
         "origin",
         "links",
         "refs",
-        "nodeid",
+        "number",
         "released",
         "reader",
         "reader_writes",
@@ -76,7 +76,7 @@ class Node:
         self.origin = origin or key  # identity it was first seen with: its stable number
         self.links: list[tuple[Node, bytes]] = []  # (parent, name) pairs it is known by
         self.refs = 0
-        self.nodeid = 0  # assigned by the FUSE inode table; 0 while the kernel has none
+        self.number = 0  # the inode number the FUSE inode table gave it; 0 while unbound
         self.released = False
         # Caches (see Overlay): an fd of the topmost object — O_RDONLY, or O_RDWR on the
         # upper object once `Overlay.writer` made it (`reader_writes`); for a directory, its

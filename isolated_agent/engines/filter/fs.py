@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 
 from isolated_agent.engines.filter.identity import Identity, Unclassifiable
 from isolated_agent.fusefs.handles import Handles
-from isolated_agent.fusefs.inodes import ROOT_INODE, InodeTable, RangeInodeTable
+from isolated_agent.fusefs.inodes import ROOT_INODE, OverlayInodeTable, RangeInodeTable
 from isolated_agent.fusefs.model import (
     Attributes,
     Caller,
@@ -122,7 +122,7 @@ class View:
 
     key: str | None  # env id; None: the host
     overlay: Overlay
-    inodes: InodeTable
+    inodes: OverlayInodeTable
     # env views: host node of a shared inode -> this view's node for it, valid in one epoch
     shadows: dict[Node, Node] = field(default_factory=dict)
     shadows_epoch: int = -1
@@ -163,7 +163,7 @@ class FilterFileSystem:
         self.fault = fault
         work = os.dup(root_fd)  # never used: the host view has no lower to copy up from
         host_overlay = Overlay(Layers(upper=os.dup(root_fd), work=work, lowers=()), fault)
-        self.host = View(None, host_overlay, InodeTable(host_overlay, first_slot=0))
+        self.host = View(None, host_overlay, OverlayInodeTable(host_overlay, first_slot=0))
         self.envs: dict[str, View] = {}
         self._by_index: dict[int, View] = {}
         self._next_index = 0
@@ -228,8 +228,8 @@ class FilterFileSystem:
                     break
                 host = found
             else:
-                if host.nodeid or host is self.host.overlay.root:
-                    inode = host.nodeid or ROOT_INODE
+                if host.number or host is self.host.overlay.root:
+                    inode = host.number or ROOT_INODE
                     for entry in (*dirnames, *filenames):
                         self.kernel.invalidate_entry(inode, os.fsencode(entry))
                 continue
@@ -266,9 +266,9 @@ class FilterFileSystem:
         view's object (a stale dentry: path-based calls retry with a fresh lookup)."""
         owner = self._owner(inode)
         if owner is view:
-            return view.inodes.node(inode)
+            return view.inodes.get(inode)
         if owner.is_host:
-            return self._shadow(view, self.host.inodes.node(inode))
+            return self._shadow(view, self.host.inodes.get(inode))
         raise _estale()
 
     def _shadow(self, view: View, target: Node) -> Node:
@@ -361,7 +361,7 @@ class FilterFileSystem:
         """The cache policy of an inode the kernel holds (for attribute replies)."""
         if not self._owner(inode).is_host:
             return PER_VIEW
-        host = self.host.inodes.node(inode)
+        host = self.host.inodes.get(inode)
         if not self.envs or host is self.host.overlay.root:
             return CACHED
         if not host.links:
@@ -380,7 +380,7 @@ class FilterFileSystem:
         the host's (its one set of cached attributes serves every view; a directory an env
         merely created entries in shows the host's times), a private one the view's own."""
         if self._owner(inode).is_host:
-            return self._attributes(self.host, self.host.inodes.node(inode), inode,
+            return self._attributes(self.host, self.host.inodes.get(inode), inode,
                                     self._policy_of(inode))
         return self._attributes(view, node, inode, private_policy(node))
 
@@ -400,9 +400,9 @@ class FilterFileSystem:
         if not owner.is_host:  # a private directory: everything below it is private too
             if owner is not view:
                 raise _estale()
-            parent = view.inodes.node(parent_inode)
+            parent = view.inodes.get(parent_inode)
             return view, _lookup_or_none(view.overlay, parent, name), private_policy(parent)
-        host_parent = self.host.inodes.node(parent_inode)
+        host_parent = self.host.inodes.get(parent_inode)
         host = _lookup_or_none(self.host.overlay, host_parent, name)
         if view.is_host:
             return self.host, host, self._policy(host_parent, name, host)
@@ -428,13 +428,13 @@ class FilterFileSystem:
                 view.overlay.changed()
 
     def _host_stale_entry(self, parent: Node, name: bytes) -> None:
-        if parent.nodeid:
-            self.kernel.invalidate_entry(parent.nodeid, name)
+        if parent.number:
+            self.kernel.invalidate_entry(parent.number, name)
 
     def _env_stale_entry(self, view: View, parent: Node, name: bytes) -> None:
         """An env's change made `name` mean something else (a broken hard link): its cached
         entry, whichever inode shows it to the kernel, must go."""
-        inode = parent.nodeid or self._shared_inode_of(view, parent)
+        inode = parent.number or self._shared_inode_of(view, parent)
         if inode:
             self.kernel.invalidate_entry(inode, name)
 
@@ -444,14 +444,14 @@ class FilterFileSystem:
         if view.shadows_epoch == self.epoch:
             for host, shadow in view.shadows.items():
                 if shadow is node:
-                    return host.nodeid
+                    return host.number
         return 0
 
     def _diverge(self, view: View, inode: int) -> OSError:
         """`view` is about to change the object behind shared inode `inode`: give the env its
         own inode for every name of it, and answer ESTALE so that the system call retries with
         a fresh lookup (see the module docstring)."""
-        for parent, name in self.host.inodes.node(inode).links:
+        for parent, name in self.host.inodes.get(inode).links:
             self._force(view, parent, name)
         return _estale()
 
@@ -460,7 +460,7 @@ class FilterFileSystem:
         force it private (and answer ESTALE, by the caller). True when it did."""
         if view.is_host or not self._owner(parent_inode).is_host:
             return False
-        host_parent = self.host.inodes.node(parent_inode)
+        host_parent = self.host.inodes.get(parent_inode)
         host = _lookup_or_none(self.host.overlay, host_parent, name)
         other = _lookup_or_none(view.overlay, self._shadow(view, host_parent), name)
         if other is None or not self._same(view, host_parent, name, host, other):
@@ -471,8 +471,8 @@ class FilterFileSystem:
     def _force(self, view: View, host_parent: Node, name: bytes) -> None:
         """From now on `view` gets its own inode for `name`; the kernel's cached entry goes."""
         view.forced.add((host_parent.key, name))
-        if host_parent.nodeid:
-            self.kernel.invalidate_entry(host_parent.nodeid, name)
+        if host_parent.number:
+            self.kernel.invalidate_entry(host_parent.number, name)
         self._namespace_changed(view)
 
     def _changes_shared(self, view: View, inode: int) -> bool:
@@ -497,8 +497,7 @@ class FilterFileSystem:
             table = self._owner(inode).inodes
         except OSError:
             return True  # an env view that is gone: its inodes went with it
-        table.forget(inode, count)
-        return not table.lookup_count(inode)
+        return table.forget(inode, count)
 
     def getattr(self, inode: int, caller: Caller) -> Attributes:
         view = self._view(caller)
@@ -540,7 +539,7 @@ class FilterFileSystem:
         self._namespace_changed(view)
         parent_owner = self._owner(parent_inode)
         if view.is_host and parent_owner.is_host:
-            policy = self._policy(self.host.inodes.node(parent_inode), name, node)
+            policy = self._policy(self.host.inodes.get(parent_inode), name, node)
             return self._entry(self.host, node, policy)
         if parent_owner.is_host:  # a name where the views part
             return self._entry(view, node, PER_VIEW)
@@ -695,8 +694,8 @@ class FilterFileSystem:
         copies the directory up first, so the next OPENDIR answers "not alike"."""
         owner = self._owner(inode)
         if not owner.is_host:
-            return owner.inodes.node(inode).upper_only
-        host = self.host.inodes.node(inode)
+            return owner.inodes.get(inode).upper_only
+        host = self.host.inodes.get(inode)
         for view in self.envs.values():
             try:
                 node = self._shadow(view, host)
@@ -731,12 +730,12 @@ class FilterFileSystem:
         """The number `..` shows in a listing (the kernel itself never asks for it)."""
         view, inode = handle.view, handle.kernel_inode
         if self._owner(inode).is_host:
-            parent = self.host.overlay.parent_of(self.host.inodes.node(inode))
+            parent = self.host.overlay.parent_of(self.host.inodes.get(inode))
             number = self.host.inodes.number(parent)
             self.host.inodes.unused(parent)
             return number
         parent = view.overlay.parent_of(handle.node)
-        return parent.nodeid or self._shared_inode_of(view, parent) or inode
+        return parent.number or self._shared_inode_of(view, parent) or inode
 
     def releasedir(self, fh: int) -> None:
         handle = self._dirs.pop(fh)

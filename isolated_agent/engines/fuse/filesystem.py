@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from isolated_agent.engines.id_swap import IdSwap
 from isolated_agent.fusefs.cache import CacheMode
 from isolated_agent.fusefs.handles import Handles
-from isolated_agent.fusefs.inodes import ROOT_INODE, InodeTable
+from isolated_agent.fusefs.inodes import ROOT_INODE, OverlayInodeTable
 from isolated_agent.fusefs.model import (
     Attributes,
     Caller,
@@ -79,7 +79,7 @@ class OverlayFileSystem:
         self.handle_free = handle_free
         self.policy = Policy(handle_free=handle_free, writeback=cache.writeback,
                              atomic_o_trunc=not handle_free, dot_lookup=True)
-        self.inodes = InodeTable(overlay)
+        self.inodes = OverlayInodeTable(overlay)
         self._files: Handles[_File] = Handles()
         self._dirs: Handles[Node] = Handles()
         self._attribute_cache: dict[int, tuple[Node, Attributes]] = {}
@@ -113,8 +113,8 @@ class OverlayFileSystem:
         return counted_entry(self.inodes, node, lambda: self._attributes(node, inode))
 
     def _stale_entry(self, parent: Node, name: bytes) -> None:
-        if parent.nodeid:
-            self.kernel.invalidate_entry(parent.nodeid, name)
+        if parent.number:
+            self.kernel.invalidate_entry(parent.number, name)
 
     def _owner(self, caller: Caller) -> tuple[int, int]:
         """Who owns on disk what the caller creates."""
@@ -130,7 +130,7 @@ class OverlayFileSystem:
     # -- lookups and attributes -----------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes, caller: Caller) -> Attributes:
-        directory = self.inodes.node(parent)
+        directory = self.inodes.get(parent)
         if name == b".":
             node = directory
         elif name == b"..":
@@ -145,15 +145,14 @@ class OverlayFileSystem:
         return self._entry(node)
 
     def forget(self, inode: int, count: int) -> bool:
-        self.inodes.forget(inode, count)
-        return not self.inodes.lookup_count(inode)
+        return self.inodes.forget(inode, count)
 
     def getattr(self, inode: int, caller: Caller) -> Attributes:
-        return self._attributes(self.inodes.node(inode), inode)
+        return self._attributes(self.inodes.get(inode), inode)
 
     def setattr(self, inode: int, changes: Changes, fh: int | None,
                 caller: Caller) -> Attributes:
-        node = self.inodes.node(inode)
+        node = self.inodes.get(inode)
         self._changed()
         uid, gid = changes.uid, changes.gid
         if self.id_swap is not None:  # the owner on disk of the one the caller names
@@ -164,7 +163,7 @@ class OverlayFileSystem:
         return self._attributes(node, inode)
 
     def readlink(self, inode: int, caller: Caller) -> bytes:
-        return self.overlay.readlink(self.inodes.node(inode))
+        return self.overlay.readlink(self.inodes.get(inode))
 
     def statfs(self, caller: Caller) -> os.statvfs_result:
         return self.overlay.statfs()
@@ -173,39 +172,39 @@ class OverlayFileSystem:
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int,
               caller: Caller) -> Attributes:
-        directory = self.inodes.node(parent)
+        directory = self.inodes.get(parent)
         self._changed()
         return self._entry(self.overlay.mknod(directory, name, mode, rdev, self._owner(caller)))
 
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attributes:
-        directory = self.inodes.node(parent)
+        directory = self.inodes.get(parent)
         self._changed()
         return self._entry(self.overlay.mkdir(directory, name, mode, self._owner(caller)))
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attributes:
-        directory = self.inodes.node(parent)
+        directory = self.inodes.get(parent)
         self._changed()
         return self._entry(self.overlay.symlink(directory, name, target, self._owner(caller)))
 
     def link(self, inode: int, new_parent: int, new_name: bytes, caller: Caller) -> Attributes:
-        node = self.inodes.node(inode)
-        directory = self.inodes.node(new_parent)
+        node = self.inodes.get(inode)
+        directory = self.inodes.get(new_parent)
         self._changed()
         return self._entry(self.overlay.link(node, directory, new_name))
 
     def unlink(self, parent: int, name: bytes, caller: Caller) -> None:
         self._changed()
-        self.overlay.unlink(self.inodes.node(parent), name)
+        self.overlay.unlink(self.inodes.get(parent), name)
 
     def rmdir(self, parent: int, name: bytes, caller: Caller) -> None:
         self._changed()
-        self.overlay.rmdir(self.inodes.node(parent), name)
+        self.overlay.rmdir(self.inodes.get(parent), name)
 
     def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
                flags: int, caller: Caller) -> None:
         self._changed()
-        rename(self.overlay, self.inodes.node(old_parent), old_name,
-               self.inodes.node(new_parent), new_name, flags)
+        rename(self.overlay, self.inodes.get(old_parent), old_name,
+               self.inodes.get(new_parent), new_name, flags)
 
     # -- files ----------------------------------------------------------------------------------
 
@@ -225,7 +224,7 @@ class OverlayFileSystem:
     def open(self, inode: int, flags: int, caller: Caller) -> Opened:
         if self.handle_free:
             raise _enosys()  # the kernel opens files itself from now on
-        node = self.inodes.node(inode)
+        node = self.inodes.get(inode)
         if flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC:
             # Pushed and unchanged since: it opened then, and its content is in the page
             # cache; a READ (after the kernel dropped that) opens the reader itself. Else
@@ -260,7 +259,7 @@ class OverlayFileSystem:
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                caller: Caller) -> tuple[Opened, Attributes]:
-        directory = self.inodes.node(parent)
+        directory = self.inodes.get(parent)
         self._changed()
         node, fd = self.overlay.create(directory, name, mode, self._open_flags(flags),
                                        self._owner(caller))
@@ -279,7 +278,7 @@ class OverlayFileSystem:
         through the node's shared reader, which follows a copy-up made through another
         handle."""
         if self.handle_free:
-            fd = self.overlay.reader(self.inodes.node(fh))
+            fd = self.overlay.reader(self.inodes.get(fh))
         else:
             handle = self._files[fh]
             fd = handle.fd if handle.fd is not None else self.overlay.reader(handle.node)
@@ -291,7 +290,7 @@ class OverlayFileSystem:
     def write(self, fh: int, offset: int, data: bytes) -> int:
         self._changed()
         if self.handle_free:
-            return os.pwrite(self.overlay.writer(self.inodes.node(fh)), data, offset)
+            return os.pwrite(self.overlay.writer(self.inodes.get(fh)), data, offset)
         handle = self._files[fh]
         if handle.fd is None:
             if handle.flags is None:
@@ -302,7 +301,7 @@ class OverlayFileSystem:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         if self.handle_free:
-            node = self.inodes.node(fh)
+            node = self.inodes.get(fh)
             fd = self.overlay.reader(node) if node.in_upper else None  # lower: never written
         else:
             fd = self._files[fh].fd
@@ -328,14 +327,14 @@ class OverlayFileSystem:
     def opendir(self, inode: int, caller: Caller) -> Opened:
         if self.handle_free:
             raise _enosys()  # the kernel opens and caches listings itself
-        node = self.inodes.node(inode)
+        node = self.inodes.get(inode)
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.overlay.ref(node)
         return Opened(self._dirs.add(node))
 
     def _directory(self, fh: int) -> Node:
-        return self.inodes.node(fh) if self.handle_free else self._dirs[fh]
+        return self.inodes.get(fh) if self.handle_free else self._dirs[fh]
 
     def listing(self, fh: int) -> Sequence[bytes]:
         return [b".", b"..", *self.overlay.listdir(self._directory(fh))]
@@ -343,7 +342,7 @@ class OverlayFileSystem:
     def listed(self, fh: int, name: bytes) -> Listed | None:
         directory = self._directory(fh)
         if name == b".":
-            return Listed(self._attributes(directory, directory.nodeid or ROOT_INODE))
+            return Listed(self._attributes(directory, directory.number or ROOT_INODE))
         if name == b"..":  # not counted: numbered, and the number let go again
             parent = self.overlay.parent_of(directory)
             inode = self.inodes.number(parent)
@@ -367,18 +366,18 @@ class OverlayFileSystem:
     # -- xattrs ---------------------------------------------------------------------------------
 
     def getxattr(self, inode: int, name: bytes, caller: Caller) -> bytes:
-        return self.overlay.getxattr(self.inodes.node(inode), name)
+        return self.overlay.getxattr(self.inodes.get(inode), name)
 
     def listxattr(self, inode: int, caller: Caller) -> Sequence[bytes]:
-        return self.overlay.listxattr(self.inodes.node(inode))
+        return self.overlay.listxattr(self.inodes.get(inode))
 
     def setxattr(self, inode: int, name: bytes, value: bytes, caller: Caller) -> None:
         self._changed()
-        self.overlay.setxattr(self.inodes.node(inode), name, value)
+        self.overlay.setxattr(self.inodes.get(inode), name, value)
 
     def removexattr(self, inode: int, name: bytes, caller: Caller) -> None:
         self._changed()
-        self.overlay.removexattr(self.inodes.node(inode), name)
+        self.overlay.removexattr(self.inodes.get(inode), name)
 
     # -- live checkpoints -----------------------------------------------------------------------
 
