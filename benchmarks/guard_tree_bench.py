@@ -4,6 +4,10 @@ before), steady (two passes before: where repeated passes settle; agentfs_bench.
 
     sudo .venv/bin/python benchmarks/guard_tree_bench.py               # 3 repetitions
     sudo .venv/bin/python benchmarks/guard_tree_bench.py --reps 1 --workload 'git status'
+    sudo .venv/bin/python benchmarks/guard_tree_bench.py --requests --setup native --setup guard
+
+`--requests` also counts what the guard's daemon answered in each timed pass (and how long its
+handlers took: fusefs/accounting.py), and reports the guard's time beyond native per request.
 
 Setups: `native` (a fresh copy of the tree), `guard` (`agentctl guard start` over such a
 copy, started before the runner and stopped after it: every measurement mounts afresh), and
@@ -39,15 +43,24 @@ from harness import (  # noqa: E402
     copy_tree,
     default_agentctl,
     filesystem_of,
+    format_seconds,
     inconsistent_checks,
     machine_info,
+    print_table,
     reexec_in_private_mount_namespace,
     remove,
     source_state,
     work_directory,
     write_json,
 )
-from workloads import GIT_ENV, Workload, read_all, walk_stat  # noqa: E402
+from workloads import (  # noqa: E402
+    DAEMON_PID_ENV,
+    GIT_ENV,
+    REQUESTS_ENV,
+    Workload,
+    read_all,
+    walk_stat,
+)
 
 STATES = ("cold", "second", "steady")
 OTHER_BRANCH = "other"
@@ -74,10 +87,16 @@ WORKLOADS = [
 
 
 class GuardSetup(NativeSetup):
-    """A fresh copy of the tree with `agentctl guard start` over it for each measurement."""
+    """A fresh copy of the tree with `agentctl guard start` over it for each measurement. With
+    `requests_file`, the guard's daemon counts its requests (fusefs/accounting.py) and the
+    runner takes their totals around each timed pass (workloads.daemon_requests)."""
 
     name = "guard"
     description = "agentctl guard over a copy of the tree (a fresh mount per measurement)"
+
+    def __init__(self, requests_file: str | None = None) -> None:
+        super().__init__()
+        self.requests_file = requests_file
 
     def start(self, ctx: BenchContext) -> None:
         super().start(ctx)  # its copy in ctx.workdir/guard
@@ -85,14 +104,49 @@ class GuardSetup(NativeSetup):
         self.agentctl = default_agentctl()
 
     def command(self, argv: list[str]) -> list[str]:
-        script = ('set -e; "$AGENTCTL" guard start --no-backupd "$DIR" >/dev/null; set +e; '
+        script = ('set -e; started=$("$AGENTCTL" guard start --json --no-backupd "$DIR"); '
+                  f'export {DAEMON_PID_ENV}=$(printf %s "$started" | "$PYTHON" -c '
+                  '"import json, sys; print(json.load(sys.stdin)[\'pid\'])"); set +e; '
                   '"$@"; rc=$?; "$AGENTCTL" guard stop "$DIR" >/dev/null; exit $rc')
+        counting = [f"{REQUESTS_ENV}={self.requests_file}"] if self.requests_file else []
         return ["env", f"ISOLATED_AGENT_HOME={self.store}", f"AGENTCTL={self.agentctl}",
-                f"DIR={self.path}", "/bin/sh", "-c", script, "sh", *argv]
+                f"PYTHON={sys.executable}", f"DIR={self.path}", *counting,
+                "/bin/sh", "-c", script, "sh", *argv]
 
     def stop(self) -> None:
         super().stop()
         remove(self.store)
+
+
+def report_requests(results: list[Measurement]) -> None:
+    """What the guard's daemon answered in each timed pass, and what that cost: the time the
+    guard took beyond native, per request."""
+    native = {(m.workload, m.cache): m for m in results if m.setup == "native"}
+    rows = []
+    for m in results:
+        if not m.requests:
+            continue
+        passes = len(m.requests)
+        kinds: dict[str, list[float]] = {}
+        for answered in m.requests:
+            for name, (count, seconds) in answered.items():
+                kind = kinds.setdefault(name, [0, 0.0])
+                kind[0] += count / passes
+                kind[1] += seconds / passes
+        total = sum(count for count, _ in kinds.values())
+        handlers = sum(seconds for _, seconds in kinds.values())
+        top = sorted(kinds.items(), key=lambda item: -item[1][0])[:5]
+        base = native.get((m.workload, m.cache))
+        extra = m.median - base.median if base else None
+        rows.append([m.workload, m.cache, f"{total:.0f}",
+                     ", ".join(f"{name} {count:.0f}" for name, (count, _) in top),
+                     format_seconds(handlers),
+                     format_seconds(extra) if extra is not None else "",
+                     f"{extra / total * 1e6:.0f} µs" if extra is not None and total else ""])
+    if rows:
+        print_table("the guard daemon's requests per timed pass (mean of the passes)",
+                    ["workload", "state", "requests", "most asked", "in handlers",
+                     "guard − native", "per request"], rows)
 
 
 def prepare_lower(ctx: BenchContext, source: str) -> None:
@@ -140,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", action="append", choices=[w.name for w in WORKLOADS])
     p.add_argument("--state", action="append", choices=STATES)
     p.add_argument("--setup", action="append", choices=["native", "guard", "fuse-overlayfs"])
+    p.add_argument("--requests", action="store_true",
+                   help="count the guard daemon's requests in each timed pass (and report them)")
     p.add_argument("--json", nargs="?", const="", metavar="FILE")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -160,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing {source} -> {workdir} ...", file=sys.stderr)
         prepare_lower(ctx, source)
         os.environ.update(GIT_ENV)
-        available: dict[str, Setup] = {"native": NativeSetup(), "guard": GuardSetup(),
+        requests_file = os.path.join(workdir, "guard-requests.json") if args.requests else None
+        available: dict[str, Setup] = {"native": NativeSetup(),
+                                       "guard": GuardSetup(requests_file),
                                        "fuse-overlayfs": FuseOverlayfsSetup()}
         setups = [available[n] for n in args.setup or available]
         workloads = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
@@ -181,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         report(results, names, payload, [(a, b) for a, b in (
             ("guard", "native"), ("fuse-overlayfs", "native"), ("guard", "fuse-overlayfs"))
             if a in names and b in names])
+        report_requests(results)
         if args.json is not None:
             print(f"JSON: {write_json('guard-tree', payload, args.json or None)}")
     return 0

@@ -500,6 +500,9 @@ class Measurement:
     cpu: list[float] = field(default_factory=list)  # CPU time (user + system) of each
     blocks: list[list[int]] = field(default_factory=list)  # [read, written] 512-byte blocks
     checks: list[Any] = field(default_factory=list)
+    # The counted daemon's requests in each timed run ({request: [count, handler seconds]}),
+    # where the setup counts them (workloads.daemon_requests).
+    requests: list[dict[str, list[float]]] = field(default_factory=list)
 
     def cpu_view(self) -> Measurement:
         """The same measurement with CPU time in place of wall time (for the tables)."""
@@ -546,7 +549,7 @@ def run_once(setup: Setup, ctx: BenchContext, workload: Workload, cold: bool,
 
 
 def run_runner(setup: Setup, ctx: BenchContext, workload: Workload,
-               when_ready: Callable[[int], None], *, warm: bool, repeat: int = 1,
+               when_ready: Callable[[int], None], *, warm: bool | int, repeat: int = 1,
                environ: dict[str, str] | None = None, label: str | None = None,
                ) -> dict[str, Any]:
     """Start the runner in `setup` (already reset), wait until it is up and has done the

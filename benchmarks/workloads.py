@@ -41,6 +41,7 @@ import inspect
 import json
 import os
 import resource
+import signal
 import stat
 import subprocess
 import sys
@@ -290,7 +291,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         sys.stdout.flush()
         if sys.stdin.readline().strip() != "go":
             raise SystemExit("runner: the harness did not say go")
-    if spec.get("warm"):
+    for _ in range(int(spec.get("warm", 0))):  # warm-up passes (True: one)
         warm_up(tree, workload.get("tools", []))
     # After the warm-up: it may dirty inodes (relatime updates atime on the first read of a
     # freshly copied file), whose writeback must not land in the timed part.
@@ -298,8 +299,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     seconds: list[float] = []
     cpu: list[float] = []
     blocks: list[list[int]] = []
+    requests: list[dict[str, list[float]]] = []
     checks = []
     for _ in range(spec.get("repeat", 1)):
+        answered = daemon_requests()
         before = _usage()
         start = time.perf_counter()
         checks.append(timed(tree))
@@ -307,10 +310,56 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         after = _usage()
         cpu.append(after[0] - before[0])
         blocks.append([int(after[1] - before[1]), int(after[2] - before[2])])
+        if answered is not None:
+            requests.append(requests_between(answered, daemon_requests() or {}))
     verified = verify(tree) if verify is not None else None
     check = checks[0] if all(c == checks[0] for c in checks) else checks
-    return {"seconds": seconds, "cpu": cpu, "blocks": blocks, "check": check,
-            "verify": verified}
+    result = {"seconds": seconds, "cpu": cpu, "blocks": blocks, "check": check,
+              "verify": verified}
+    if requests:
+        result["requests"] = requests
+    return result
+
+
+# The daemon whose requests a setup counts (isolated_agent/fusefs/accounting.py): its pid and
+# the file it writes its totals to when sent SIGUSR2.
+DAEMON_PID_ENV = "BENCH_DAEMON_PID"
+REQUESTS_ENV = "AGENTFS_REQUESTS"
+
+
+def daemon_requests() -> dict[str, list[float]] | None:
+    """The totals of the counted daemon so far ({request: [count, handler seconds]}), or
+    None where the setup counts none. Asks for them with SIGUSR2 and waits for the new file
+    (each is a new inode: written beside and renamed over)."""
+    pid, path = os.environ.get(DAEMON_PID_ENV), os.environ.get(REQUESTS_ENV)
+    if not pid or not path:
+        return None
+    try:
+        old = os.stat(path).st_ino
+    except FileNotFoundError:
+        old = None
+    os.kill(int(pid), signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.stat(path).st_ino != old:
+                with open(path) as f:
+                    totals: dict[str, list[float]] = json.load(f)
+                return totals
+        except FileNotFoundError:
+            pass
+        time.sleep(0.001)
+    raise SystemExit(f"runner: the daemon (pid {pid}) wrote no request counts to {path}")
+
+
+def requests_between(before: dict[str, list[float]],
+                     after: dict[str, list[float]]) -> dict[str, list[float]]:
+    spent = {}
+    for name, (count, seconds) in after.items():
+        old_count, old_seconds = before.get(name, (0, 0.0))
+        if count > old_count:
+            spent[name] = [count - old_count, round(seconds - old_seconds, 6)]
+    return spent
 
 
 def _usage() -> tuple[float, int, int]:

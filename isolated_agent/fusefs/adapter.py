@@ -24,6 +24,7 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
+from isolated_agent.fusefs import accounting
 from isolated_agent.fusefs.model import Attributes, Caller, Changes, FileSystem, Opened
 from isolated_agent.fusefs.replies import entry_attributes, errno_handler, statfs_reply
 
@@ -102,13 +103,15 @@ class Adapter(pyfuse3.Operations):
     def lookup(self, parent_inode: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
         return reply(self.model.lookup(parent_inode, name, _caller(ctx)))
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+    async def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
                 if self.model.forget(inode, count) and self._handle_free:
                     self._streams.pop(inode, None)
             except Exception:  # must not fail: log the bug and go on
                 log.exception("forget(%d, %d) failed", inode, count)
+
+    forget = accounting.counted("forget", _forget)
 
     @_handler
     def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import pyfuse3
 from pyfuse3 import EntryAttributes, FUSEError
 
+from isolated_agent.fusefs import accounting
 from isolated_agent.fusefs.daemon_log import FAILED_MARK
 
 T = TypeVar("T")
@@ -67,7 +68,7 @@ def errno_handler(
                 log.exception("%s%r " + FAILED_MARK, operation, _brief(args))
                 raise FUSEError(errno.EIO) from None
 
-        return wrapper
+        return accounting.counted(operation, wrapper)
 
     return decorate
 

@@ -3,6 +3,7 @@
     hold_stop_signals()   before mounting: a SIGTERM/SIGINT/SIGHUP that comes while mounting is
                           remembered, not fatal (dying then would leave a dead mount, ENOTCONN)
     run_trio(main, ...)   a daemon's whole life, under cProfile when $AGENTFS_PROFILE names a file
+                          (and its requests counted when $AGENTFS_REQUESTS does: accounting.py)
     serve_session(...)    serve the mounted session until it ends, beside the daemon's own tasks
     terminate_on_signal   the task that ends the FUSE session on a stop signal
 """
@@ -18,6 +19,7 @@ from typing import Any
 import pyfuse3
 import trio  # type: ignore[import-untyped]
 
+from isolated_agent.fusefs import accounting
 from isolated_agent.fusefs.adapter import Adapter
 from isolated_agent.fusefs.mount import raise_readahead_when_initialized
 
@@ -35,6 +37,8 @@ def hold_stop_signals() -> None:
     would kill the daemon while it mounts and leave the mount dead (ENOTCONN)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _remember_signal)
+    if accounting.enabled():  # a benchmark's early "write your counts" must not kill it
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def _remember_signal(signum: int, frame: object) -> None:
@@ -44,6 +48,13 @@ def _remember_signal(signum: int, frame: object) -> None:
 def run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
     """trio.run(main, *args): a daemon's whole life. Under cProfile when $AGENTFS_PROFILE names
     a file, written when it returns (benchmarks/README-agentfs.md)."""
+    try:
+        _run_trio(main, *args)
+    finally:
+        accounting.write()
+
+
+def _run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
     profile_path = os.environ.get(PROFILE_ENV)
     if not profile_path:
         trio.run(main, *args)
@@ -59,14 +70,19 @@ def run_trio(main: Callable[..., Awaitable[object]], *args: object) -> None:
 
 async def terminate_on_signal(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """End the FUSE session (pyfuse3.main returns, the daemon unmounts) on the first stop
-    signal — also on one that came while mounting (`hold_stop_signals`)."""
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    signal — also on one that came while mounting (`hold_stop_signals`). With request
+    accounting on, SIGUSR2 writes the counts so far (accounting.py)."""
+    accounting_signals = (signal.SIGUSR2,) if accounting.enabled() else ()
+    with trio.open_signal_receiver(*STOP_SIGNALS, *accounting_signals) as signals:
         task_status.started()
         if _early_signals:
             log.info("signal %d while mounting, unmounting", _early_signals[0])
             pyfuse3.terminate()
             return
         async for signum in signals:
+            if signum in accounting_signals:
+                accounting.write()
+                continue
             log.info("signal %d, unmounting", signum)
             pyfuse3.terminate()
             return

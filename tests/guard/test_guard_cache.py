@@ -4,7 +4,9 @@ staged file at its old name — nor miss what changed behind the mount."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -129,3 +131,31 @@ def test_the_watcher_tells_the_daemons_own_changes_from_others(tmp_path: Path) -
         watcher.close()
         os.close(directory)
         os.close(sub)
+
+
+def test_the_daemon_counts_its_requests_for_the_benchmarks(tmp_path: Path,
+                                                           guards: Guards) -> None:
+    """`$AGENTFS_REQUESTS` (fusefs/accounting.py): the totals at each SIGUSR2 and at the end —
+    what benchmarks/guard_tree_bench.py --requests reports as requests per pass."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    for number in range(5):
+        (directory / f"f{number}").write_text("x\n")
+    counts = tmp_path / "requests.json"
+    pid = guards.start(directory, env={"AGENTFS_REQUESTS": str(counts)})
+
+    def totals() -> dict[str, list[float]]:
+        old = counts.stat().st_ino if counts.exists() else None
+        os.kill(pid, signal.SIGUSR2)
+        eventually(lambda: counts.exists() and counts.stat().st_ino != old, "the counts")
+        return json.loads(counts.read_text())  # type: ignore[no-any-return]
+
+    cache_everything(directory)
+    before = totals()
+    for number in range(3):
+        os.unlink(directory / f"f{number}")
+    after = totals()
+    assert after["unlink"][0] - before.get("unlink", [0])[0] == 3
+    assert after["unlink"][1] > before.get("unlink", [0, 0.0])[1]
+    guards.stop(directory)
+    assert json.loads(counts.read_text())["unlink"][0] == 3  # written again at the end
