@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state", action="append", choices=STATES, help="only these (repeatable)")
     p.add_argument("--setup", action="append",
                    choices=["native", "overlay", "fuse-overlayfs", "agentfs",
-                            "agentfs-handles", "agentfs-pyfuse3-loop"],
+                            "agentfs-handles", "agentfs-pyfuse3-loop", "agentfs-no-spin"],
                    help="only these (repeatable; default: the first four)")
     p.add_argument("--quiet-threshold", type=float, default=0.25)
     p.add_argument("--quiet-timeout", type=float, default=20.0)
@@ -385,6 +385,8 @@ def make_setups(chosen: list[str] | None) -> list[Setup]:
         # With an unpatched pyfuse3 (or AGENTFS_HANDLES set) agentfs answers opens with handles.
         "agentfs-handles": AgentfsSetup("agentfs-handles", {"AGENTFS_HANDLES": "1"}),
         "agentfs-pyfuse3-loop": AgentfsSetup("agentfs-pyfuse3-loop", {"AGENTFS_PLAIN_LOOP": "1"}),
+        # fastloop.py's spin off: the daemon sleeps at once after each answer.
+        "agentfs-no-spin": AgentfsSetup("agentfs-no-spin", {"AGENTFS_SPIN_US": "0"}),
     }
     names = chosen or ["native", "overlay", "fuse-overlayfs", "agentfs"]
     return [available[n] for n in names]

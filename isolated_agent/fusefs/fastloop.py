@@ -5,11 +5,23 @@ Why: pyfuse3's worker loop waits for every request with `trio.lowlevel.wait_read
 time, about 25 µs per request on this project's benchmark machine, more than agentfs spends
 answering most requests. When the daemon is busy the next request is usually there already.
 
-What: before pyfuse3's own wait, poll(2) the fd — without blocking, then for at most
-`SPIN_MS` — and go straight to reading the request when it is readable. Only when the fd stays
-quiet does the loop fall back to pyfuse3's wait (so an idle daemon sleeps in trio, as before).
-Every `YIELD_EVERY` requests it passes through a trio checkpoint anyway, so signal handlers
-(SIGTERM unmounts) and other tasks run even under a constant stream of requests.
+What: before pyfuse3's own wait, poll(2) the fd — without blocking, then busy for at most
+`SPIN_SECONDS`, then blocking for at most `SPIN_MS` — and go straight to reading the request
+when it is readable. Only when the fd stays quiet does the loop fall back to pyfuse3's wait
+(so an idle daemon sleeps in trio, as before). Every `YIELD_EVERY` requests it passes through
+a trio checkpoint anyway, so signal handlers (SIGTERM unmounts) and other tasks run even under
+a constant stream of requests.
+
+Why busy at all: a request's caller and the daemon usually run on two CPUs, and a CPU with
+nothing to run halts. Waking a halted CPU is what a FUSE request costs most of on a virtual
+machine — on this project's 2-vCPU benchmark VM a request to an empty C daemon (libfuse, one
+thread) costs 63 µs across CPUs and 5 µs on one CPU (benchmarks/fuse_floor_bench.py). A daemon
+that keeps polling for a moment after each answer is awake when the next request of a burst
+comes: ours then answers in 20–30 µs instead of 70–80. The spin ends `SPIN_SECONDS` after the
+last request (an idle daemon costs nothing), and each poll(2) in it is a point where the
+scheduler hands the CPU to a task woken there — the caller too: with the daemon and its caller
+pinned to one CPU a request still costs 10 µs. Yielding at each turn (sched_yield) was tried
+and made agentfs's sequential 512 MiB write 1.5× slower; without it the write is as before.
 
 Valid only with one worker task (`pyfuse3.main(max_tasks=1)`), which is how agentfs runs: the
 original wait also serialises several readers with a lock, which one reader does not need.
@@ -23,6 +35,7 @@ import logging
 import os
 import select
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +44,9 @@ import trio  # type: ignore[import-untyped]
 
 log = logging.getLogger("agentfs")
 
+SPIN_SECONDS = 200e-6
+# Microseconds to spin instead (0: none), to measure what the spin gives (benchmarks/).
+SPIN_ENV = "AGENTFS_SPIN_US"
 SPIN_MS = 2
 YIELD_EVERY = 128
 _FUSE_DEVICE = os.makedev(10, 229)
@@ -63,10 +79,22 @@ def install(fd: int | None = None) -> bool:
     poller = select.poll()
     poller.register(session, select.POLLIN)
     served = 0
+    given = os.environ.get(SPIN_ENV, "")
+    spin_seconds = int(given) / 1e6 if given.isdigit() else SPIN_SECONDS
+
+    def spin() -> bool:
+        """Readable within `spin_seconds`, polled without sleeping (module docstring)."""
+        if not spin_seconds:
+            return False
+        end = time.perf_counter() + spin_seconds
+        while time.perf_counter() < end:
+            if poller.poll(0):
+                return True
+        return False
 
     async def wait_fuse_readable() -> Any:
         nonlocal served
-        if poller.poll(0) or poller.poll(SPIN_MS):
+        if poller.poll(0) or spin() or poller.poll(SPIN_MS):
             served += 1
             if served % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
