@@ -24,7 +24,7 @@ import pyfuse3
 import trio  # type: ignore[import-untyped]
 from pyfuse3 import EntryAttributes, FileInfo, FUSEError, RequestContext, SetattrFields
 
-from isolated_agent.fusefs import accounting
+from isolated_agent.fusefs import accounting, fastloop
 from isolated_agent.fusefs.model import Attributes, Caller, Changes, FileSystem, Opened
 from isolated_agent.fusefs.replies import entry_attributes, errno_handler, statfs_reply
 
@@ -196,6 +196,8 @@ class Adapter(pyfuse3.Operations):
 
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
+        if len(buf) >= fastloop.BULK_WRITE:
+            fastloop.rest()  # leave the CPU to the writeback of what it writes
         return self.model.write(fh, off, buf)
 
     @_handler

@@ -20,8 +20,11 @@ that keeps polling for a moment after each answer is awake when the next request
 comes: ours then answers in 20–30 µs instead of 70–80. The spin ends `SPIN_SECONDS` after the
 last request (an idle daemon costs nothing), and each poll(2) in it is a point where the
 scheduler hands the CPU to a task woken there — the caller too: with the daemon and its caller
-pinned to one CPU a request still costs 10 µs. Yielding at each turn (sched_yield) was tried
-and made agentfs's sequential 512 MiB write 1.5× slower; without it the write is as before.
+pinned to one CPU a request still costs 10 µs. After a write of `BULK_WRITE` bytes or more
+(`rest`) the daemon sleeps at once: a stream of large writes leaves dirty pages that the
+kernel's writeback threads must flush on the same CPUs, and a spinning daemon took their time
+(agentfs's sequential 512 MiB write was 1.5–1.8× slower with the spin, with or without a
+sched_yield at each turn).
 
 Valid only with one worker task (`pyfuse3.main(max_tasks=1)`), which is how agentfs runs: the
 original wait also serialises several readers with a lock, which one reader does not need.
@@ -48,6 +51,7 @@ SPIN_SECONDS = 200e-6
 # Microseconds to spin instead (0: none), to measure what the spin gives (benchmarks/).
 SPIN_ENV = "AGENTFS_SPIN_US"
 SPIN_MS = 2
+BULK_WRITE = 64 * 1024
 YIELD_EVERY = 128
 _FUSE_DEVICE = os.makedev(10, 229)
 
@@ -64,6 +68,15 @@ def fuse_fd() -> int | None:
         if stat.S_ISCHR(st.st_mode) and st.st_rdev == _FUSE_DEVICE:
             found.append(int(name))
     return found[0] if len(found) == 1 else None
+
+
+_rest_next = False
+
+
+def rest() -> None:
+    """No spin before the next request: the one being answered was a bulk write."""
+    global _rest_next
+    _rest_next = True
 
 
 def install(fd: int | None = None) -> bool:
@@ -84,7 +97,9 @@ def install(fd: int | None = None) -> bool:
 
     def spin() -> bool:
         """Readable within `spin_seconds`, polled without sleeping (module docstring)."""
-        if not spin_seconds:
+        global _rest_next
+        if _rest_next or not spin_seconds:
+            _rest_next = False
             return False
         end = time.perf_counter() + spin_seconds
         while time.perf_counter() < end:
