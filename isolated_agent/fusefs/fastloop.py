@@ -97,9 +97,7 @@ def install(fd: int | None = None) -> bool:
 
     def spin() -> bool:
         """Readable within `spin_seconds`, polled without sleeping (module docstring)."""
-        global _rest_next
-        if _rest_next or not spin_seconds:
-            _rest_next = False
+        if not spin_seconds:
             return False
         end = time.perf_counter() + spin_seconds
         while time.perf_counter() < end:
@@ -109,7 +107,9 @@ def install(fd: int | None = None) -> bool:
 
     async def wait_fuse_readable() -> Any:
         nonlocal served
-        if poller.poll(0) or spin() or poller.poll(SPIN_MS):
+        global _rest_next
+        resting, _rest_next = _rest_next, False
+        if poller.poll(0) or (not resting and spin()) or poller.poll(SPIN_MS):
             served += 1
             if served % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()

@@ -1,8 +1,7 @@
 """What every pyfuse3 file system of ours shares: the one place an exception becomes an errno,
 the conversion of stat results into replies, and whether pyfuse3 allows handle-free mounts.
 
-Used by agentfs (`operations.py`), its filter mount (`engines/filter/fs.py`) and the guard
-(`guard/fs.py`).
+Used by the one adapter (`adapter.py`) that serves agentfs, the filter and the guard.
 """
 
 from __future__ import annotations
