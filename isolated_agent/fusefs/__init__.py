@@ -8,7 +8,8 @@ served by the one adapter.
     replies.py    the one place an exception becomes an errno; stat results as replies
     inodes.py     the one inode table (numbering, lookup counts, invariants) and its overlay kind
     cache.py      the declared kernel-caching modes and their contract
-    fastloop.py   the faster wait for the next request (one worker task)
+    fastloop.py   the faster wait for the next request (one worker task; awake through a burst)
+    accounting.py requests counted per kind for the benchmarks ($AGENTFS_REQUESTS)
     serve.py      the serve loop: trio, stop signals, profiling
     mount.py      the mount table: is it mounted, unmount (even a dead one), read-ahead
     daemon_log.py how a daemon's log says a request failed on a bug, and who reads it
