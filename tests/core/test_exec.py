@@ -19,7 +19,10 @@ import pytest
 from tests.conftest import snapshot, user_agentctl
 
 # The job: says it started (in the env), waits until a `stop` file appears in its view.
-WAITING_JOB = "echo started > started; while [ ! -e stop ]; do sleep 0.05; done; echo done"
+# After `stop` appears the job lingers a second: an exec that made it (`touch stop`) must get
+# to report its status before the job's end kills what runs in the job's pid namespace.
+WAITING_JOB = ("echo started > started; while [ ! -e stop ]; do sleep 0.05; done; sleep 1; "
+               "echo done")
 
 
 def agentctl(*args: str) -> list[str]:
