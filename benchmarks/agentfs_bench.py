@@ -366,7 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state", action="append", choices=STATES, help="only these (repeatable)")
     p.add_argument("--setup", action="append",
                    choices=["native", "overlay", "fuse-overlayfs", "agentfs",
-                            "agentfs-handles", "agentfs-pyfuse3-loop", "agentfs-no-spin"],
+                            "agentfs-handles", "agentfs-pyfuse3-loop", "agentfs-no-spin",
+                            "agentfs-spin"],
                    help="only these (repeatable; default: the first four)")
     p.add_argument("--quiet-threshold", type=float, default=0.25)
     p.add_argument("--quiet-timeout", type=float, default=20.0)
@@ -387,6 +388,8 @@ def make_setups(chosen: list[str] | None) -> list[Setup]:
         "agentfs-pyfuse3-loop": AgentfsSetup("agentfs-pyfuse3-loop", {"AGENTFS_PLAIN_LOOP": "1"}),
         # fastloop.py's spin off: the daemon sleeps at once after each answer.
         "agentfs-no-spin": AgentfsSetup("agentfs-no-spin", {"AGENTFS_SPIN_US": "0"}),
+        # The spin on, whatever the machine's fuse.wake_here (which turns it off by default).
+        "agentfs-spin": AgentfsSetup("agentfs-spin", {"AGENTFS_SPIN_US": "200"}),
     }
     names = chosen or ["native", "overlay", "fuse-overlayfs", "agentfs"]
     return [available[n] for n in names]

@@ -16,6 +16,9 @@ Ways to answer `stat("f")`, timed in the same run, interleaved:
                       (the pyfuse3 adapter, fastloop's wait, one trio worker: how agentfs, the
                       filter and the guard are served), its handler as empty
     python, no spin   the same with fastloop's spin off (AGENTFS_SPIN_US=0)
+    …, woken here     where the kernel has `fuse.wake_here` (fusefs/wakeup.py): the same
+                      daemons while the kernel wakes a daemon on its caller's CPU (the
+                      setting is switched for these rows' rounds and put back afterwards)
 
 The C figure is the protocol's floor here: the kernel, two context switches and libfuse; the
 pinned pair shows how much of it is one CPU waking the other (on a virtual machine, a halted
@@ -42,6 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import BenchError, machine_info, print_table, source_state, write_json  # noqa: E402
 
 SPIN_ENV = "AGENTFS_SPIN_US"  # isolated_agent/fusefs/fastloop.py
+SPIN = {SPIN_ENV: "200"}  # fastloop.SPIN_SECONDS, whatever the machine's wake placement
+NO_SPIN = {SPIN_ENV: "0"}
+WAKE_HERE = "/sys/module/fuse/parameters/wake_here"  # isolated_agent/fusefs/wakeup.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "floor", "fuse_floor.c")
@@ -121,6 +127,19 @@ def stop(daemon: subprocess.Popen[str], mountpoint: str) -> None:
     subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
+def read_wake_here() -> str | None:
+    try:
+        with open(WAKE_HERE) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def set_wake_here(value: str) -> None:
+    with open(WAKE_HERE, "w") as f:
+        f.write(value)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` so far."""
     with open(f"/proc/{pid}/stat") as f:
@@ -160,22 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         python = [sys.executable, os.path.abspath(__file__), "--serve-python"]
         cpus = sorted(os.sched_getaffinity(0))
         # name: (daemon command without its mount point, extra environment, daemon's CPU,
-        # caller's CPU); None: wherever the scheduler puts them.
-        setups: dict[str, tuple[list[str], dict[str, str], int | None, int | None]] = {
-            "C": ([binary], {}, None, None),
-            "python": (python, {}, None, None),
-            "python, no spin": (python, {SPIN_ENV: "0"}, None, None),
+        # caller's CPU, woken on the caller's CPU); None: wherever the scheduler puts them.
+        setups: dict[str, tuple[list[str], dict[str, str], int | None, int | None, bool]] = {
+            "C": ([binary], {}, None, None, False),
+            "python": (python, SPIN, None, None, False),
+            "python, no spin": (python, NO_SPIN, None, None, False),
         }
         if len(cpus) >= 2:
-            setups["C, one CPU"] = ([binary], {}, cpus[0], cpus[0])
-            setups["C, two CPUs"] = ([binary], {}, cpus[0], cpus[1])
+            setups["C, one CPU"] = ([binary], {}, cpus[0], cpus[0], False)
+            setups["C, two CPUs"] = ([binary], {}, cpus[0], cpus[1], False)
+        machines_wake_here = read_wake_here()
+        if machines_wake_here is not None:
+            setups["C, woken here"] = ([binary], {}, None, None, True)
+            setups["python, woken here"] = (python, SPIN, None, None, True)
+            setups["python, no spin, woken here"] = (python, NO_SPIN, None, None, True)
         mountpoints = {name: os.path.join(workdir, f"m{number}")
                        for number, name in enumerate(setups)}
         samples: dict[str, list[float]] = {"native": [], **{name: [] for name in setups}}
         daemon_cpu: dict[str, list[float]] = {name: [] for name in setups}
         daemons: dict[str, subprocess.Popen[str]] = {}
         try:
-            for name, (command, environ, pinned_to, _) in setups.items():
+            for name, (command, environ, pinned_to, _, _) in setups.items():
                 os.mkdir(mountpoints[name])
                 daemons[name] = start([*command, mountpoints[name]], environ, pinned_to)
             paths = {"native": os.path.join(native, "f"),
@@ -185,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 turn = round_number % len(names)
                 for name in names[turn:] + names[:turn]:
-                    caller_cpu = setups[name][3] if name in setups else None
+                    _, _, _, caller_cpu, woken_here = setups.get(name, ([], {}, None, None,
+                                                                        False))
                     os.sched_setaffinity(0, cpus if caller_cpu is None else [caller_cpu])
+                    if machines_wake_here is not None:
+                        set_wake_here("Y" if woken_here else "N")
                     before = cpu_seconds(daemons[name].pid) if name in daemons else 0.0
                     samples[name].append(time_stats(paths[name], args.stats))
                     if name in daemons:
@@ -195,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, cpus)
         finally:
             os.sched_setaffinity(0, cpus)
+            if machines_wake_here is not None:
+                set_wake_here(machines_wake_here)
             for name, daemon in daemons.items():
                 stop(daemon, mountpoints[name])
     medians = {name: statistics.median(values) for name, values in samples.items()}

@@ -203,12 +203,19 @@ def machine_info() -> dict[str, Any]:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    return {
+    info: dict[str, Any] = {
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "memory_gib": round(mem_kb / 2**20, 1),
         "python": platform.python_version(),
     }
+    # What sets the price of a FUSE request on this machine (fuse_floor_bench.py).
+    for name, parameter in (("fuse.wake_here", "/sys/module/fuse/parameters/wake_here"),
+                            ("haltpoll.guest_halt_poll_ns",
+                             "/sys/module/haltpoll/parameters/guest_halt_poll_ns")):
+        with contextlib.suppress(OSError), open(parameter) as f:
+            info[name] = f.read().strip()
+    return info
 
 
 def source_state(repo: str = os.path.dirname(BENCH_DIR)) -> dict[str, Any]:

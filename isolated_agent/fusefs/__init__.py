@@ -9,6 +9,7 @@ served by the one adapter.
     inodes.py     the one inode table (numbering, lookup counts, invariants) and its overlay kind
     cache.py      the declared kernel-caching modes and their contract
     fastloop.py   the faster wait for the next request (one worker task; awake through a burst)
+    wakeup.py     where the kernel wakes a daemon for a request (the price of a request)
     accounting.py requests counted per kind for the benchmarks ($AGENTFS_REQUESTS)
     serve.py      the serve loop: trio, stop signals, profiling
     mount.py      the mount table: is it mounted, unmount (even a dead one), read-ahead

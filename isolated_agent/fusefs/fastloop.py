@@ -26,6 +26,12 @@ kernel's writeback threads must flush on the same CPUs, and a spinning daemon to
 (agentfs's sequential 512 MiB write was 1.5–1.8× slower with the spin, with or without a
 sched_yield at each turn).
 
+No spin where the kernel wakes a FUSE daemon on its caller's CPU (wakeup.py: the
+`fuse.wake_here` parameter some kernels have, this project's benchmark VM's among them).
+There a request and its answer are two context switches on one CPU — 11 µs for ours, 7 µs for
+the C daemon, against 20 µs spinning (fuse_floor_bench.py) — and a daemon spinning after its
+answer only keeps the caller it just woke from that CPU.
+
 Valid only with one worker task (`pyfuse3.main(max_tasks=1)`), which is how agentfs runs: the
 original wait also serialises several readers with a lock, which one reader does not need.
 Installed only when pyfuse3 has the function this replaces (3.2 to 3.5 do); otherwise agentfs
@@ -44,6 +50,8 @@ from typing import Any
 
 import pyfuse3
 import trio  # type: ignore[import-untyped]
+
+from isolated_agent.fusefs import wakeup
 
 log = logging.getLogger("agentfs")
 
@@ -70,6 +78,15 @@ def fuse_fd() -> int | None:
     return found[0] if len(found) == 1 else None
 
 
+def spin_seconds(callers_cpu: bool | None) -> float:
+    """How long to poll busily after an answer: `SPIN_ENV` when given, else `SPIN_SECONDS`
+    unless the daemon is woken on its caller's CPU (module docstring)."""
+    given = os.environ.get(SPIN_ENV, "")
+    if given.isdigit():
+        return int(given) / 1e6
+    return 0.0 if callers_cpu else SPIN_SECONDS
+
+
 _rest_next = False
 
 
@@ -92,14 +109,13 @@ def install(fd: int | None = None) -> bool:
     poller = select.poll()
     poller.register(session, select.POLLIN)
     served = 0
-    given = os.environ.get(SPIN_ENV, "")
-    spin_seconds = int(given) / 1e6 if given.isdigit() else SPIN_SECONDS
+    spin_for = spin_seconds(wakeup.callers_cpu_wakeups())
 
     def spin() -> bool:
-        """Readable within `spin_seconds`, polled without sleeping (module docstring)."""
-        if not spin_seconds:
+        """Readable within `spin_for`, polled without sleeping (module docstring)."""
+        if not spin_for:
             return False
-        end = time.perf_counter() + spin_seconds
+        end = time.perf_counter() + spin_for
         while time.perf_counter() < end:
             if poller.poll(0):
                 return True

@@ -27,6 +27,7 @@ from typing import Any
 from isolated_agent.engines.fuse.engine import check_dev_fuse
 from isolated_agent.env.store import Store
 from isolated_agent.errors import AgentctlError, IsolationError
+from isolated_agent.fusefs import wakeup
 from isolated_agent.system import libc
 from isolated_agent.system.cgroup import DELEGATE_HINT, Limits, limits_problem, own_group
 from isolated_agent.system.mountinfo import read_mountinfo
@@ -111,7 +112,7 @@ def diagnose() -> Diagnosis:
     needs(("filter",), _fusermount())
     needs(("filter", "copy"), _landlock(), _job_user(rootless))
     needs(ENGINES, _seccomp())
-    needs((), _cgroup(), _tiocsti())
+    needs((), _cgroup(), _tiocsti(), *_fuse_wakeups())
     diagnosis = Diagnosis(_user_name(), rootless, checks)
     diagnosis.engines = [_verdict(name, checks) for name in ENGINES]
     diagnosis.auto, diagnosis.auto_why = _auto(diagnosis.engines, namespaces)
@@ -440,6 +441,19 @@ def _tiocsti() -> Check:
     return Check("TIOCSTI", WARN, "terminal input injection is allowed on this machine (jobs are "
                  "safe: they get a terminal of their own and the seccomp baseline refuses it)",
                  "to shut it for every program: sudo sysctl -w dev.tty.legacy_tiocsti=0")
+
+
+def _fuse_wakeups() -> list[Check]:
+    """Where a FUSE daemon is woken (fusefs/wakeup.py); no check on a kernel that cannot say."""
+    here = wakeup.callers_cpu_wakeups()
+    if here is None:
+        return []
+    if here:
+        return [Check("FUSE wake-ups", OK, "on the caller's CPU (fuse.wake_here is Y)")]
+    return [Check("FUSE wake-ups", WARN, "on another CPU (fuse.wake_here is N): each request to "
+                  "the guard, the filter or agentfs waits for that CPU, on a virtual machine "
+                  "several times what the request costs", f"for every FUSE file system: "
+                  f"{wakeup.ENABLE}")]
 
 
 def _user_name() -> str:

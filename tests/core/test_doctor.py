@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from isolated_agent.fusefs import wakeup
 from tests.conftest import RunAs, user_agentctl
 from tests.core.test_rootless import without_user_namespaces
 
@@ -58,6 +61,27 @@ def test_doctor_as_root_names_every_engine_and_the_one_run_uses(
                          capture_output=True, text=True, timeout=60)
     assert ran.returncode == 0, ran.stderr
     assert engine_announced(ran.stderr) == report["auto"]["engine"]
+
+
+def test_doctor_says_where_fuse_daemons_are_woken(tmp_path: Path) -> None:
+    """Both answers of a kernel that has `fuse.wake_here` (the setting is put back)."""
+    if wakeup.callers_cpu_wakeups() is None:
+        pytest.skip("this kernel has no fuse.wake_here")
+    env = dict(os.environ, ISOLATED_AGENT_HOME=str(tmp_path / "store"))
+    with open(wakeup.WAKE_HERE) as f:
+        machines = f.read().strip()
+    try:
+        for value, status in (("N", "warn"), ("Y", "ok")):
+            with open(wakeup.WAKE_HERE, "w") as f:
+                f.write(value)
+            _, report = doctor(agentctl("doctor", "--json"), env=env)
+            found = check(report, "FUSE wake-ups")
+            assert found["status"] == status, found
+            assert found["needed_by"] == []
+            assert status == "ok" or wakeup.WAKE_HERE in found["fix"]
+    finally:
+        with open(wakeup.WAKE_HERE, "w") as f:
+            f.write(machines)
 
 
 def test_doctor_prints_a_report_a_person_reads() -> None:
