@@ -30,7 +30,8 @@ No spin where the kernel wakes a FUSE daemon on its caller's CPU (wakeup.py: the
 `fuse.wake_here` parameter some kernels have, this project's benchmark VM's among them).
 There a request and its answer are two context switches on one CPU — 11 µs for ours, 7 µs for
 the C daemon, against 20 µs spinning (fuse_floor_bench.py) — and a daemon spinning after its
-answer only keeps the caller it just woke from that CPU.
+answer only keeps the caller it just woke from that CPU. The setting is read again whenever
+the daemon goes idle, so a running daemon follows a change of it.
 
 Valid only with one worker task (`pyfuse3.main(max_tasks=1)`), which is how agentfs runs: the
 original wait also serialises several readers with a lock, which one reader does not need.
@@ -122,7 +123,7 @@ def install(fd: int | None = None) -> bool:
         return False
 
     async def wait_fuse_readable() -> Any:
-        nonlocal served
+        nonlocal served, spin_for
         global _rest_next
         resting, _rest_next = _rest_next, False
         if poller.poll(0) or (not resting and spin()) or poller.poll(SPIN_MS):
@@ -130,6 +131,9 @@ def install(fd: int | None = None) -> bool:
             if served % YIELD_EVERY == 0:
                 await trio.lowlevel.checkpoint()
             return True
+        # Idle: read the machine's setting again, so that a daemon left running follows it
+        # once root changes it (`agentctl doctor` says how); a few µs once per burst.
+        spin_for = spin_seconds(wakeup.callers_cpu_wakeups())
         return await original()
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]
