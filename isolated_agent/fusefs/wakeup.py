@@ -4,7 +4,7 @@ virtual machine.
 A process that asks a FUSE file system something sleeps until the daemon answers; the daemon
 sleeps until asked. When the kernel wakes the daemon on another CPU and that CPU has halted,
 the hypervisor must wake it: on this project's 2-vCPU benchmark VM one request to an empty C
-daemon costs about 60 µs so, and 6–8 µs when the daemon runs on the caller's CPU
+daemon then costs about 60 µs, and 6–8 µs when the daemon runs on the caller's CPU
 (benchmarks/fuse_floor_bench.py). Some kernels let root choose the latter for every FUSE
 request: the `fuse.wake_here` parameter (not in mainline Linux). The daemons read it to decide
 whether to keep their CPU awake after an answer (fastloop.py); `agentctl doctor` reports it.
