@@ -29,10 +29,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -57,6 +57,7 @@ from harness import (  # noqa: E402
     reexec_in_private_mount_namespace,
     remove,
     run_runner,
+    run_script,
     source_state,
     work_directory,
     write_json,
@@ -365,10 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workload", action="append", choices=names, help="only these (repeatable)")
     p.add_argument("--state", action="append", choices=STATES, help="only these (repeatable)")
     p.add_argument("--setup", action="append",
-                   choices=["native", "overlay", "fuse-overlayfs", "agentfs",
-                            "agentfs-handles", "agentfs-pyfuse3-loop", "agentfs-no-spin",
-                            "agentfs-spin"],
-                   help="only these (repeatable; default: the first four)")
+                   choices=list(SETUPS),
+                   help=f"only these (repeatable; default: {', '.join(DEFAULT_SETUPS)})")
     p.add_argument("--quiet-threshold", type=float, default=0.25)
     p.add_argument("--quiet-timeout", type=float, default=20.0)
     p.add_argument("--profile", metavar="WORKLOAD", choices=names,
@@ -377,22 +376,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Every setup --setup can name, made afresh for each run.
+SETUPS: dict[str, Callable[[], Setup]] = {
+    "native": NativeSetup,
+    "overlay": KernelOverlaySetup,
+    "fuse-overlayfs": FuseOverlayfsSetup,
+    "agentfs": AgentfsSetup,
+    # With an unpatched pyfuse3 (or AGENTFS_HANDLES set) agentfs answers opens with handles.
+    "agentfs-handles": lambda: AgentfsSetup("agentfs-handles", {"AGENTFS_HANDLES": "1"}),
+    "agentfs-pyfuse3-loop": lambda: AgentfsSetup("agentfs-pyfuse3-loop",
+                                                 {"AGENTFS_PLAIN_LOOP": "1"}),
+    # fastloop.py's spin off: the daemon sleeps at once after each answer.
+    "agentfs-no-spin": lambda: AgentfsSetup("agentfs-no-spin", {"AGENTFS_SPIN_US": "0"}),
+    # The spin on, whatever the machine's fuse.wake_here (which turns it off by default).
+    "agentfs-spin": lambda: AgentfsSetup("agentfs-spin", {"AGENTFS_SPIN_US": "200"}),
+}
+DEFAULT_SETUPS = ["native", "overlay", "fuse-overlayfs", "agentfs"]
+
+
 def make_setups(chosen: list[str] | None) -> list[Setup]:
-    available: dict[str, Setup] = {
-        "native": NativeSetup(),
-        "overlay": KernelOverlaySetup(),
-        "fuse-overlayfs": FuseOverlayfsSetup(),
-        "agentfs": AgentfsSetup(),
-        # With an unpatched pyfuse3 (or AGENTFS_HANDLES set) agentfs answers opens with handles.
-        "agentfs-handles": AgentfsSetup("agentfs-handles", {"AGENTFS_HANDLES": "1"}),
-        "agentfs-pyfuse3-loop": AgentfsSetup("agentfs-pyfuse3-loop", {"AGENTFS_PLAIN_LOOP": "1"}),
-        # fastloop.py's spin off: the daemon sleeps at once after each answer.
-        "agentfs-no-spin": AgentfsSetup("agentfs-no-spin", {"AGENTFS_SPIN_US": "0"}),
-        # The spin on, whatever the machine's fuse.wake_here (which turns it off by default).
-        "agentfs-spin": AgentfsSetup("agentfs-spin", {"AGENTFS_SPIN_US": "200"}),
-    }
-    names = chosen or ["native", "overlay", "fuse-overlayfs", "agentfs"]
-    return [available[n] for n in names]
+    return [SETUPS[name]() for name in chosen or DEFAULT_SETUPS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,11 +522,4 @@ def _progress(message: str) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"agentfs_bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main, "agentfs_bench")

@@ -13,7 +13,6 @@ import argparse
 import glob
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from harness import (  # noqa: E402
     remove,
     results_table,
     run_matrix,
+    run_script,
     sh,
     source_state,
     time_command,
@@ -441,12 +441,4 @@ def _clear_progress() -> None:
 
 
 if __name__ == "__main__":
-    # SIGTERM unwinds like Ctrl-C, so every finally clause unmounts and removes what it made.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"core_bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main, "core_bench")

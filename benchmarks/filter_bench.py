@@ -54,6 +54,7 @@ from harness import (  # noqa: E402
     reexec_in_private_mount_namespace,
     remove,
     run_runner,
+    run_script,
     source_state,
     work_directory,
     write_json,
@@ -590,11 +591,4 @@ def _progress(message: str) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"filter_bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main, "filter_bench")

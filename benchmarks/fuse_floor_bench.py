@@ -42,12 +42,20 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import BenchError, machine_info, print_table, source_state, write_json  # noqa: E402
+from harness import (  # noqa: E402
+    BenchError,
+    machine_info,
+    print_table,
+    run_script,
+    source_state,
+    write_json,
+)
+
+from isolated_agent.fusefs import wakeup  # noqa: E402
 
 SPIN_ENV = "AGENTFS_SPIN_US"  # isolated_agent/fusefs/fastloop.py
 SPIN = {SPIN_ENV: "200"}  # fastloop.SPIN_SECONDS, whatever the machine's wake placement
 NO_SPIN = {SPIN_ENV: "0"}
-WAKE_HERE = "/sys/module/fuse/parameters/wake_here"  # isolated_agent/fusefs/wakeup.py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "floor", "fuse_floor.c")
@@ -127,17 +135,9 @@ def stop(daemon: subprocess.Popen[str], mountpoint: str) -> None:
     subprocess.run(["umount", "-l", mountpoint], capture_output=True)
 
 
-def read_wake_here() -> str | None:
-    try:
-        with open(WAKE_HERE) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def set_wake_here(value: str) -> None:
-    with open(WAKE_HERE, "w") as f:
-        f.write(value)
+def set_wake_here(on: bool) -> None:
+    with open(wakeup.WAKE_HERE, "w") as f:
+        f.write("Y" if on else "N")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(cpus) >= 2:
             setups["C, one CPU"] = ([binary], {}, cpus[0], cpus[0], False)
             setups["C, two CPUs"] = ([binary], {}, cpus[0], cpus[1], False)
-        machines_wake_here = read_wake_here()
+        machines_wake_here = wakeup.callers_cpu_wakeups()
         if machines_wake_here is not None:
             setups["C, woken here"] = ([binary], {}, None, None, True)
             setups["python, woken here"] = (python, SPIN, None, None, True)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         False))
                     os.sched_setaffinity(0, cpus if caller_cpu is None else [caller_cpu])
                     if machines_wake_here is not None:
-                        set_wake_here("Y" if woken_here else "N")
+                        set_wake_here(woken_here)
                     before = cpu_seconds(daemons[name].pid) if name in daemons else 0.0
                     samples[name].append(time_stats(paths[name], args.stats))
                     if name in daemons:
@@ -248,11 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"fuse_floor_bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main, "fuse_floor_bench")

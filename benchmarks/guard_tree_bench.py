@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,6 @@ from core_bench import django_tree, tree_stats  # noqa: E402
 from harness import (  # noqa: E402
     DEFAULT_CACHE_DIR,
     BenchContext,
-    BenchError,
     Measurement,
     NativeSetup,
     QuietGate,
@@ -49,6 +47,7 @@ from harness import (  # noqa: E402
     print_table,
     reexec_in_private_mount_namespace,
     remove,
+    run_script,
     source_state,
     work_directory,
     write_json,
@@ -246,11 +245,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"guard_tree_bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_script(main, "guard_tree_bench")

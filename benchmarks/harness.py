@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -34,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +49,19 @@ DEFAULT_CACHE_DIR = "/var/tmp/isolated-agent-bench"
 
 class BenchError(Exception):
     pass
+
+
+def run_script(main: Callable[[], int], name: str) -> NoReturn:
+    """A benchmark script's `__main__`: SIGTERM unwinds like Ctrl-C, so every finally clause
+    unmounts and removes what it made; a BenchError is one line on stderr and exit status 1."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"{name}: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 # -- system helpers -----------------------------------------------------------------------------
