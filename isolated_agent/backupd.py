@@ -11,7 +11,7 @@ Life of an item (see catalog.py for the states):
       -> put the staged content into the bucket (content-addressed, written once)
       -> verify: read it back from the bucket, size and sha256 must match
       -> mark uploaded (the event gets its sha256 and size)
-      -> remove the staged copy and its sidecar, mark purged.
+      -> remove the staged copy, mark purged.
     Any failure -> staged again, next attempt after an exponential backoff with jitter
     (base * 2^(attempts-1), capped, times a random factor in [0.5, 1)); the staged copy stays.
     The staged copy gone before upload -> failed (reported; there is nothing left to retry).
@@ -178,7 +178,7 @@ class Worker:
                     report = reconcile(staging, self.catalog, guard)
                 finally:
                     staging.unlock()
-                if report.recorded or report.missing or report.dropped_sidecars:
+                if report.recorded or report.missing or report.dropped_records:
                     log.info("reconciled %s: %s", os.fsdecode(guard.dir), report)
         uploaded = self.catalog.items(state=UPLOADED)
         if uploaded:

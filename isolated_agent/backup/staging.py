@@ -10,32 +10,36 @@ guard is mounted, by path — and check its (st_dev, st_ino) against the catalog
 
     .isolated-agent-guard/           mode 0700
         lock                         flock: held by the running guard of DIR
+        journal                      one line per staged item: what it was (`StagedRecord`)
         items/<name>                 a staged item: the old file itself, or a copy of it
-        items/<name>.json            its sidecar: what it was (see `StagedRecord`)
         tmp/<name>                   a copy being written (not yet an item)
 
 A name is `<time ns>-<pid>-<counter>-<random>` (hex): unique, never reused, and created with
 RENAME_NOREPLACE / link / O_EXCL, so a staged item can never overwrite another.
 
 Write ordering (must), all before the guarded operation may return:
-1. the sidecar (O_EXCL);
+1. the item's record, appended to the journal (one write to a file that exists: a record per
+   item in a file of its own cost a file creation, a third of what staging a delete took);
 2. the item: the file renamed in (unlink of a single-link file: the rename *is* the delete),
    hard-linked in (rename over an existing file: the old file stays reachable under its staged
    name while the rename replaces it), or copied in through tmp/ and renamed (several hard
    links, truncation, exchange, another filesystem);
 3. the catalog row (`GuardCatalog.add_items`) — committed before the reply with `--sync`,
-   else in a group within a few milliseconds (stage.py: the sidecar is the record that the
-   reply waits for, and reconcile turns any sidecar without a row into one);
+   else in a group within a few milliseconds (stage.py: the journal is the record that the
+   reply waits for, and reconcile turns any record without a row into one);
 4. the operation itself; if it fails, the row and the item are removed again.
-So after a crash at any point: a sidecar alone is an operation that never happened (removed);
-an item with its sidecar but no row gets its row (`reconcile`); a tmp/ file is dropped. An
-item without a sidecar (only after a power loss) is recorded under its staged path as cause
-"orphan", so its bytes are still backed up.
+The journal is emptied once every record in it has its row, on disk (`clear_journal`: by the
+guard after a group flush, by reconcile). So after a crash at any point: a record without its
+item is an operation that never happened (ignored); an item with its record but no row gets its
+row (`reconcile`); a tmp/ file is dropped. An item without a record (only after a power loss)
+is recorded under its staged path as cause "orphan", so its bytes are still backed up. Staging
+dirs written before the journal kept each record in `items/<name>.json`; reconcile still reads
+those and removes them.
 
 Durability: every step is done before the reply, so any process may be killed at any point and
-nothing is lost. Against power loss, `sync=True` also fsyncs each sidecar, copy and directory
+nothing is lost. Against power loss, `sync=True` also fsyncs each record, copy and directory
 before the reply; the default relies on the filesystem journal ordering the rename before the
-delete it performs and flushes the staging filesystem in groups (see guard/fs.py).
+delete it performs and flushes the staging filesystem in groups (guard/mount.py).
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ from isolated_agent.system.durable import process_alive
 
 STAGING_NAME = b".isolated-agent-guard"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-_SIDECAR = ".json"
+_JOURNAL = b"journal"
+_SIDECAR = ".json"  # a record of its own per item: staging dirs written before the journal
 _counter = itertools.count(1)
 
 
@@ -78,7 +83,7 @@ class StagingUnavailable(BackupError):
 
 @dataclass(frozen=True)
 class StagedRecord:
-    """What a staged item was: the sidecar's content."""
+    """What a staged item was: its line in the journal."""
 
     path: bytes
     cause: str  # unlink, rename, exchange, truncate, orphan
@@ -90,9 +95,10 @@ class StagedRecord:
     gid: int
     mtime_ns: int
 
-    def encode(self) -> bytes:
+    def encode(self, name: str) -> bytes:
+        """One line of the journal, for the item `name`."""
         return json.dumps({
-            "version": 1,
+            "version": 1, "name": name,
             "path_b64": base64.b64encode(self.path).decode(),
             "path": os.fsdecode(self.path).encode("utf-8", "replace").decode(),
             "cause": self.cause, "time": self.time, "kind": self.kind, "size": self.size,
@@ -100,9 +106,11 @@ class StagedRecord:
         }, sort_keys=True).encode() + b"\n"
 
     @classmethod
-    def decode(cls, data: bytes) -> StagedRecord:
+    def decode(cls, data: bytes) -> tuple[str | None, StagedRecord]:
+        """(item name, record) of a journal line (the name is None in an old sidecar)."""
         body = json.loads(data)
-        return cls(
+        name = body.get("name")
+        return name if isinstance(name, str) else None, cls(
             path=base64.b64decode(body["path_b64"]), cause=str(body["cause"]),
             time=float(body["time"]), kind=str(body["kind"]), size=int(body["size"]),
             mode=int(body["mode"]), uid=int(body["uid"]), gid=int(body["gid"]),
@@ -127,6 +135,8 @@ class StagingDir:
         self.items = self._subdir(b"items")
         self.tmp = self._subdir(b"tmp")
         self._lock_fd: int | None = None
+        self._journal: int | None = None  # the guard's, opened at its first record
+        self.journal_end = 0  # bytes of the journal written through `_journal`
 
     @classmethod
     def create_in(cls, root_fd: int) -> StagingDir:
@@ -162,11 +172,11 @@ class StagingDir:
         return st.st_dev, st.st_ino
 
     def close(self) -> None:
-        for fd in (self.items, self.tmp, self.fd, self._lock_fd):
+        for fd in (self.items, self.tmp, self.fd, self._lock_fd, self._journal):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._lock_fd = None
+        self._lock_fd = self._journal = None
 
     # -- the guard's lock -----------------------------------------------------------------
 
@@ -192,20 +202,32 @@ class StagingDir:
     def new_name() -> str:
         return f"{time.time_ns():x}-{os.getpid():x}-{next(_counter):x}-{secrets.token_hex(4)}"
 
-    def write_sidecar(self, name: str, record: StagedRecord, sync: bool) -> None:
-        fd = os.open(name + _SIDECAR, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                     0o600, dir_fd=self.items)
+    def record(self, name: str, record: StagedRecord, sync: bool) -> None:
+        """Append what the item `name` is to the journal, before the item exists. A failed
+        or short write is cut off again, so the next record starts on a line of its own."""
+        if self._journal is None:
+            self._journal = os.open(_JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
+                                    | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
+            self.journal_end = os.fstat(self._journal).st_size
+        line = record.encode(name)
         try:
-            data = record.encode()
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write of a sidecar")
+            if os.pwrite(self._journal, line, self.journal_end) != len(line):
+                raise OSError(errno.ENOSPC, "short write to the staging journal")
             if sync:
-                os.fsync(fd)
+                os.fdatasync(self._journal)
         except BaseException:
-            os.close(fd)
-            self._unlink(self.items, name + _SIDECAR)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._journal, self.journal_end)
             raise
-        os.close(fd)
+        self.journal_end += len(line)
+
+    def clear_journal(self, mark: int | None) -> None:
+        """Empty the journal if it still ends at `mark` (`Stager.journal_mark`): its caller
+        knows that every record up to there has its catalog row on disk (or its operation
+        never happened)."""
+        if self._journal is not None and mark and self.journal_end == mark:
+            os.ftruncate(self._journal, 0)
+            self.journal_end = 0
 
     def move_in(self, dir_fd: int, src: bytes, name: str) -> None:
         """Rename `src` (in `dir_fd`) to the item `name`: for a single-link file, this is the
@@ -261,27 +283,49 @@ class StagingDir:
     def read_link(self, name: str) -> bytes:
         return os.readlink(name.encode(), dir_fd=self.items)
 
+    def journal_records(self) -> dict[str, StagedRecord]:
+        """The records in the journal, by item name; a line torn by a crash is skipped."""
+        try:
+            fd = os.open(_JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except FileNotFoundError:
+            return {}
+        with os.fdopen(fd, "rb") as journal:
+            lines = journal.read().split(b"\n")
+        records = {}
+        for line in lines:
+            entry = _decoded(line)
+            if entry is not None and entry[0] is not None:
+                records[entry[0]] = entry[1]
+        return records
+
+    def truncate_journal(self) -> None:
+        """Empty the journal (reconcile, which has just recorded every item)."""
+        with contextlib.suppress(FileNotFoundError):
+            fd = os.open(_JOURNAL, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+            try:
+                if os.fstat(fd).st_size:
+                    os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
+
     def read_sidecar(self, name: str) -> StagedRecord | None:
+        """The record of `name` in its own file (a staging dir written before the journal)."""
         try:
             fd = os.open(name + _SIDECAR, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.items)
         except FileNotFoundError:
             return None
         try:
-            data = os.read(fd, 1 << 16)
+            entry = _decoded(os.read(fd, 1 << 16))
         finally:
             os.close(fd)
-        try:
-            return StagedRecord.decode(data)
-        except (ValueError, KeyError, TypeError):
-            return None  # torn by a power loss
+        return None if entry is None else entry[1]
 
     def discard(self, name: str) -> None:
-        """Remove an item and its sidecar (purge after upload, or undo a failed operation)."""
+        """Remove an item (purge after upload, or undo a failed operation)."""
         self._unlink(self.items, name)
-        self._unlink(self.items, name + _SIDECAR)
 
     def listing(self) -> tuple[set[str], set[str], list[str]]:
-        """(item names, sidecar names without the suffix, tmp names)."""
+        """(item names, old sidecars' names without the suffix, tmp names)."""
         items: set[str] = set()
         sidecars: set[str] = set()
         for entry in _list(self.items):
@@ -295,6 +339,15 @@ class StagingDir:
     def _unlink(dir_fd: int, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=dir_fd)
+
+
+def _decoded(line: bytes) -> tuple[str | None, StagedRecord] | None:
+    if not line.strip():
+        return None
+    try:
+        return StagedRecord.decode(line)
+    except (ValueError, KeyError, TypeError):
+        return None  # torn by a crash or a power loss
 
 
 def _list(dir_fd: int) -> list[str]:
@@ -332,30 +385,30 @@ def _copy(src: int, dst: int) -> None:
 @dataclass
 class ReconcileReport:
     recorded: int = 0  # items that had no row and got one
-    orphans: int = 0  # items without a sidecar, recorded under their staged path
-    dropped_sidecars: int = 0  # operations that never happened
+    orphans: int = 0  # items without a record, recorded under their staged path
+    dropped_records: int = 0  # records of operations that never happened
     dropped_temps: int = 0
     missing: int = 0  # rows whose staged copy is gone before upload: failed
     purged: int = 0  # uploaded rows whose staged copy was already removed
 
 
 def reconcile(staging: StagingDir, catalog: GuardCatalog, guard: GuardRecord) -> ReconcileReport:
-    """Make the catalog and the staging dir agree after a crash. Only ever run by whoever
-    holds the staging dir's lock (the guard before it mounts, or the daemon while no guard
-    runs), so no staging is in progress."""
+    """Make the catalog and the staging dir agree after a crash, then empty the journal (every
+    item has its row now). Only ever run by whoever holds the staging dir's lock (the guard
+    before it mounts, or the daemon while no guard runs), so no staging is in progress."""
     report = ReconcileReport()
+    records = staging.journal_records()
     items, sidecars, temps = staging.listing()
     for name in temps:
         staging._unlink(staging.tmp, name)
         report.dropped_temps += 1
-    for name in sorted(sidecars - items):
-        if catalog.item_by_staged_name(name) is None:
-            staging._unlink(staging.items, name + _SIDECAR)
-            report.dropped_sidecars += 1
+    for name in sorted((set(records) | sidecars) - items):
+        if catalog.item_by_staged_name(name) is None:  # else: uploaded and purged since
+            report.dropped_records += 1
     for name in sorted(items):
         if catalog.item_by_staged_name(name) is not None:
             continue
-        record = staging.read_sidecar(name)
+        record = records.get(name) or staging.read_sidecar(name)
         if record is None:
             st = staging.stat_item(name)
             if st is None:
@@ -366,6 +419,11 @@ def reconcile(staging: StagingDir, catalog: GuardCatalog, guard: GuardRecord) ->
             report.orphans += 1
         catalog.add_item(record.event(), guard.id, name, record.cause)
         report.recorded += 1
+    if records or sidecars:  # each has its row now (on disk), or its operation never happened
+        catalog.sync()
+        for name in sidecars:
+            staging._unlink(staging.items, name + _SIDECAR)
+    staging.truncate_journal()  # also of a line torn by a crash, which no record may follow
     for item in catalog.items(guard_id=guard.id):
         if item.staged_name is None or item.staged_name in items:
             continue

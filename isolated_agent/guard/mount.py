@@ -87,7 +87,6 @@ from isolated_agent.guard.policy import Policy
 from isolated_agent.guard.stage import Stager
 from isolated_agent.protocol.client import ControlError, request
 from isolated_agent.protocol.frames import Code, Frame
-from isolated_agent.system import libc
 from isolated_agent.system.daemon import (
     DaemonFailed,
     Reporter,
@@ -290,7 +289,9 @@ def _daemon(home: str, config: GuardConfig, directory: str, guard_id: int, root_
         stager.flush_rows()
         notifier.stop()
         with contextlib.suppress(OSError):
+            mark = stager.journal_mark()
             _flush(stager, catalog)
+            stager.staging.clear_journal(mark)
         catalog.close()
         log.info("guard of %s ended", directory)
     return 0
@@ -303,8 +304,7 @@ def _tasks(guard: GuardFileSystem, catalog: GuardCatalog,
     tasks: list[Callable[[], Awaitable[None]]] = [functools.partial(_heartbeat, state)]
     if guard.behind is not None:
         tasks.append(functools.partial(_follow_changes_behind, guard))
-    if not stager.sync:
-        tasks.append(functools.partial(_flush_periodically, stager, catalog))
+    tasks.append(functools.partial(_flush_periodically, stager, catalog))
     if stager.defer_rows:
         tasks.append(functools.partial(_commit_rows_periodically, stager))
     return tasks
@@ -329,25 +329,31 @@ async def _commit_rows_periodically(stager: Stager) -> None:
 
 async def _flush_periodically(stager: Stager, catalog: GuardCatalog) -> None:
     """Group durability: what was staged since the last round reaches the disk together
-    (the staging filesystem and the catalog's), at most FLUSH_INTERVAL after the reply."""
+    (the staging filesystem and the catalog's), at most FLUSH_INTERVAL after the reply (with
+    --sync, each item already did before it). Then the journal's records, whose rows are on
+    disk now, are dropped."""
     while True:
         await trio.sleep(FLUSH_INTERVAL)
-        if stager.dirty:
+        mark = stager.journal_mark()
+        if not stager.dirty and not mark:
+            continue
+        if not stager.sync:
             stager.dirty = False
             try:
                 await trio.to_thread.run_sync(_flush, stager, catalog)
             except OSError as e:
                 log.error("guard: flushing staged items failed: %s", e)
                 stager.dirty = True
+                continue
+        try:
+            stager.staging.clear_journal(mark)  # unless records came meanwhile
+        except OSError as e:
+            log.error("guard: emptying the staging journal failed: %s", e)
 
 
 def _flush(stager: Stager, catalog: GuardCatalog) -> None:
     stager.staging.flush()
-    fd = os.open(os.path.dirname(catalog.path), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        libc.syncfs(fd)
-    finally:
-        os.close(fd)
+    catalog.sync()
 
 
 async def _heartbeat(state: GuardState) -> None:

@@ -2,7 +2,7 @@
 
 `Stager` knows nothing about FUSE: it is given a directory fd and a name (or an open file),
 the entry's stat and its path on the host, and performs the write ordering of staging.py:
-sidecar, item, catalog row — then the operation (unlink) or hands back a `Pending` that the
+journal record, item, catalog row — then the operation (unlink) or hands back a `Pending` that the
 caller completes (`done`) or undoes (`undo`) after trying the operation (rename, truncate).
 
 Fail closed: when staging fails (no space, the catalog cannot be written) the operation does
@@ -12,12 +12,13 @@ skip itself is recorded.
 
 Catalog rows, two modes. `defer_rows=False` (`guard --sync`, and the tests that drive a Stager
 directly): the row is committed before the operation returns. `defer_rows=True` (the guard's
-default): the record that must exist before the reply is the sidecar, written next to the
-staged item on the same filesystem; the rows are committed in groups (`flush_rows`: every few
-milliseconds, and whenever `ROW_BATCH` are waiting), which costs one SQLite commit per group
-instead of one per file. A crash before a group is committed loses no row: the sidecars are
-there, and `reconcile` records them (at the guard's next start, or by the backup daemon while
-no guard holds the staging dir). The backup daemon is woken once a group is committed.
+default): the record that must exist before the reply is the item's line in the staging
+journal, on the staged item's filesystem; the rows are committed in groups (`flush_rows`:
+every few milliseconds, and whenever `ROW_BATCH` are waiting), which costs one SQLite commit
+per group instead of one per file. A crash before a group is committed loses no row: the
+records are in the journal, and `reconcile` turns them into rows (at the guard's next start,
+or by the backup daemon while no guard holds the staging dir). The backup daemon is woken once
+a group is committed. The journal is emptied once its rows are on disk (`journal_mark`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ log = logging.getLogger("guard")
 
 ROW_BATCH = 256  # deferred rows waiting before they are committed at once
 
-# Test hook: "POINT:MARKER[,POINT:MARKER]". At POINT (after-sidecar, after-stage,
+# Test hook: "POINT:MARKER[,POINT:MARKER]". At POINT (after-journal, after-stage,
 # after-record) for a path containing MARKER the guard SIGKILLs itself, to prove that a crash
 # in every window between the steps loses nothing (tests/guard/test_guard_failures.py).
 FAULT_ENV = "ISOLATED_AGENT_GUARD_FAULT"
@@ -119,8 +120,8 @@ class Stager:
             return
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, kind)
-        self.staging.write_sidecar(staged, record, self.sync)
-        _crash_point("after-sidecar", path)
+        self.staging.record(staged, record, self.sync)
+        _crash_point("after-journal", path)
         try:
             moved = self._take(dir_fd, name, staged, st, kind, move=True)
         except BaseException:
@@ -131,7 +132,7 @@ class Stager:
             event_id = self._record(record, staged, cause)
         except OSError:
             if moved and not self._move_back(dir_fd, name, staged):
-                # The file is gone from its place and its staged copy stays with its sidecar:
+                # The file is gone from its place and its staged copy stays with its record:
                 # the unlink happened, and the next reconcile records it.
                 return
             self.staging.discard(staged)
@@ -158,8 +159,8 @@ class Stager:
             return None
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, kind)
-        self.staging.write_sidecar(staged, record, self.sync)
-        _crash_point("after-sidecar", path)
+        self.staging.record(staged, record, self.sync)
+        _crash_point("after-journal", path)
         try:
             self._take(dir_fd, name, staged, st, kind, move=False, copy=copy)
             _crash_point("after-stage", path)
@@ -180,8 +181,8 @@ class Stager:
             return None
         staged = StagingDir.new_name()
         record = StagedRecord.of(path, cause, st, "file")
-        self.staging.write_sidecar(staged, record, self.sync)
-        _crash_point("after-sidecar", path)
+        self.staging.record(staged, record, self.sync)
+        _crash_point("after-journal", path)
         try:
             self.staging.copy_in(fd, staged, self.sync)
             self._flush_dir()
@@ -201,6 +202,11 @@ class Stager:
         """The operation failed after all: nothing was destroyed, forget the staged copy."""
         if pending is not None:
             self._unrecord(pending.event_id, pending.staged_name)
+
+    def journal_mark(self) -> int | None:
+        """Where the journal ends while every record in it has its catalog row committed (None
+        while rows wait): once those rows are on disk, `staging.clear_journal(mark)`."""
+        return None if self.rows else self.staging.journal_end
 
     def removed_dir(self, path: bytes, st: os.stat_result, cause: str = "rmdir") -> None:
         """A directory was removed (it was empty): record what it was, for restore."""
@@ -270,7 +276,7 @@ class Stager:
 
     def flush_rows(self) -> None:
         """Commit the deferred rows in one transaction, then wake the backup daemon. On a
-        catalog error they stay queued (their sidecars keep them safe meanwhile)."""
+        catalog error they stay queued (their journal records keep them safe meanwhile)."""
         if not self.rows:
             return
         rows = self.rows

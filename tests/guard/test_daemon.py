@@ -163,10 +163,10 @@ def test_purge_is_by_id_only_and_only_after_a_verified_upload(
             reply = daemon.answer(worker, Frame(Code.PURGE, body))
             assert reply.code is Code.ERROR and "one item id" in reply.body["error"], body
         assert daemon.answer(worker, Frame(Code.PURGE, {"id": 99})).code is Code.ERROR
-        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == 4
+        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == 2
         assert daemon.answer(worker, Frame(Code.PURGE, {"id": 1})) == Frame(
             Code.ACK, {"purged": 1})
-        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == 2
+        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == 1
         assert worker.catalog.counts() == {"purged": 1, "staged": 1}
     finally:
         worker.close()
@@ -296,7 +296,7 @@ def test_s3_outage_items_wait_retries_back_off_all_upload_once_it_is_back(
         items = backups.catalog.items()
         assert {i.state for i in items} <= {"staged", "uploading"}
         assert all("127.0.0.1" in (i.last_error or "") for i in items if i.state == "staged")
-        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == 2 * len(files)
+        assert len(os.listdir(directory / ".isolated-agent-guard" / "items")) == len(files)
     finally:
         backups.close()
     # Backed off: each retry delay is within [ceiling/2, ceiling), ceiling = 0.3 * 2^(n-1) <= 2.

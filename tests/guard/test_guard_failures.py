@@ -149,7 +149,7 @@ def test_sigkill_of_guard_and_backupd_at_random_points(tmp_path: Path, guards: G
     wait_for(lambda: not guard_mounted(directory), what="guard unmounted")
 
 
-@pytest.mark.parametrize("point", ["after-sidecar", "after-stage", "after-record"])
+@pytest.mark.parametrize("point", ["after-journal", "after-stage", "after-record"])
 @pytest.mark.parametrize("operation", ["rm victim", "mv other victim", ": > victim"])
 def test_a_crash_between_any_two_staging_steps_loses_nothing(
     point: str, operation: str, tmp_path: Path, guards: Guards
