@@ -209,6 +209,8 @@ class StagingDir:
             self._journal = os.open(_JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW
                                     | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
             self.journal_end = os.fstat(self._journal).st_size
+            if sync:  # the journal's own name, as durable as the records in it
+                os.fsync(self.fd)
         line = record.encode(name)
         try:
             if os.pwrite(self._journal, line, self.journal_end) != len(line):
@@ -289,13 +291,12 @@ class StagingDir:
             fd = os.open(_JOURNAL, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
         except FileNotFoundError:
             return {}
-        with os.fdopen(fd, "rb") as journal:
-            lines = journal.read().split(b"\n")
         records = {}
-        for line in lines:
-            entry = _decoded(line)
-            if entry is not None and entry[0] is not None:
-                records[entry[0]] = entry[1]
+        with os.fdopen(fd, "rb") as journal:
+            for line in journal:
+                entry = _decoded(line)
+                if entry is not None and entry[0] is not None:
+                    records[entry[0]] = entry[1]
         return records
 
     def truncate_journal(self) -> None:
