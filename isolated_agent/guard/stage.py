@@ -2,8 +2,9 @@
 
 `Stager` knows nothing about FUSE: it is given a directory fd and a name (or an open file),
 the entry's stat and its path on the host, and performs the write ordering of staging.py:
-journal record, item, catalog row — then the operation (unlink) or hands back a `Pending` that the
-caller completes (`done`) or undoes (`undo`) after trying the operation (rename, truncate).
+journal record, item, catalog row — then the operation (unlink) or hands back a `Pending`
+that the caller completes (`done`) or undoes (`undo`) after trying the operation (rename,
+truncate).
 
 Fail closed: when staging fails (no space, the catalog cannot be written) the operation does
 not happen and the caller gets an OSError (ENOSPC, EIO...). Nothing is ever destroyed without
