@@ -320,29 +320,13 @@ class GuardCatalog(BackupCatalog):
 
     # -- items: the guard -----------------------------------------------------------------
 
-    def add_item(self, event: BackupEvent, guard_id: int, staged_name: str | None,
-                 cause: str, state: str = STAGED, note: str | None = None,
-                 fresh: bool = False) -> int:
-        """Record a guard event and its item in one transaction; returns the event id. A
-        staged name already recorded (a reconcile meeting an item twice) returns that id;
-        `fresh` (a name just made by the guard) skips that check — the UNIQUE constraint
-        still holds."""
-        [event_id] = self.add_items([NewItem(event, staged_name, cause, state, note)],
-                                    guard_id, fresh)
-        return event_id
-
-    def add_items(self, items: list[NewItem], guard_id: int, fresh: bool = True) -> list[int]:
-        """`add_item` for many items in one transaction (the guard's group commit)."""
+    def add_items(self, items: list[NewItem], guard_id: int) -> list[int]:
+        """Record guard events and their items in one transaction (the guard's group commit,
+        reconcile); returns the event ids in order. A staged name is recorded once (UNIQUE)."""
         ids: list[int] = []
         with self._transaction() as db:
             for item in items:
                 assert item.state in STATES
-                if item.staged_name is not None and not fresh:
-                    row = db.execute("SELECT event_id FROM guard_items WHERE staged_name = ?",
-                                     (item.staged_name,)).fetchone()
-                    if row is not None:
-                        ids.append(int(row[0]))
-                        continue
                 event = item.event
                 (event_id,) = db.execute(
                     "INSERT INTO events (path, reason, time, kind, size, mode, uid, gid, "

@@ -65,6 +65,7 @@ from isolated_agent.backup.catalog import (
     BackupEvent,
     GuardCatalog,
     GuardRecord,
+    NewItem,
 )
 from isolated_agent.errors import BackupError
 from isolated_agent.system import libc
@@ -406,6 +407,7 @@ def reconcile(staging: StagingDir, catalog: GuardCatalog, guard: GuardRecord) ->
     for name in sorted((set(records) | sidecars) - items):
         if catalog.item_by_staged_name(name) is None:  # else: uploaded and purged since
             report.dropped_records += 1
+    unrecorded: list[NewItem] = []
     for name in sorted(items):
         if catalog.item_by_staged_name(name) is not None:
             continue
@@ -418,8 +420,10 @@ def reconcile(staging: StagingDir, catalog: GuardCatalog, guard: GuardRecord) ->
             record = StagedRecord.of(guard.staging + b"/items/" + name.encode(), "orphan", st,
                                      kind)
             report.orphans += 1
-        catalog.add_item(record.event(), guard.id, name, record.cause)
-        report.recorded += 1
+        unrecorded.append(NewItem(record.event(), name, record.cause))
+    if unrecorded:  # one transaction, however many items a crash left
+        catalog.add_items(unrecorded, guard.id)
+    report.recorded = len(unrecorded)
     if records or sidecars:  # each has its row now (on disk), or its operation never happened
         catalog.sync()
         for name in sidecars:

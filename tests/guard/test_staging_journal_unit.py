@@ -78,6 +78,15 @@ def test_an_item_without_its_row_gets_it_from_the_journal(staged: Staged) -> Non
     assert (again.recorded, again.dropped_records) == (0, 0)
 
 
+def test_every_item_a_crash_left_gets_its_row_in_one_reconcile(staged: Staged) -> None:
+    for number in range(5):
+        item, _ = begin_staging(staged, f"f{number}", b"old %d" % number)
+        staged.staging.move_in(staged.dir_fd, f"f{number}".encode(), item)
+    report = reconcile(staged.staging, staged.backups.catalog, staged.guard)
+    assert report.recorded == 5
+    assert kept(staged) == [(f"f{n}", "unlink", "staged", b"old %d" % n) for n in range(5)]
+
+
 def test_a_line_torn_by_a_crash_is_skipped_and_the_next_record_starts_clean(
         staged: Staged) -> None:
     item, _ = begin_staging(staged, "whole", b"whole")
