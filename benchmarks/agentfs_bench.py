@@ -71,6 +71,8 @@ from workloads import (  # noqa: E402
     walk_stat,
 )
 
+from isolated_agent.fusefs.fastloop import SPIN_ENV, SPIN_SECONDS  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATES = ("cold", "fresh-warm", "second", "steady")
 RENAME_DIR, RENAME_FILES = "bench-rename", 100
@@ -387,9 +389,10 @@ SETUPS: dict[str, Callable[[], Setup]] = {
     "agentfs-pyfuse3-loop": lambda: AgentfsSetup("agentfs-pyfuse3-loop",
                                                  {"AGENTFS_PLAIN_LOOP": "1"}),
     # fastloop.py's spin off: the daemon sleeps at once after each answer.
-    "agentfs-no-spin": lambda: AgentfsSetup("agentfs-no-spin", {"AGENTFS_SPIN_US": "0"}),
+    "agentfs-no-spin": lambda: AgentfsSetup("agentfs-no-spin", {SPIN_ENV: "0"}),
     # The spin on, whatever the machine's fuse.wake_here (which turns it off by default).
-    "agentfs-spin": lambda: AgentfsSetup("agentfs-spin", {"AGENTFS_SPIN_US": "200"}),
+    "agentfs-spin": lambda: AgentfsSetup("agentfs-spin",
+                                         {SPIN_ENV: str(round(SPIN_SECONDS * 1e6))}),
 }
 DEFAULT_SETUPS = ["native", "overlay", "fuse-overlayfs", "agentfs"]
 

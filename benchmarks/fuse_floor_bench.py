@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,13 +52,28 @@ from harness import (  # noqa: E402
 )
 
 from isolated_agent.fusefs import wakeup  # noqa: E402
+from isolated_agent.fusefs.fastloop import SPIN_ENV, SPIN_SECONDS  # noqa: E402
 
-SPIN_ENV = "AGENTFS_SPIN_US"  # isolated_agent/fusefs/fastloop.py
-SPIN = {SPIN_ENV: "200"}  # fastloop.SPIN_SECONDS, whatever the machine's wake placement
+SPIN = {SPIN_ENV: str(round(SPIN_SECONDS * 1e6))}  # whatever the machine's wake placement
 NO_SPIN = {SPIN_ENV: "0"}
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "floor", "fuse_floor.c")
+
+
+class Daemon(NamedTuple):
+    """One way to answer: the daemon's command (without its mount point) and environment,
+    the CPUs the daemon and its caller are pinned to (None: wherever the scheduler puts
+    them), and whether the kernel wakes the daemon on its caller's CPU meanwhile."""
+
+    command: list[str]
+    environ: dict[str, str]
+    daemon_cpu: int | None = None
+    caller_cpu: int | None = None
+    woken_here: bool = False
+
+
+NATIVE = Daemon([], {})  # the caller alone: no daemon
 
 
 def build_c_daemon(workdir: str) -> str:
@@ -178,30 +193,29 @@ def main(argv: list[str] | None = None) -> int:
             f.write(b"\0" * 4096)
         python = [sys.executable, os.path.abspath(__file__), "--serve-python"]
         cpus = sorted(os.sched_getaffinity(0))
-        # name: (daemon command without its mount point, extra environment, daemon's CPU,
-        # caller's CPU, woken on the caller's CPU); None: wherever the scheduler puts them.
-        setups: dict[str, tuple[list[str], dict[str, str], int | None, int | None, bool]] = {
-            "C": ([binary], {}, None, None, False),
-            "python": (python, SPIN, None, None, False),
-            "python, no spin": (python, NO_SPIN, None, None, False),
+        setups: dict[str, Daemon] = {
+            "C": Daemon([binary], {}),
+            "python": Daemon(python, SPIN),
+            "python, no spin": Daemon(python, NO_SPIN),
         }
         if len(cpus) >= 2:
-            setups["C, one CPU"] = ([binary], {}, cpus[0], cpus[0], False)
-            setups["C, two CPUs"] = ([binary], {}, cpus[0], cpus[1], False)
+            setups["C, one CPU"] = Daemon([binary], {}, cpus[0], cpus[0])
+            setups["C, two CPUs"] = Daemon([binary], {}, cpus[0], cpus[1])
         machines_wake_here = wakeup.callers_cpu_wakeups()
         if machines_wake_here is not None:
-            setups["C, woken here"] = ([binary], {}, None, None, True)
-            setups["python, woken here"] = (python, SPIN, None, None, True)
-            setups["python, no spin, woken here"] = (python, NO_SPIN, None, None, True)
+            setups["C, woken here"] = Daemon([binary], {}, woken_here=True)
+            setups["python, woken here"] = Daemon(python, SPIN, woken_here=True)
+            setups["python, no spin, woken here"] = Daemon(python, NO_SPIN, woken_here=True)
         mountpoints = {name: os.path.join(workdir, f"m{number}")
                        for number, name in enumerate(setups)}
         samples: dict[str, list[float]] = {"native": [], **{name: [] for name in setups}}
         daemon_cpu: dict[str, list[float]] = {name: [] for name in setups}
         daemons: dict[str, subprocess.Popen[str]] = {}
         try:
-            for name, (command, environ, pinned_to, _, _) in setups.items():
+            for name, setup in setups.items():
                 os.mkdir(mountpoints[name])
-                daemons[name] = start([*command, mountpoints[name]], environ, pinned_to)
+                daemons[name] = start([*setup.command, mountpoints[name]], setup.environ,
+                                      setup.daemon_cpu)
             paths = {"native": os.path.join(native, "f"),
                      **{name: os.path.join(mountpoint, "f")
                         for name, mountpoint in mountpoints.items()}}
@@ -209,11 +223,11 @@ def main(argv: list[str] | None = None) -> int:
             for round_number in range(args.rounds):
                 turn = round_number % len(names)
                 for name in names[turn:] + names[:turn]:
-                    _, _, _, caller_cpu, woken_here = setups.get(name, ([], {}, None, None,
-                                                                        False))
+                    setup = setups.get(name, NATIVE)
+                    caller_cpu = setup.caller_cpu
                     os.sched_setaffinity(0, cpus if caller_cpu is None else [caller_cpu])
                     if machines_wake_here is not None:
-                        set_wake_here(woken_here)
+                        set_wake_here(setup.woken_here)
                     before = cpu_seconds(daemons[name].pid) if name in daemons else 0.0
                     samples[name].append(time_stats(paths[name], args.stats))
                     if name in daemons:

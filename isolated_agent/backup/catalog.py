@@ -38,7 +38,8 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 
 from isolated_agent.errors import BackupError, store_full
-from isolated_agent.system import libc, sqlite
+from isolated_agent.system import sqlite
+from isolated_agent.system.durable import sync_filesystem
 
 _MIGRATIONS: list[str] = [
     # version 1
@@ -174,12 +175,7 @@ class BackupCatalog:
 
     def sync(self) -> None:
         """Every transaction committed so far, on disk (`durable=False` commits are not)."""
-        fd = os.open(os.path.dirname(os.path.abspath(self.path)),
-                     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            libc.syncfs(fd)
-        finally:
-            os.close(fd)
+        sync_filesystem(os.path.dirname(os.path.abspath(self.path)))
 
     def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
         return sqlite.transaction(self._db)

@@ -88,6 +88,11 @@ def spin_seconds(callers_cpu: bool | None) -> float:
     return 0.0 if callers_cpu else SPIN_SECONDS
 
 
+def _machines_spin() -> float:
+    """`spin_seconds` for where this machine's kernel wakes FUSE daemons now."""
+    return spin_seconds(wakeup.callers_cpu_wakeups())
+
+
 _rest_next = False
 
 
@@ -110,7 +115,7 @@ def install(fd: int | None = None) -> bool:
     poller = select.poll()
     poller.register(session, select.POLLIN)
     served = 0
-    spin_for = spin_seconds(wakeup.callers_cpu_wakeups())
+    spin_for = _machines_spin()
 
     def spin() -> bool:
         """Readable within `spin_for`, polled without sleeping (module docstring)."""
@@ -133,7 +138,7 @@ def install(fd: int | None = None) -> bool:
             return True
         # Idle: read the machine's setting again, so that a daemon left running follows it
         # once root changes it (`agentctl doctor` says how); a few µs once per burst.
-        spin_for = spin_seconds(wakeup.callers_cpu_wakeups())
+        spin_for = _machines_spin()
         return await original()
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable  # type: ignore[attr-defined]

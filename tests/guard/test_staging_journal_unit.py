@@ -110,6 +110,7 @@ def test_a_staging_dir_from_before_the_journal_is_read_and_converted(staged: Sta
     record = StagedRecord.of(os.fsencode(staged.directory / "old"), "rename",
                              os.lstat(staged.directory / "old"), "file")
     sidecar = record.encode("unused").replace(b'"name": "unused", ', b"")
+    assert b'"name"' not in sidecar  # the old format: no item name in the record
     (items / "a-1-1-aa.json").write_bytes(sidecar)
     os.rename(staged.directory / "old", items / "a-1-1-aa")
     (items / "b-1-2-bb.json").write_bytes(sidecar)  # its operation never happened
